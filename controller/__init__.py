@@ -1,0 +1,1 @@
+"""KScope controller: the control plane (catalog, instances, agents, routes)."""

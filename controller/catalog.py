@@ -1,0 +1,115 @@
+"""The model catalog: which models exist and how to run them, read from TOML."""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class CatalogError(ValueError):
+    """The catalog file is missing, unreadable or invalid."""
+
+
+class EngineKind(StrEnum):
+    """What serves a model inside a node agent."""
+
+    VLLM = "vllm"
+    """vLLM's OpenAI server, started and supervised by the agent."""
+    OPENAI = "openai"
+    """An OpenAI-compatible server that already runs; the agent attaches by URL."""
+    MLX_VLM = "mlx_vlm"
+    """MLX-VLM in the agent's process (Apple silicon, or mlx[cpu] on Linux)."""
+
+
+class ModelSpec(BaseModel):
+    """One catalog entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    """The name clients put in the request's `model` field."""
+    engine: EngineKind = EngineKind.VLLM
+    """Which engine serves it."""
+    model_path: str = ""
+    """Weights directory (vllm, mlx_vlm)."""
+    upstream_url: str = ""
+    """Base URL of a running OpenAI-compatible server, ending in /v1 (openai engine)."""
+    upstream_model: str = ""
+    """The model name the upstream knows; defaults to `name`."""
+    launcher: str = "local"
+    """Which launcher starts its instances: local (a process here) or slurm."""
+    min_replicas: int = Field(default=0, ge=0)
+    """Instances kept running even without traffic."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Never more instances than this."""
+    engine_args: tuple[str, ...] = ()
+    """Extra command-line arguments for the engine (vllm serve flags)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for the agent and its engine."""
+    startup_timeout_s: float = Field(default=900.0, gt=0)
+    """An instance not READY this long after launch is FAILED."""
+    expected_startup_s: float = Field(default=40.0, gt=0)
+    """How long a start usually takes; the base of Retry-After for a cold model."""
+
+    @model_validator(mode="after")
+    def _engine_needs_its_source(self) -> ModelSpec:
+        if self.engine == EngineKind.OPENAI and not self.upstream_url:
+            raise ValueError(f"model {self.name!r}: engine 'openai' needs upstream_url")
+        if self.engine != EngineKind.OPENAI and not self.model_path:
+            raise ValueError(f"model {self.name!r}: engine {self.engine.value!r} needs model_path")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"model {self.name!r}: min_replicas > max_replicas")
+        return self
+
+
+class Catalog(BaseModel):
+    """All models, keyed by name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: tuple[ModelSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Catalog:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model names: {', '.join(duplicates)}")
+        return self
+
+    def get(self, name: str) -> ModelSpec | None:
+        """The model called `name`, or None."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def parse_catalog(data: dict[str, Any], source: str = "catalog") -> Catalog:
+    """Validate a catalog mapping (the parsed TOML), naming the bad field on error."""
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise CatalogError(f"{source}: {problems}") from exc
+
+
+def load_catalog(path: Path) -> Catalog:
+    """Read and validate a catalog TOML file (`[[models]]` tables)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"catalog {path} is not valid TOML: {exc}") from exc
+    return parse_catalog(data, str(path))

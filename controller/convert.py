@@ -1,0 +1,99 @@
+"""Translation between the controller's domain objects and kscope.v1 messages."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from kscope.v1 import agent_pb2, control_pb2
+
+from controller.lifecycle import AgentPhase, InstanceState
+from controller.records import AgentRecord, InstanceRecord
+from controller.routes import ModelRoute, ModelState, ModelSummary
+
+INSTANCE_STATE_TO_PROTO = {
+    InstanceState.REQUESTED: control_pb2.INSTANCE_STATE_REQUESTED,
+    InstanceState.SUBMITTED: control_pb2.INSTANCE_STATE_SUBMITTED,
+    InstanceState.PENDING: control_pb2.INSTANCE_STATE_PENDING,
+    InstanceState.STARTING: control_pb2.INSTANCE_STATE_STARTING,
+    InstanceState.READY: control_pb2.INSTANCE_STATE_READY,
+    InstanceState.DRAINING: control_pb2.INSTANCE_STATE_DRAINING,
+    InstanceState.STOPPED: control_pb2.INSTANCE_STATE_STOPPED,
+    InstanceState.FAILED: control_pb2.INSTANCE_STATE_FAILED,
+}
+
+MODEL_STATE_TO_PROTO = {
+    ModelState.COLD: control_pb2.MODEL_STATE_COLD,
+    ModelState.STARTING: control_pb2.MODEL_STATE_STARTING,
+    ModelState.READY: control_pb2.MODEL_STATE_READY,
+}
+
+AGENT_PHASE_FROM_PROTO = {
+    agent_pb2.AGENT_PHASE_STARTING: AgentPhase.STARTING,
+    agent_pb2.AGENT_PHASE_READY: AgentPhase.READY,
+    agent_pb2.AGENT_PHASE_DRAINING: AgentPhase.DRAINING,
+    agent_pb2.AGENT_PHASE_FAILED: AgentPhase.FAILED,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    if seconds:
+        ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def model_to_proto(summary: ModelSummary) -> control_pb2.Model:
+    spec = summary.spec
+    return control_pb2.Model(
+        name=spec.name,
+        engine=spec.engine.value,
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
+        state=MODEL_STATE_TO_PROTO[summary.state],
+        state_message=summary.message,
+        ready_replicas=summary.ready_replicas,
+        live_replicas=summary.live_replicas,
+        launcher=spec.launcher,
+    )
+
+
+def route_to_proto(route: ModelRoute) -> control_pb2.ModelRoute:
+    return control_pb2.ModelRoute(
+        model=model_to_proto(route.summary),
+        endpoints=[
+            control_pb2.Endpoint(instance_id=e.instance_id, address=e.address)
+            for e in route.endpoints
+        ],
+        retry_after_seconds=route.summary.retry_after_s,
+    )
+
+
+def instance_to_proto(inst: InstanceRecord, agent: AgentRecord | None) -> control_pb2.Instance:
+    return control_pb2.Instance(
+        id=inst.id,
+        model=inst.model,
+        state=INSTANCE_STATE_TO_PROTO[inst.state],
+        reason=inst.reason,
+        launcher=inst.launcher,
+        launcher_ref=inst.launcher_ref,
+        agent_address=inst.agent_address,
+        agent_id=inst.agent_id,
+        engine_url=inst.engine_url,
+        in_flight=agent.in_flight if agent is not None and agent.connected else 0,
+        queued=agent.queued if agent is not None and agent.connected else 0,
+        created_at=timestamp(inst.created_at),
+        updated_at=timestamp(inst.updated_at),
+    )
+
+
+def agent_to_proto(agent: AgentRecord) -> control_pb2.Agent:
+    return control_pb2.Agent(
+        id=agent.id,
+        instance_id=agent.instance_id,
+        address=agent.address,
+        hostname=agent.hostname,
+        models=agent.models,
+        engine=agent.engine,
+        engine_url=agent.engine_url,
+        pid=agent.pid,
+        last_report_at=timestamp(agent.last_report_at),
+    )

@@ -1,0 +1,92 @@
+"""The executor: carries out the reconciler's decisions through the launchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
+
+from controller.fleet import Fleet
+from controller.launchers.base import Launcher, LaunchError, LaunchSpec
+from controller.reconciler import Decision, Drain, Launch, Stop
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Applies decisions; launches and stops run as background tasks so one slow
+    launcher never holds up the control loop."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        launchers: Mapping[str, Launcher],
+        controller_address: str,
+        registration_token: str,
+    ):
+        self._fleet = fleet
+        self._launchers = launchers
+        self._controller_address = controller_address
+        self._token = registration_token
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def execute(self, decisions: Sequence[Decision]) -> None:
+        for decision in decisions:
+            log.info("decision: %s", decision)
+            if isinstance(decision, Launch):
+                await self._launch(decision)
+            elif isinstance(decision, Drain):
+                await self._fleet.request_stop(decision.instance_id)
+            elif isinstance(decision, Stop):
+                await self._stop(decision)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _launch(self, decision: Launch) -> None:
+        spec = self._fleet.catalog.get(decision.model)
+        if spec is None:
+            return
+        inst = await self._fleet.create_instance(spec)
+        launcher = self._launchers.get(spec.launcher)
+        if launcher is None:
+            inst.launch_error = f"no launcher named {spec.launcher!r} is configured"
+            await self._fleet.save(inst)
+            return
+        launch_spec = LaunchSpec(inst.id, spec, self._controller_address, self._token)
+        try:
+            inst.launcher_ref = await launcher.launch(launch_spec)
+        except LaunchError as exc:
+            log.error("launch of instance %s failed: %s", inst.id, exc)
+            inst.launch_error = str(exc)
+        await self._fleet.save(inst)
+        self._fleet.wake.set()
+
+    async def _stop(self, decision: Stop) -> None:
+        inst = self._fleet.instances.get(decision.instance_id)
+        if inst is None or not inst.launcher_ref:
+            return
+        launcher = self._launchers.get(inst.launcher)
+        if launcher is None:
+            return
+        inst.stop_sent = True
+        await self._fleet.save(inst)
+        ref = inst.launcher_ref
+
+        async def stop() -> None:
+            try:
+                await launcher.stop(ref)
+            except Exception:
+                log.exception("stopping instance %s (%s) failed", inst.id, ref)
+                inst.stop_sent = False  # let the reconciler try again
+            self._fleet.wake.set()
+
+        self._spawn(stop())
+
+    async def wait_idle(self) -> None:
+        """Wait for launches and stops under way (used at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,358 @@
+"""The fleet: the controller's live view of instances and agents.
+
+Agents and launchers report facts here; `refresh` derives every instance's
+state from them (controller/lifecycle.py), persists what changed and wakes
+route watchers when the route table changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from controller.catalog import Catalog, ModelSpec
+from controller.lifecycle import (
+    AgentPhase,
+    InstanceFacts,
+    InstanceState,
+    LauncherPhase,
+    derive_state,
+)
+from controller.reconciler import InstanceView
+from controller.records import AgentRecord, InstanceRecord
+from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
+from controller.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(Exception):
+    """Base of the errors the fleet raises to its callers."""
+
+
+class NotAuthenticated(FleetError):
+    """A bad or missing registration token."""
+
+
+class UnknownEntity(FleetError):
+    """An instance, agent or model the controller does not know."""
+
+
+class Refused(FleetError):
+    """The request is understood but not allowed in the current state."""
+
+
+@dataclass(frozen=True)
+class DrainCommand:
+    """Ask an agent to stop taking requests, finish its in-flight ones, then exit."""
+
+    reason: str
+
+
+AgentCommand = DrainCommand
+
+
+@dataclass
+class _Session:
+    commands: asyncio.Queue[AgentCommand] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(frozen=True)
+class FleetTimings:
+    """How patient the fleet is."""
+
+    report_interval_s: float = 1.0
+    """How often agents send load reports."""
+    agent_stale_after_s: float = 10.0
+    """An agent silent this long is lost even if its stream looks open."""
+    reconnect_grace_s: float = 15.0
+    """After a controller restart, how long agents have to reconnect."""
+
+
+class Fleet:
+    """Instances, agents, demand and routes; persisted through the store."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        catalog: Catalog,
+        registration_token: str,
+        timings: FleetTimings | None = None,
+    ):
+        self._store = store
+        self.catalog = catalog
+        self._token = registration_token.encode()
+        self.timings = timings or FleetTimings()
+        self.instances: dict[str, InstanceRecord] = {}
+        self.agents: dict[str, AgentRecord] = {}
+        self._sessions: dict[str, _Session] = {}
+        self.demanded: set[str] = set()
+        self._started_at = time.time()
+        self._next_seq = 1
+        self.route_version = 0
+        self._route_signature: object = None
+        self._routes_changed = asyncio.Condition()
+        self.wake = asyncio.Event()
+        """Set when something happened that the control loop should act on now."""
+
+    async def load(self) -> None:
+        """Bring back instances and agents from the store after a (re)start."""
+        for inst in await self._store.load_instances():
+            self.instances[inst.id] = inst
+            self._next_seq = max(self._next_seq, inst.seq + 1)
+            if inst.state is InstanceState.READY:
+                self.demanded.add(inst.model)
+        for agent in await self._store.load_agents():
+            self.agents[agent.id] = agent
+        log.info("loaded %d instances and %d agents", len(self.instances), len(self.agents))
+
+    # --- authentication ----------------------------------------------------------------------
+
+    def check_token(self, token: str) -> None:
+        """Raise NotAuthenticated unless `token` is the registration token."""
+        if not hmac.compare_digest(token.encode(), self._token):
+            raise NotAuthenticated("bad registration token")
+
+    # --- instances ---------------------------------------------------------------------------
+
+    async def create_instance(self, spec: ModelSpec) -> InstanceRecord:
+        now = time.time()
+        inst = InstanceRecord(
+            id=f"{spec.name.replace('/', '-')}-{uuid.uuid4().hex[:8]}",
+            model=spec.name,
+            launcher=spec.launcher,
+            seq=self._next_seq,
+            created_at=now,
+            updated_at=now,
+            reason="waiting to be launched",
+        )
+        self._next_seq += 1
+        self.instances[inst.id] = inst
+        await self._store.save_instance(inst)
+        return inst
+
+    async def save(self, inst: InstanceRecord) -> None:
+        inst.updated_at = time.time()
+        await self._store.save_instance(inst)
+
+    def demand(self, model: str) -> ModelSummary:
+        """Note that clients want `model`; return its summary now."""
+        spec = self.catalog.get(model)
+        if spec is None:
+            raise UnknownEntity(f"model {model!r} is not in the catalog")
+        if model not in self.demanded:
+            self.demanded.add(model)
+            self.wake.set()
+        return summarize(spec, self._instances_of(model), time.time())
+
+    def _instances_of(self, model: str) -> list[InstanceRecord]:
+        return [i for i in self.instances.values() if i.model == model]
+
+    async def request_stop(self, instance_id: str) -> InstanceRecord:
+        """Mark an instance to be drained and stopped."""
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise UnknownEntity(f"instance {instance_id!r} does not exist")
+        if not inst.stop_requested and not inst.state.ended:
+            inst.stop_requested = True
+            inst.stop_requested_at = time.time()
+            await self.save(inst)
+            agent = self.agents.get(inst.agent_id)
+            if agent is not None and agent.connected:
+                self.send(agent.id, DrainCommand("the controller stops this instance"))
+            self.wake.set()
+        return inst
+
+    # --- agents ------------------------------------------------------------------------------
+
+    async def register_agent(self, agent: AgentRecord) -> AgentRecord:
+        """Attach a (re)registering agent to its instance; returns it with its id."""
+        inst = self.instances.get(agent.instance_id)
+        if not agent.instance_id:
+            raise Refused("host agents (no instance id) are not supported yet")
+        if inst is None:
+            raise UnknownEntity(f"instance {agent.instance_id!r} does not exist")
+        if inst.state.ended:
+            raise Refused(f"instance {inst.id} is {inst.state.value}: {inst.reason}")
+        # An agent that reconnects keeps its id, so operators can follow it.
+        agent.id = inst.agent_id or f"agent-{uuid.uuid4().hex[:10]}"
+        agent.registered_at = agent.last_report_at = time.time()
+        self.agents[agent.id] = agent
+        inst.agent_id = agent.id
+        inst.agent_address = agent.address
+        inst.engine_url = agent.engine_url
+        inst.ever_registered = True
+        inst.agent_lost = False
+        await self._store.save_agent(agent)
+        await self.save(inst)
+        log.info("agent %s registered for instance %s at %s", agent.id, inst.id, agent.address)
+        return agent
+
+    def open_session(self, agent_id: str, token: str) -> asyncio.Queue[AgentCommand]:
+        """The agent's Session stream opened; returns the queue of its commands."""
+        self.check_token(token)
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            raise UnknownEntity(f"agent {agent_id!r} is not registered")
+        session = _Session()
+        self._sessions[agent_id] = session
+        agent.connected = True
+        agent.last_report_at = time.time()
+        inst = self.instances.get(agent.instance_id)
+        if inst is not None and inst.stop_requested:
+            session.commands.put_nowait(DrainCommand("the controller stops this instance"))
+        self.wake.set()
+        return session.commands
+
+    def report(
+        self, agent_id: str, phase: AgentPhase, in_flight: int, queued: int, detail: str
+    ) -> None:
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return
+        changed = agent.phase is not phase
+        agent.phase, agent.in_flight, agent.queued, agent.detail = phase, in_flight, queued, detail
+        agent.last_report_at = time.time()
+        if changed:
+            self.wake.set()
+
+    def close_session(self, agent_id: str, commands: asyncio.Queue[AgentCommand]) -> None:
+        """The agent's Session stream ended: the agent is lost unless it was
+        stopping anyway."""
+        session = self._sessions.get(agent_id)
+        if session is None or session.commands is not commands:
+            return  # a newer session replaced this one
+        del self._sessions[agent_id]
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return
+        agent.connected = False
+        inst = self.instances.get(agent.instance_id)
+        if inst is not None and not inst.stop_requested:
+            inst.agent_lost = True
+            if agent.phase is AgentPhase.DRAINING:
+                inst.agent_lost_reason = f"agent drained and left on its own ({agent.detail})"
+            else:
+                inst.agent_lost_reason = "agent lost: its session with the controller broke"
+            log.warning("agent %s of instance %s: %s", agent_id, inst.id, inst.agent_lost_reason)
+        self.wake.set()
+
+    def send(self, agent_id: str, command: AgentCommand) -> None:
+        session = self._sessions.get(agent_id)
+        if session is not None:
+            session.commands.put_nowait(command)
+
+    # --- state -------------------------------------------------------------------------------
+
+    def facts(self, inst: InstanceRecord, now: float) -> InstanceFacts:
+        agent = self.agents.get(inst.agent_id) if inst.agent_id else None
+        connected = agent is not None and agent.connected
+        stale = (
+            connected
+            and agent is not None
+            and (now - agent.last_report_at > self.timings.agent_stale_after_s)
+        )
+        reconnect_window = inst.ever_registered and not connected and not inst.agent_lost
+        in_grace = now - self._started_at < self.timings.reconnect_grace_s
+        return InstanceFacts(
+            previous=inst.state,
+            submitted=bool(inst.launcher_ref),
+            launch_error=inst.launch_error,
+            launcher_phase=inst.launcher_phase,
+            launcher_reason=inst.launcher_reason,
+            stop_requested=inst.stop_requested,
+            agent_connected=connected and not stale,
+            agent_phase=agent.phase if agent is not None else None,
+            agent_detail=agent.detail if agent is not None else "",
+            agent_lost=inst.agent_lost or stale,
+            agent_lost_reason=inst.agent_lost_reason
+            or ("agent sent no report for too long" if stale else ""),
+            awaiting_reconnect=reconnect_window and in_grace,
+            reconnect_expired=reconnect_window and not in_grace,
+            age_s=now - inst.created_at,
+            startup_timeout_s=self._startup_timeout(inst.model),
+        )
+
+    def _startup_timeout(self, model: str) -> float:
+        spec = self.catalog.get(model)
+        return spec.startup_timeout_s if spec is not None else 900.0
+
+    async def refresh(self) -> None:
+        """Derive every instance's state from the facts; persist and publish changes."""
+        now = time.time()
+        for inst in list(self.instances.values()):
+            state, reason = derive_state(self.facts(inst, now))
+            if state is inst.state and (reason == inst.reason or not reason):
+                continue
+            if state is not inst.state:
+                log.info(
+                    "instance %s (%s): %s -> %s: %s",
+                    inst.id, inst.model, inst.state.value, state.value, reason,
+                )  # fmt: skip
+            inst.state = state
+            inst.reason = reason or inst.reason
+            await self.save(inst)
+        await self._publish_if_changed(now)
+
+    def observe_launcher(self, inst: InstanceRecord, phase: LauncherPhase, reason: str) -> None:
+        inst.launcher_phase, inst.launcher_reason = phase, reason
+
+    # --- routes ------------------------------------------------------------------------------
+
+    def routes(self) -> list[ModelRoute]:
+        return build_routes(self.catalog.models, list(self.instances.values()), time.time())
+
+    async def _publish_if_changed(self, now: float) -> None:
+        routes = build_routes(self.catalog.models, list(self.instances.values()), now)
+        signature = [
+            (r.summary.spec, r.summary.state, r.summary.message, r.summary.ready_replicas,
+             r.summary.live_replicas, r.endpoints)
+            for r in routes
+        ]  # fmt: skip
+        if signature == self._route_signature:
+            return
+        self._route_signature = signature
+        async with self._routes_changed:
+            self.route_version += 1
+            self._routes_changed.notify_all()
+
+    async def wait_for_routes(self, seen_version: int, timeout: float) -> int:
+        """Wait until the route version passes `seen_version` (or the timeout)."""
+        async with self._routes_changed:
+            try:
+                await asyncio.wait_for(
+                    self._routes_changed.wait_for(lambda: self.route_version > seen_version),
+                    timeout,
+                )
+            except TimeoutError:
+                pass
+            return self.route_version
+
+    def views(self) -> list[InstanceView]:
+        now = time.time()
+        out = []
+        for inst in self.instances.values():
+            agent = self.agents.get(inst.agent_id)
+            out.append(
+                InstanceView(
+                    id=inst.id,
+                    model=inst.model,
+                    state=inst.state,
+                    created_seq=inst.seq,
+                    process_alive=bool(inst.launcher_ref)
+                    and inst.launcher_phase is not LauncherPhase.ENDED,
+                    stop_requested=inst.stop_requested,
+                    stop_sent=inst.stop_sent,
+                    agent_connected=agent is not None and agent.connected,
+                    draining_for_s=now - inst.stop_requested_at if inst.stop_requested else 0.0,
+                )
+            )
+        return out
+
+    def specs(self) -> Mapping[str, ModelSpec]:
+        return {m.name: m for m in self.catalog.models}

@@ -1,0 +1,1 @@
+"""Launchers start and stop the processes (or jobs) behind instances."""

@@ -1,0 +1,87 @@
+"""The launcher interface, and the agent command every launcher runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controller.catalog import ModelSpec
+from controller.lifecycle import LauncherPhase
+
+
+class LaunchError(RuntimeError):
+    """The launcher could not start an instance (permanent for that attempt)."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What a launcher needs to start one instance."""
+
+    instance_id: str
+    model: ModelSpec
+    controller_address: str
+    """host:port the agent dials to register."""
+    registration_token: str
+
+
+@dataclass(frozen=True)
+class LauncherObservation:
+    """What a launcher sees of one instance's process or job."""
+
+    phase: LauncherPhase
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AgentInvocation:
+    """How to start a node agent: argv is public, env may hold secrets."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Launcher(Protocol):
+    """Starts, observes and stops instances. Implementations: local, slurm."""
+
+    name: str
+
+    async def launch(self, spec: LaunchSpec) -> str:
+        """Start an instance; return the launcher's reference to it (pgid, job id)."""
+        ...
+
+    async def observe(self, refs: Sequence[str]) -> dict[str, LauncherObservation]:
+        """Observe many instances at once; refs it does not know are ENDED."""
+        ...
+
+    async def stop(self, ref: str) -> None:
+        """Stop an instance's process or job, forcefully if it will not go."""
+        ...
+
+    async def close(self, stop_instances: bool) -> None:
+        """Release connections; with stop_instances, stop every instance too."""
+        ...
+
+
+def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInvocation:
+    """The `kscope-agent` command for an instance. Secrets travel in env only,
+    never on the command line, where `ps` shows them."""
+    model = spec.model
+    argv = [python, "-m", "node_agent.main", "--engine", model.engine.value, "--model", model.name]
+    if model.model_path:
+        argv += ["--model-path", model.model_path]
+    if model.upstream_url:
+        argv += ["--upstream-url", model.upstream_url]
+    if model.upstream_model:
+        argv += ["--upstream-model", model.upstream_model]
+    if model.engine_args:
+        argv += ["--engine-args-json", json.dumps(list(model.engine_args))]
+    env = {
+        "KSCOPE_CONTROLLER": spec.controller_address,
+        "KSCOPE_INSTANCE_ID": spec.instance_id,
+        "KSCOPE_REGISTRATION_TOKEN": spec.registration_token,
+        **model.env,
+    }
+    return AgentInvocation(argv=argv, env=env)

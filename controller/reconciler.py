@@ -1,0 +1,112 @@
+"""The reconciler: compare what the catalog wants with what runs, and decide.
+
+`decide` is pure: it takes a snapshot and returns decisions; the executor
+carries them out. Every decision carries the reason an operator will read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from controller.catalog import ModelSpec
+from controller.lifecycle import InstanceState
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """What the reconciler needs to know about one instance."""
+
+    id: str
+    model: str
+    state: InstanceState
+    created_seq: int
+    """Launch order; larger is newer."""
+    process_alive: bool = True
+    """The launcher still sees a process or job (or has not looked yet)."""
+    stop_requested: bool = False
+    stop_sent: bool = False
+    """The launcher was already told to stop it."""
+    agent_connected: bool = False
+    draining_for_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Drain:
+    instance_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop through the launcher now, without waiting for a drain."""
+
+    instance_id: str
+    reason: str
+
+
+Decision = Launch | Drain | Stop
+
+
+def wanted_replicas(spec: ModelSpec, demanded: bool) -> int:
+    """How many instances the model should have."""
+    floor = 1 if demanded else 0
+    return min(spec.max_replicas, max(spec.min_replicas, floor))
+
+
+def decide(
+    models: Mapping[str, ModelSpec],
+    instances: Sequence[InstanceView],
+    demanded: Iterable[str],
+    drain_timeout_s: float,
+) -> list[Decision]:
+    """Decisions that move the fleet toward the catalog's wish."""
+    demanded_set = set(demanded)
+    decisions: list[Decision] = []
+    decisions.extend(_cleanups(instances, drain_timeout_s))
+    for inst in instances:
+        if inst.model not in models and _counts_as_live(inst):
+            decisions.append(Drain(inst.id, f"model {inst.model!r} left the catalog"))
+    for name, spec in models.items():
+        live = [i for i in instances if i.model == name and _counts_as_live(i)]
+        want = wanted_replicas(spec, name in demanded_set)
+        if len(live) < want:
+            failed = sum(
+                1 for i in instances if i.model == name and i.state is InstanceState.FAILED
+            )
+            reason = f"{len(live)} of {want} wanted instances"
+            if failed:
+                reason += f" ({failed} failed before)"
+            decisions.extend(Launch(name, reason) for _ in range(want - len(live)))
+        elif len(live) > want:
+            # Give up the least useful first: not-ready ones, then the newest.
+            ranked = sorted(live, key=lambda i: (i.state is InstanceState.READY, -i.created_seq))
+            for inst in ranked[: len(live) - want]:
+                decisions.append(Drain(inst.id, f"{len(live)} instances, {want} wanted"))
+    return decisions
+
+
+def _counts_as_live(inst: InstanceView) -> bool:
+    return not inst.state.ended and not inst.stop_requested
+
+
+def _cleanups(instances: Sequence[InstanceView], drain_timeout_s: float) -> list[Decision]:
+    out: list[Decision] = []
+    for inst in instances:
+        if inst.stop_sent or not inst.process_alive:
+            continue
+        if inst.state is InstanceState.FAILED:
+            out.append(Stop(inst.id, "failed instance still has a process"))
+        elif inst.state is InstanceState.STOPPED:
+            out.append(Stop(inst.id, "stopped instance still has a process"))
+        elif inst.stop_requested and not inst.agent_connected:
+            out.append(Stop(inst.id, "draining without an agent"))
+        elif inst.stop_requested and inst.draining_for_s > drain_timeout_s:
+            out.append(Stop(inst.id, f"drain took longer than {drain_timeout_s:.0f}s"))
+    return out

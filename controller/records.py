@@ -1,0 +1,58 @@
+"""The controller's records of instances and agents (what the store keeps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
+
+
+@dataclass
+class InstanceRecord:
+    """One instance of a model: facts observed, and the state derived from them."""
+
+    id: str
+    model: str
+    launcher: str
+    seq: int
+    """Launch order; larger is newer."""
+    created_at: float
+    state: InstanceState = InstanceState.REQUESTED
+    reason: str = ""
+    updated_at: float = 0.0
+    launcher_ref: str = ""
+    launch_error: str = ""
+    stop_requested: bool = False
+    stop_requested_at: float = 0.0
+    stop_sent: bool = False
+    agent_id: str = ""
+    agent_address: str = ""
+    engine_url: str = ""
+    ever_registered: bool = False
+    # Observed at run time, not stored:
+    launcher_phase: LauncherPhase = LauncherPhase.UNKNOWN
+    launcher_reason: str = ""
+    agent_lost: bool = False
+    agent_lost_reason: str = ""
+
+
+@dataclass
+class AgentRecord:
+    """A registered node agent."""
+
+    id: str
+    instance_id: str
+    address: str
+    hostname: str = ""
+    models: list[str] = field(default_factory=list)
+    engine: str = ""
+    engine_url: str = ""
+    pid: int = 0
+    registered_at: float = 0.0
+    last_report_at: float = 0.0
+    # From the latest load report, not stored:
+    phase: AgentPhase | None = None
+    detail: str = ""
+    in_flight: int = 0
+    queued: int = 0
+    connected: bool = False

@@ -1,0 +1,133 @@
+"""Builds and runs the controller: store, fleet, launchers, control loop, gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+
+import grpc
+from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+
+from controller.catalog import Catalog, load_catalog
+from controller.control_loop import ControlLoop
+from controller.executor import Executor
+from controller.fleet import Fleet, FleetTimings
+from controller.launchers.base import Launcher
+from controller.launchers.local import LocalLauncher
+from controller.servicers import AgentServicer, ControlServicer
+from controller.settings import ControllerSettings
+from controller.store.sqlite import SqliteStore
+from kscope_common.grpc_server import (
+    SERVER_OPTIONS,
+    add_health_and_reflection,
+    bind,
+    mark_serving,
+    write_port_file,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+]
+
+
+@dataclass
+class Controller:
+    """A running controller."""
+
+    server: grpc.aio.Server
+    port: int
+    fleet: Fleet
+    store: SqliteStore
+    launchers: dict[str, Launcher]
+    executor: Executor
+    loop_task: asyncio.Task[None]
+    settings: ControllerSettings
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop serving; with stop_instances_on_exit, stop local instances too."""
+        self.loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.loop_task
+        await self.executor.wait_idle()
+        for launcher in self.launchers.values():
+            await launcher.close(self.settings.stop_instances_on_exit)
+        await self.server.stop(grace_s)
+        self.store.close()
+
+
+async def _resolve_catalog(
+    settings: ControllerSettings, store: SqliteStore, override: Catalog | None
+) -> Catalog:
+    if override is not None:
+        catalog = override
+    elif settings.catalog is not None:
+        catalog = load_catalog(settings.catalog)
+    else:
+        return await store.load_catalog()
+    await store.save_catalog(catalog)
+    return catalog
+
+
+def _advertise_address(settings: ControllerSettings, port: int) -> str:
+    if settings.advertise_address:
+        return settings.advertise_address
+    host = settings.host
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+async def start_controller(
+    settings: ControllerSettings, catalog: Catalog | None = None
+) -> Controller:
+    """Start a controller and return once it serves."""
+    store = SqliteStore(settings.database_path)
+    token = settings.resolve_token()
+    fleet = Fleet(
+        store,
+        await _resolve_catalog(settings, store, catalog),
+        token,
+        FleetTimings(
+            report_interval_s=settings.report_interval_s,
+            agent_stale_after_s=settings.agent_stale_after_s,
+            reconnect_grace_s=settings.reconnect_grace_s,
+        ),
+    )
+    await fleet.load()
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(fleet), server)
+    control_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(fleet), server)
+    health = add_health_and_reflection(server, SERVICE_NAMES)
+    port = bind(server, settings.host, settings.port)
+    await server.start()
+    await mark_serving(health, SERVICE_NAMES)
+
+    launchers: dict[str, Launcher] = {
+        "local": LocalLauncher(settings.state_path / "logs", python=settings.agent_python),
+    }
+    executor = Executor(fleet, launchers, _advertise_address(settings, port), token)
+    control = ControlLoop(
+        fleet,
+        launchers,
+        executor,
+        interval_s=settings.reconcile_interval_s,
+        drain_timeout_s=settings.drain_timeout_s,
+    )
+    loop_task = asyncio.create_task(control.run(), name="control-loop")
+    write_port_file(settings.port_file, port)
+    log.info(
+        "controller serving on %s:%d with %d models (%s)",
+        settings.host, port, len(fleet.catalog.models), ", ".join(fleet.catalog.names),
+    )  # fmt: skip
+    return Controller(server, port, fleet, store, launchers, executor, loop_task, settings)

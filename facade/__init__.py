@@ -1,0 +1,1 @@
+"""KScope facade: OpenAI-compatible HTTP in front, streaming gRPC to agents behind."""

@@ -1,0 +1,108 @@
+"""`kscope-facade`: the OpenAI-compatible HTTP front door."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from facade.app import create_app
+from facade.settings import FacadeSettings
+from kscope_common.daemon import run, wait_for_stop_signal
+from kscope_common.grpc_server import write_port_file
+from kscope_common.logs import configure_logging
+
+log = logging.getLogger("facade")
+
+
+def parse_settings(argv: list[str] | None = None) -> FacadeSettings:
+    parser = argparse.ArgumentParser(prog="kscope-facade", description=__doc__)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--port-file", type=Path)
+    parser.add_argument("--controller")
+    parser.add_argument("--api-key")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return FacadeSettings(**overrides)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the caller decides when
+    to stop (uvicorn would otherwise re-raise the signal and skip our clean-up)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def make_server(settings: FacadeSettings) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(settings),
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        backlog=2048,
+    )
+    return _Server(config)
+
+
+async def serve_http(
+    settings: FacadeSettings, on_started: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM. `on_started` gets the port once requests are
+    answered (the lifespan ran)."""
+    sock = bind_socket(settings.host, settings.port)
+    port: int = sock.getsockname()[1]
+    server = make_server(settings)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        log.info("facade listening on http://%s:%d/v1 (controller %s)", settings.host, port,
+                 settings.controller)  # fmt: skip
+        write_port_file(settings.port_file, port)
+        if on_started is not None:
+            on_started(port)
+    stop = asyncio.create_task(wait_for_stop_signal())
+    await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.done():
+        log.info("received %s; stopping", stop.result().name)
+        server.should_exit = True
+    else:
+        stop.cancel()
+    await serving
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_logging("facade")
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as exc:
+        sys.exit(f"kscope-facade: {exc}")
+    run(serve_http(settings))
+
+
+if __name__ == "__main__":
+    main()

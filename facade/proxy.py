@@ -1,0 +1,295 @@
+"""The token path: POST /v1/{chat/completions,completions,embeddings} as raw ASGI.
+
+Raw ASGI rather than FastAPI routes because this runs for every request and
+every chunk (ENVIRONMENT.md measured the difference), and because disconnect
+detection needs the ASGI receive channel. Each engine chunk is written to the
+client as soon as the agent's message arrives; nothing waits for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import grpc
+import orjson
+from kscope.v1 import inference_pb2
+
+from facade.errors import ApiError, from_rpc_error
+from facade.routing import RouteTable, RouteWatcher, Target
+from facade.settings import FacadeSettings
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_DONE = b"data: [DONE]\n\n"
+
+
+class _Kind:
+    """What differs between the three inference endpoints."""
+
+    def __init__(
+        self,
+        rpc: str,
+        request_cls: Callable[..., Any],
+        required: str,
+        accepted: tuple[type, ...],
+        streams: bool,
+    ):
+        self.rpc = rpc
+        self.request_cls = request_cls
+        self.required = required
+        self.accepted = accepted
+        self.streams = streams
+
+
+KINDS = {
+    "/v1/chat/completions": _Kind(
+        "ChatCompletion", inference_pb2.ChatCompletionRequest, "messages", (list,), True
+    ),
+    "/v1/completions": _Kind(
+        "Completion", inference_pb2.CompletionRequest, "prompt", (str, list), True
+    ),
+    "/v1/embeddings": _Kind(
+        "Embedding", inference_pb2.EmbeddingRequest, "input", (str, list), False
+    ),
+}
+
+
+async def send_error(send: Send, error: ApiError) -> None:
+    headers = list(_JSON_HEADERS)
+    if error.retry_after_s is not None:
+        headers.append((b"retry-after", str(error.retry_after_s).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error.body()})
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refusing more than `limit` bytes."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client went away while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+def parse_request(body: bytes, kind: _Kind) -> tuple[str, bool]:
+    """Validate what the gateway itself needs; return (model, stream). Every other
+    field goes to the engine unchanged, and the engine judges it."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(request, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required and must be a non-empty string", param="model")
+    stream = request.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream")
+    if stream and not kind.streams:
+        raise ApiError(400, "this endpoint does not stream", param="stream")
+    value = request.get(kind.required)
+    if value is None:
+        raise ApiError(400, f"'{kind.required}' is required", param=kind.required)
+    if not isinstance(value, kind.accepted):
+        names = " or ".join("array" if t is list else "string" for t in kind.accepted)
+        raise ApiError(400, f"'{kind.required}' must be {names}", param=kind.required)
+    return model, stream
+
+
+class InferenceProxy:
+    """Handles the three inference endpoints from start to end."""
+
+    def __init__(self, settings: FacadeSettings, table: RouteTable, watcher: RouteWatcher):
+        self._settings = settings
+        self._table = table
+        self._watcher = watcher
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
+        try:
+            body = await read_body(scope, receive, self._settings.max_body_bytes)
+            model, stream = parse_request(body, kind)
+            target = await self._target(model)
+        except ApiError as error:
+            await send_error(send, error)
+            return
+        except asyncio.CancelledError:
+            return
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        request = kind.request_cls(
+            envelope=inference_pb2.RequestEnvelope(
+                request_id=request_id, model=model, stream=stream
+            ),
+            body=body,
+        )
+        await self._forward(target, kind, request, model, stream, receive, send)
+
+    async def _target(self, model: str) -> Target:
+        target = self._table.pick(model)
+        if target is not None:
+            return target
+        if not self._table.received.is_set():
+            # Just started: give the first route table a moment to arrive.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._table.received.wait(), 2.0)
+            target = self._table.pick(model)
+            if target is not None:
+                return target
+        raise await self._no_capacity(model)
+
+    async def _no_capacity(self, model: str) -> ApiError:
+        entry = self._table.models.get(model)
+        if entry is None and self._table.received.is_set():
+            return ApiError(
+                404,
+                f"The model '{model}' does not exist. GET /v1/models lists the models.",
+                code="model_not_found",
+                param="model",
+            )
+        answer = await self._watcher.ensure_model(model, self._settings.ensure_timeout_s)
+        if answer is not None:
+            retry, message = answer.retry_after_seconds, answer.model.state_message
+        elif entry is not None:
+            retry, message = entry.retry_after_s, entry.info.state_message
+        else:
+            return ApiError(
+                503,
+                "the gateway has no route table yet (controller unreachable); retry shortly",
+                "service_unavailable_error",
+                code="controller_unavailable",
+                retry_after_s=2,
+            )
+        return ApiError(
+            503,
+            f"The model '{model}' is not ready ({message}); capacity has been requested. "
+            f"Retry after {max(retry, 1)} s.",
+            "service_unavailable_error",
+            code="model_not_ready",
+            retry_after_s=max(retry, 1),
+        )
+
+    async def _forward(
+        self,
+        target: Target,
+        kind: _Kind,
+        request: Any,
+        model: str,
+        stream: bool,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        for attempt in range(2):
+            target.outstanding += 1
+            call = getattr(target.stub, kind.rpc)(request, timeout=self._settings.request_timeout_s)
+            watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, call))
+            try:
+                if stream:
+                    await self._stream(call, send, model)
+                else:
+                    await self._unary(call, send)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.CANCELLED and watcher.done():
+                    return  # the client left; nobody to answer
+                error = from_rpc_error(exc, model)
+                if attempt == 0 and _transport_failure(exc, error):
+                    # Nothing reached the client yet: try another READY instance.
+                    target.suspect_until = time.monotonic() + 5
+                    other = self._table.pick(model, avoid=target)
+                    if other is not None:
+                        log.warning("instance %s unavailable; retrying on %s",
+                                    target.instance_id, other.instance_id)  # fmt: skip
+                        target = other
+                        continue
+                await send_error(send, error)
+                return
+            finally:
+                watcher.cancel()
+                target.outstanding -= 1
+
+    async def _unary(self, call: Any, send: Send) -> None:
+        chunks: list[bytes] = []
+        async for message in call:
+            chunks.extend(message.chunks)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, call: Any, send: Send, model: str) -> None:
+        """Forward an event stream. The response starts with the first message,
+        so an error before it is still a proper HTTP error; one after it is an
+        SSE error event followed by [DONE]."""
+        started = False
+        try:
+            async for message in call:
+                if not started:
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
+                    )
+                    started = True
+                payload = b"".join([b"data: " + c + b"\n\n" for c in message.chunks])
+                await send({"type": "http.response.body", "body": payload, "more_body": True})
+        except grpc.aio.AioRpcError as exc:
+            if not started:
+                raise
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                log.warning("stream for %s broke after it started: %s", model, exc.details())
+                await _send_stream_error(send, from_rpc_error(exc, model))
+            return
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await send({"type": "http.response.body", "body": _DONE})
+
+
+def _transport_failure(exc: grpc.aio.AioRpcError, error: ApiError) -> bool:
+    """The agent could not be reached (not an engine's own error)."""
+    return exc.code() is grpc.StatusCode.UNAVAILABLE and error.raw_error == b""
+
+
+async def _send_stream_error(send: Send, error: ApiError) -> None:
+    event = b"data: " + error.body() + b"\n\n" + _DONE
+    with contextlib.suppress(Exception):
+        await send({"type": "http.response.body", "body": event})
+
+
+async def _cancel_on_disconnect(receive: Receive, call: Any) -> None:
+    """Cancel the agent call when the client goes away (ASGI http.disconnect)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            call.cancel()
+            return

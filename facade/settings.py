@@ -1,0 +1,37 @@
+"""The facade's settings: flags, environment variables, defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FacadeSettings(BaseSettings):
+    """Everything one facade process is configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="KSCOPE_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = Field(
+        default=8000, ge=0, le=65535, validation_alias=AliasChoices("KSCOPE_PORT", "PROXY_PORT")
+    )
+    """HTTP port (PROXY_PORT, the original proxy's variable, works too); 0 picks one."""
+    port_file: Path | None = None
+    """When set, the bound port is written here once the server listens."""
+    base_url: str = Field(
+        default="", validation_alias=AliasChoices("KSCOPE_BASE_URL", "PROXY_BASE_URL")
+    )
+    """The public URL users reach this facade at (PROXY_BASE_URL works too), for messages."""
+    controller: str = "127.0.0.1:50051"
+    """host:port of the controller."""
+    api_key: SecretStr | None = None
+    """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    """Larger request bodies are refused with 413."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """The longest one request may take end to end."""
+    ensure_timeout_s: float = Field(default=0.08, gt=0)
+    """How long a cold request waits for the controller's EnsureModel answer."""

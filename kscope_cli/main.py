@@ -1,0 +1,72 @@
+"""`kscope`: run KScope on one machine, and (later) operate a cluster's KScope."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from controller.catalog import CatalogError
+from kscope_common.daemon import run
+from kscope_common.logs import configure_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+@app.callback()
+def root() -> None:
+    """KScope: one OpenAI-compatible endpoint for every model a cluster runs."""
+
+
+class Engine(StrEnum):
+    vllm = "vllm"
+    mlx_vlm = "mlx_vlm"
+    openai = "openai"
+
+
+@app.command()
+def serve(
+    engine: Annotated[
+        Engine, typer.Option("--engine", "--model-type", help="vllm, mlx_vlm or openai")
+    ] = Engine.vllm,
+    model_path: Annotated[
+        str | None, typer.Option(help="weights directory (vllm, mlx_vlm)")
+    ] = None,
+    upstream_url: Annotated[
+        str | None, typer.Option(help="running OpenAI-compatible server, e.g. http://h:8000/v1")
+    ] = None,
+    model: Annotated[str, typer.Option(help="model name clients use")] = "",
+    host: Annotated[str, typer.Option(help="HTTP address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port", envvar="PROXY_PORT")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(help="the one key clients must send", envvar="KSCOPE_API_KEY")
+    ] = None,
+    engine_args: Annotated[str, typer.Option(help="extra engine flags, one string")] = "",
+    controller_port: Annotated[int, typer.Option(help="controller gRPC port (0: any)")] = 50051,
+    state_dir: Annotated[Path, typer.Option(help="SQLite and logs")] = Path("~/.kscope/serve"),
+) -> None:
+    """Run controller, facade and one agent for one model, on this machine."""
+    from kscope_cli.serve import build_catalog
+    from kscope_cli.serve import serve as run_serve
+
+    configure_logging("kscope")
+    if engine is Engine.openai and not upstream_url:
+        raise typer.BadParameter("--engine openai needs --upstream-url")
+    if engine is not Engine.openai and not model_path:
+        raise typer.BadParameter(f"--engine {engine.value} needs --model-path")
+    try:
+        catalog = build_catalog(engine.value, model, model_path, upstream_url, engine_args)
+    except (ValidationError, CatalogError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run(run_serve(catalog, host, port, api_key, controller_port, state_dir.expanduser()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

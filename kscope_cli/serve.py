@@ -1,0 +1,85 @@
+"""`kscope serve`: controller, facade and one agent on one machine, like `vllm serve`."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from controller.catalog import Catalog, EngineKind, ModelSpec
+from controller.server import start_controller
+from controller.settings import ControllerSettings
+from facade.main import serve_http
+from facade.settings import FacadeSettings
+
+log = logging.getLogger("kscope.serve")
+
+
+def usage_text(base_url: str, model: str, api_key: str | None) -> str:
+    key = api_key or "anything"
+    return f"""
+KScope is up: {base_url}/v1 serves model '{model}' (it answers 503 + Retry-After until ready).
+
+  curl {base_url}/v1/models -H 'Authorization: Bearer {key}'
+  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -H 'Authorization: Bearer {key}' \\
+       -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="{base_url}/v1", api_key="{key}"); \\
+print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}]))'
+"""
+
+
+def build_catalog(
+    engine: str,
+    model: str,
+    model_path: str | None,
+    upstream_url: str | None,
+    engine_args: str,
+) -> Catalog:
+    kind = EngineKind(engine)
+    name = model or (Path(model_path).name if model_path else "default")
+    spec = ModelSpec(
+        name=name,
+        engine=kind,
+        model_path=str(Path(model_path).resolve()) if model_path else "",
+        upstream_url=upstream_url or "",
+        min_replicas=1,
+        max_replicas=1,
+        engine_args=tuple(shlex.split(engine_args)),
+        expected_startup_s=40.0 if kind is EngineKind.VLLM else 2.0,
+    )
+    return Catalog(models=(spec,))
+
+
+async def serve(
+    catalog: Catalog,
+    host: str,
+    port: int,
+    api_key: str | None,
+    controller_port: int,
+    state_dir: Path,
+) -> None:
+    controller = await start_controller(
+        ControllerSettings(host="127.0.0.1", port=controller_port, state_dir=state_dir),
+        catalog,
+    )
+    model = catalog.models[0].name
+    facade_settings = FacadeSettings(
+        host=host,
+        port=port,
+        controller=f"127.0.0.1:{controller.port}",
+        api_key=SecretStr(api_key) if api_key else None,
+    )
+
+    def announce(bound: int) -> None:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(usage_text(f"http://{shown}:{bound}", model, api_key), flush=True)
+
+    try:
+        await serve_http(facade_settings, on_started=announce)
+    finally:
+        log.info("stopping the controller and the instances it started")
+        await controller.stop()

@@ -1,0 +1,1 @@
+"""Small pieces shared by the controller, the node agent and the facade."""

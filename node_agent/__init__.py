@@ -1,0 +1,1 @@
+"""KScope node agent: runs one engine, serves InferenceService, reports to the controller."""

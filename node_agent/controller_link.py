@@ -1,0 +1,153 @@
+"""The agent's link to the controller: register, keep a Session, obey commands.
+
+The link survives controller restarts: a broken Session is re-established
+with a short capped backoff, so an agent is attached again within seconds. The
+token path never depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from kscope.v1 import agent_pb2, agent_pb2_grpc
+
+from kscope_common.grpc_server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+_PERMANENT = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class RegistrationRefused(Exception):
+    """The controller will never take this agent (bad token, ended instance)."""
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    instance_id: str
+    address: str
+    models: list[str]
+    engine: str
+    engine_url: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Report:
+    phase: agent_pb2.AgentPhase.ValueType
+    in_flight: int
+    queued: int
+    detail: str
+
+
+class ControllerLink:
+    """Keeps the agent registered; calls `on_drain` when the controller says so."""
+
+    def __init__(
+        self,
+        controller: str,
+        identity: AgentIdentity,
+        current_report: Callable[[], Report],
+        on_drain: Callable[[str], None],
+    ):
+        self._controller = controller
+        self._identity = identity
+        self._current_report = current_report
+        self._on_drain = on_drain
+        self.report_now = asyncio.Event()
+        """Set to send a report at once (a phase change)."""
+        self._closing = asyncio.Event()
+        self.agent_id = ""
+        self._interval_s = 1.0
+
+    async def run(self) -> None:
+        """Register and hold the Session until `close`; raise RegistrationRefused
+        when the controller refuses the agent for good."""
+        backoff = 0.1
+        channel = grpc.aio.insecure_channel(self._controller, options=CHANNEL_OPTIONS)
+        async with channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            while not self._closing.is_set():
+                try:
+                    await self._register(stub)
+                    backoff = 0.1
+                    await self._session(stub)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _PERMANENT:
+                        raise RegistrationRefused(exc.details() or exc.code().name) from exc
+                    log.warning("controller link: %s: %s", exc.code().name, exc.details())
+                if self._closing.is_set():
+                    return
+                try:
+                    await asyncio.wait_for(self._closing.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 1.0)
+
+    async def _register(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
+        ident = self._identity
+        response = await stub.Register(
+            agent_pb2.RegisterRequest(
+                token=ident.token,
+                instance_id=ident.instance_id,
+                address=ident.address,
+                hostname=socket.gethostname(),
+                models=ident.models,
+                engine=ident.engine,
+                engine_url=ident.engine_url,
+                pid=os.getpid(),
+            ),
+            timeout=5,
+        )
+        self.agent_id = response.agent_id
+        self._interval_s = max(0.05, response.report_interval_ms / 1000)
+        log.info("registered with %s as %s", self._controller, self.agent_id)
+
+    async def _outgoing(self) -> AsyncIterator[agent_pb2.SessionRequest]:
+        yield agent_pb2.SessionRequest(
+            hello=agent_pb2.SessionHello(agent_id=self.agent_id, token=self._identity.token)
+        )
+        while not self._closing.is_set():
+            r = self._current_report()
+            yield agent_pb2.SessionRequest(
+                load_report=agent_pb2.LoadReport(
+                    phase=r.phase, in_flight=r.in_flight, queued=r.queued, detail=r.detail
+                )
+            )
+            self.report_now.clear()
+            wake = asyncio.ensure_future(self.report_now.wait())
+            closing = asyncio.ensure_future(self._closing.wait())
+            await asyncio.wait({wake, closing}, timeout=self._interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            wake.cancel()
+            closing.cancel()
+        # A last report, so the controller sees the final phase before we leave.
+        r = self._current_report()
+        yield agent_pb2.SessionRequest(
+            load_report=agent_pb2.LoadReport(
+                phase=r.phase, in_flight=r.in_flight, queued=r.queued, detail=r.detail
+            )
+        )
+
+    async def _session(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
+        call = stub.Session(self._outgoing())
+        async for command in call:
+            if command.WhichOneof("command") == "drain":
+                log.info("controller asks to drain: %s", command.drain.reason)
+                self._on_drain(command.drain.reason)
+        log.info("session with the controller ended")
+
+    def close(self) -> None:
+        """End the Session cleanly (after a final report) and stop reconnecting."""
+        self._closing.set()

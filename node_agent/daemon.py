@@ -1,0 +1,161 @@
+"""The agent's life: start the engine, serve, report, drain on SIGTERM, stop.
+
+start engine ─▶ serve InferenceService ─▶ register ─▶ READY when healthy
+SIGTERM or DrainCommand ─▶ refuse new requests ─▶ in-flight finish ─▶
+final report, leave the Session ─▶ stop engine ─▶ exit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+
+import grpc
+from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
+
+from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
+from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
+from node_agent.engines.base import Engine, EngineUnavailable
+from node_agent.engines.factory import make_engine
+from node_agent.servicer import InferenceServicer, Load
+from node_agent.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+
+class Agent:
+    """One node agent: an engine, its gRPC server, its controller link."""
+
+    def __init__(self, settings: AgentSettings, engine: Engine | None = None):
+        self.settings = settings
+        self.engine = engine or make_engine(settings)
+        self.load = Load()
+        self.phase: agent_pb2.AgentPhase.ValueType = agent_pb2.AGENT_PHASE_STARTING
+        self.detail = "engine starting"
+        self._drain_requested = asyncio.Event()
+        self._drain_reason = ""
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.port = 0
+        self.link: ControllerLink | None = None
+
+    def _report(self) -> Report:
+        return Report(self.phase, self.load.in_flight, self.load.queued, self.detail)
+
+    def _set_phase(self, phase: agent_pb2.AgentPhase.ValueType, detail: str) -> None:
+        if (phase, detail) != (self.phase, self.detail):
+            log.info("phase %s: %s", agent_pb2.AgentPhase.Name(phase), detail)
+            self.phase, self.detail = phase, detail
+            if self.link is not None:
+                self.link.report_now.set()
+
+    def request_drain(self, reason: str) -> None:
+        if not self._drain_requested.is_set():
+            self._drain_reason = reason
+            self._drain_requested.set()
+
+    async def start(self) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.engine, self.load), self.server
+        )
+        health = add_health_and_reflection(self.server, SERVICE_NAMES)
+        self.port = bind(self.server, self.settings.host, self.settings.port)
+        await self.server.start()
+        await mark_serving(health, SERVICE_NAMES)
+        await self.engine.start()
+
+    def advertised_address(self) -> str:
+        host = self.settings.advertise_host or self.settings.host
+        if host in ("0.0.0.0", "::"):
+            host = socket.getfqdn()
+        return f"{host}:{self.port}"
+
+    async def _watch_engine(self) -> None:
+        """Follow the engine's health: STARTING until healthy, READY while healthy,
+        FAILED when it died or never came up."""
+        started = time.monotonic()
+        failures = 0
+        while True:
+            failure = self.engine.failure()
+            if failure:
+                self._set_phase(agent_pb2.AGENT_PHASE_FAILED, failure)
+                return
+            ok = await self.engine.healthy()
+            if self.phase == agent_pb2.AGENT_PHASE_DRAINING:
+                return
+            if ok:
+                failures = 0
+                self._set_phase(agent_pb2.AGENT_PHASE_READY, "engine healthy")
+            elif self.phase == agent_pb2.AGENT_PHASE_READY:
+                failures += 1
+                if failures >= 3:  # one slow health answer under load is not a failure
+                    self._set_phase(
+                        agent_pb2.AGENT_PHASE_STARTING, "engine stopped answering health"
+                    )
+            elif time.monotonic() - started > self.settings.engine_startup_timeout_s:
+                self._set_phase(agent_pb2.AGENT_PHASE_FAILED, "engine never became healthy")
+                return
+            ready = self.phase == agent_pb2.AGENT_PHASE_READY
+            await asyncio.sleep(self.settings.health_interval_s if ready else 0.5)
+
+    async def run(self) -> int:
+        """Serve until drained; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_drain, f"received {sig.name}")
+        try:
+            await self.start()
+        except EngineUnavailable as exc:
+            log.error("%s", exc.message)
+            await self.server.stop(0)
+            return 1
+        self.link = ControllerLink(
+            self.settings.controller,
+            AgentIdentity(
+                instance_id=self.settings.instance_id,
+                address=self.advertised_address(),
+                models=[self.settings.served_model],
+                engine=self.engine.kind,
+                engine_url=self.engine.url,
+                token=self.settings.registration_token.get_secret_value(),
+            ),
+            self._report,
+            self.request_drain,
+        )
+        log.info("serving InferenceService on %s", self.advertised_address())
+        link_task = asyncio.create_task(self.link.run(), name="controller-link")
+        watch_task = asyncio.create_task(self._watch_engine(), name="engine-watch")
+        drain_wait = asyncio.create_task(self._drain_requested.wait())
+        await asyncio.wait({link_task, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        if link_task.done() and not drain_wait.done():
+            failure = link_task.exception()
+            if isinstance(failure, RegistrationRefused):
+                log.error("the controller refused this agent: %s", failure)
+                exit_code = 3
+            self._drain_reason = "lost the controller for good"
+        await self._drain()
+        watch_task.cancel()
+        drain_wait.cancel()
+        self.link.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(link_task, 5)
+        await self.engine.stop()
+        await self.server.stop(1)
+        log.info("agent stopped")
+        return exit_code
+
+    async def _drain(self) -> None:
+        log.info("draining: %s", self._drain_reason or "requested")
+        self.load.draining = True
+        self._set_phase(agent_pb2.AGENT_PHASE_DRAINING, self._drain_reason or "draining")
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.load.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.load.in_flight:
+            log.warning("drain timed out with %d requests in flight", self.load.in_flight)

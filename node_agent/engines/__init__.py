@@ -1,0 +1,1 @@
+"""Engines the node agent can run or attach to."""

@@ -1,0 +1,80 @@
+"""What every engine offers the agent's servicer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class Endpoint(StrEnum):
+    """OpenAI API paths, relative to the engine's /v1."""
+
+    CHAT = "/chat/completions"
+    COMPLETIONS = "/completions"
+    EMBEDDINGS = "/embeddings"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """Some OpenAI JSON objects from the engine: the whole body when not
+    streaming, or the stream events that arrived together."""
+
+    chunks: list[bytes]
+    usage: Usage | None = None
+
+
+class EngineError(Exception):
+    """The engine refused or failed a request. `body` is an OpenAI error object
+    (JSON bytes) when the engine sent one."""
+
+    def __init__(self, http_status: int, message: str, body: bytes = b""):
+        super().__init__(message)
+        self.http_status = http_status
+        self.message = message
+        self.body = body
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached (not started, crashed, or overloaded)."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)
+
+
+class Engine(Protocol):
+    """An OpenAI-compatible engine the agent serves requests with."""
+
+    kind: str
+    url: str
+    """The engine's own OpenAI base URL, for operators ("" when in process)."""
+
+    async def start(self) -> None:
+        """Begin starting (spawn processes); return without waiting for readiness."""
+        ...
+
+    async def healthy(self) -> bool:
+        """Whether the engine can take requests now."""
+        ...
+
+    def failure(self) -> str:
+        """Why the engine can never become healthy (it exited), or ""."""
+        ...
+
+    def generate(
+        self, endpoint: Endpoint, body: bytes, stream: bool
+    ) -> AsyncIterator[EngineOutput]:
+        """Run one request. Closing the iterator aborts the engine's request."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop the engine and release everything it holds."""
+        ...

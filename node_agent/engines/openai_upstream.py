@@ -1,0 +1,182 @@
+"""The `openai` engine: attach to a running OpenAI-compatible server by URL.
+
+vLLM, SGLang, llama.cpp's server, Ollama, mlx_vlm.server... anything that
+speaks the OpenAI HTTP API. Bodies pass through as bytes; stream events are
+forwarded as they arrive, and events that arrived together travel together.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from node_agent.engines.base import (
+    Endpoint,
+    EngineError,
+    EngineOutput,
+    EngineUnavailable,
+    Usage,
+)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_USAGE_FIELDS = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+}
+
+
+def usage_of(payload: bytes) -> Usage | None:
+    """The usage object of an OpenAI JSON body or chunk, found without parsing
+    the whole (possibly large) document; None when it has none."""
+    at = payload.rfind(b'"usage"')
+    if at < 0:
+        return None
+    rest = payload[at + 7 :].lstrip()[1:].lstrip()  # skip ':' and spaces
+    if not rest.startswith(b"{"):
+        return None  # "usage": null
+    found = {name: rx.search(rest) for name, rx in _USAGE_FIELDS.items()}
+    values = {name: int(m.group(1)) if m else 0 for name, m in found.items()}
+    return Usage(**values)
+
+
+def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Split complete SSE events off `buffer`; return their data payloads and
+    the incomplete rest."""
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    *events, rest = buffer.split(b"\n\n")
+    payloads = []
+    for event in events:
+        if event.startswith(b"data:") and b"\n" not in event:
+            payloads.append(event[5:].lstrip(b" "))  # the common case: one data line
+            continue
+        lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
+        if lines:
+            payloads.append(b"\n".join(lines))
+    return payloads, rest
+
+
+def _error_from(status: int, raw: bytes) -> EngineError:
+    """An EngineError carrying the upstream's OpenAI error object when it sent one."""
+    message = raw.decode(errors="replace")[:2000] or f"engine answered HTTP {status}"
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return EngineError(status, message)
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        return EngineError(status, str(error.get("message", message)), orjson.dumps(error))
+    if isinstance(error, str):  # vLLM's 401 is {"error": "Unauthorized"}
+        return EngineError(status, error)
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    return EngineError(status, str(detail) if detail else message)
+
+
+class OpenAIUpstream:
+    """Forwards requests to an OpenAI-compatible server over keep-alive HTTP."""
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        served_model: str,
+        upstream_model: str = "",
+        timeout_s: float = 600.0,
+        api_key: str = "",
+    ):
+        self.url = base_url.rstrip("/")
+        self._rename = upstream_model if upstream_model and upstream_model != served_model else ""
+        self._timeout_s = timeout_s
+        self._headers = dict(_JSON_HEADERS)
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=5, sock_read=self._timeout_s
+                ),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def start(self) -> None:
+        self._client()
+
+    async def healthy(self) -> bool:
+        try:
+            async with self._client().get(
+                self.url + "/models", headers=self._headers, timeout=aiohttp.ClientTimeout(total=3)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    def failure(self) -> str:
+        return ""
+
+    def _body_for_upstream(self, body: bytes) -> bytes:
+        if not self._rename:
+            return body
+        parsed = orjson.loads(body)
+        parsed["model"] = self._rename
+        return orjson.dumps(parsed)
+
+    async def generate(
+        self, endpoint: Endpoint, body: bytes, stream: bool
+    ) -> AsyncIterator[EngineOutput]:
+        try:
+            resp = await self._client().post(
+                self.url + endpoint, data=self._body_for_upstream(body), headers=self._headers
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EngineUnavailable(f"engine unreachable at {self.url}: {exc}") from exc
+        finished = False
+        try:
+            if resp.status >= 400:
+                raise _error_from(resp.status, await resp.read())
+            if not stream or resp.content_type != "text/event-stream":
+                raw = await resp.read()
+                finished = True
+                yield EngineOutput([raw], usage_of(raw))
+                return
+            async for output in self._events(resp):
+                yield output
+            finished = True
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise EngineUnavailable(f"engine connection failed mid-request: {exc}") from exc
+        finally:
+            # Closing an unfinished response drops the connection, which is how
+            # an OpenAI server learns the client went away and aborts the request.
+            if finished:
+                resp.release()
+            else:
+                resp.close()
+
+    async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[EngineOutput]:
+        rest = b""
+        async for data in resp.content.iter_any():
+            payloads, rest = split_events(rest + data if rest else data)
+            chunks: list[bytes] = []
+            usage = None
+            for payload in payloads:
+                if payload == b"[DONE]":
+                    continue
+                chunks.append(payload)
+                if b'"usage"' in payload:
+                    usage = usage_of(payload) or usage
+            if chunks:
+                yield EngineOutput(chunks, usage)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,90 @@
+"""InferenceService: hands each request's OpenAI body to the engine unchanged and
+streams the engine's answer back. Cancelling the call aborts the engine request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import orjson
+from kscope.v1 import inference_pb2, inference_pb2_grpc
+
+from kscope_common.errors import grpc_code_for_http
+from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Load:
+    """What the agent is doing now; reported to the controller."""
+
+    in_flight: int = 0
+    queued: int = 0
+    draining: bool = False
+    served: int = 0
+
+
+class _Request(Protocol):
+    envelope: inference_pb2.RequestEnvelope
+    body: bytes
+
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _error_metadata(exc: EngineError) -> tuple[tuple[str, str | bytes], ...]:
+    body = exc.body or orjson.dumps(
+        {"message": exc.message, "type": "engine_error", "param": None, "code": None}
+    )
+    return (("kscope-http-status", str(exc.http_status)), ("kscope-error-bin", body))
+
+
+def _handler(
+    endpoint: Endpoint, response_cls: Callable[..., Any]
+) -> Callable[[InferenceServicer, _Request, Context], AsyncIterator[Any]]:
+    async def handle(
+        self: InferenceServicer, request: _Request, context: Context
+    ) -> AsyncIterator[Any]:
+        load = self.load
+        if load.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is draining")
+        load.in_flight += 1
+        try:
+            output: EngineOutput
+            async for output in self.engine.generate(
+                endpoint, request.body, request.envelope.stream
+            ):
+                message = response_cls(chunks=output.chunks)
+                if output.usage is not None:
+                    u = output.usage
+                    message.usage.prompt_tokens = u.prompt_tokens
+                    message.usage.completion_tokens = u.completion_tokens
+                    message.usage.total_tokens = u.total_tokens
+                yield message
+        except EngineError as exc:
+            log.info(
+                "request %s failed in the engine: %s", request.envelope.request_id, exc.message
+            )
+            context.set_trailing_metadata(_error_metadata(exc))
+            await context.abort(grpc_code_for_http(exc.http_status), exc.message)
+        finally:
+            load.in_flight -= 1
+            load.served += 1
+
+    return handle
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """One engine behind the three OpenAI endpoints."""
+
+    def __init__(self, engine: Engine, load: Load):
+        self.engine = engine
+        self.load = load
+
+    ChatCompletion = _handler(Endpoint.CHAT, inference_pb2.ChatCompletionResponse)  # type: ignore[assignment]
+    Completion = _handler(Endpoint.COMPLETIONS, inference_pb2.CompletionResponse)  # type: ignore[assignment]
+    Embedding = _handler(Endpoint.EMBEDDINGS, inference_pb2.EmbeddingResponse)  # type: ignore[assignment]

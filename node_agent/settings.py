@@ -1,0 +1,71 @@
+"""The node agent's settings: flags, KSCOPE_* environment variables, defaults."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+
+
+class AgentSettings(BaseSettings):
+    """Everything one node agent is configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="KSCOPE_", extra="ignore")
+
+    controller: str = "127.0.0.1:50051"
+    """host:port of the controller's gRPC server."""
+    instance_id: str = ""
+    """The instance this agent was launched for (set by the launcher)."""
+    registration_token: SecretStr = SecretStr("")
+    """Proves the agent to the controller; from the environment, never a flag."""
+    engine: str = "vllm"
+    """vllm, openai or mlx_vlm."""
+    model: str = Field(default="", min_length=0)
+    """The model name clients use."""
+    model_path: str = ""
+    """Weights directory for vllm and mlx_vlm."""
+    upstream_url: str = ""
+    """Base URL (ending in /v1) of a running OpenAI-compatible server (openai engine)."""
+    upstream_api_key: SecretStr = SecretStr("")
+    """API key the upstream server wants, if any (openai engine)."""
+    upstream_model: str = ""
+    """The upstream's name for the model; defaults to `model`."""
+    engine_args: list[str] = Field(default_factory=list)
+    """Extra engine flags (vllm serve arguments)."""
+    host: str = "127.0.0.1"
+    """Address InferenceService binds."""
+    advertise_host: str = ""
+    """Host the facades dial; defaults to host (the hostname for 0.0.0.0)."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """InferenceService port; 0 picks a free one."""
+    vllm_python: str = (
+        str(_DEFAULT_VLLM_PYTHON) if _DEFAULT_VLLM_PYTHON.exists() else sys.executable
+    )
+    """Python interpreter with vLLM installed."""
+    engine_startup_timeout_s: float = Field(default=900.0, gt=0)
+    """The engine must answer health within this long."""
+    drain_timeout_s: float = Field(default=300.0, gt=0)
+    """In-flight requests get this long to finish when draining."""
+    health_interval_s: float = Field(default=1.0, gt=0)
+    """How often the engine's health is checked once ready."""
+    upstream_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a single engine request may take."""
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _parse_json_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            parsed = json.loads(value) if value.strip() else []
+            if not isinstance(parsed, list) or not all(isinstance(a, str) for a in parsed):
+                raise ValueError("engine_args must be a JSON list of strings")
+            return parsed
+        return value
+
+    @property
+    def served_model(self) -> str:
+        return self.model or Path(self.model_path).name or "default"
