@@ -8,8 +8,13 @@ PROTO_FILES := $(wildcard proto/kscope/v1/*.proto)
 
 .PHONY: run test install install-vllm proto proto-check lint check bench clean
 
+TINY_MODEL := .cache/tiny-qwen2
+CPU_VLLM_ARGS := --max-model-len 2048 --enforce-eager --kv-cache-memory-bytes 64M
+
 run: install install-vllm ## start controller, facade and one vLLM agent on a tiny local model
-	$(PY) -m kscope_cli.main run-default
+	$(PY) tools/tiny_model.py $(TINY_MODEL)
+	$(VENV)/bin/kscope serve --engine vllm --model-path $(TINY_MODEL) --model tiny \
+		--engine-args "$(CPU_VLLM_ARGS)" --port $${PORT:-8000}
 
 test: install install-vllm ## every test, real processes included
 	$(PY) -m pytest tests
@@ -45,7 +50,9 @@ proto-check: install ## fail when the generated code is stale
 	for f in .cache/proto-check/kscope/v1/*; do \
 		cmp -s $$f proto/kscope/v1/$$(basename $$f) || { echo "stale: $$f (run make proto)"; exit 1; }; \
 	done
-	cd proto && ../$(VENV)/bin/buf lint .. 2>/dev/null || $(VENV)/bin/buf lint
+	$(VENV)/bin/buf lint
+	if git rev-parse --verify -q main >/dev/null; then \
+		$(VENV)/bin/buf breaking --against '.git#branch=main'; fi
 
 lint: install ## ruff, ruff format --check, mypy strict, buf lint
 	$(VENV)/bin/ruff check .
@@ -56,7 +63,7 @@ lint: install ## ruff, ruff format --check, mypy strict, buf lint
 check: lint proto-check
 
 bench: install ## gateway vs direct-to-engine, side by side
-	$(PY) bench/run.py
+	$(PY) bench/run.py --json .cache/bench-results.json
 
 clean:
 	rm -rf .cache .run .pytest_cache .mypy_cache .ruff_cache

@@ -49,7 +49,11 @@ class ControlLoop:
         await self._observe()
         await self._fleet.refresh()
         decisions = decide(
-            self._fleet.specs(), self._fleet.views(), self._fleet.demanded, self._drain_timeout_s
+            self._fleet.specs(),
+            self._fleet.views(),
+            self._fleet.demanded,
+            self._drain_timeout_s,
+            held_back=self._fleet.held_back(),
         )
         if decisions:
             await self._executor.execute(decisions)

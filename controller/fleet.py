@@ -23,7 +23,7 @@ from controller.lifecycle import (
     LauncherPhase,
     derive_state,
 )
-from controller.reconciler import InstanceView
+from controller.reconciler import InstanceView, launch_backoff_s
 from controller.records import AgentRecord, InstanceRecord
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
@@ -353,6 +353,21 @@ class Fleet:
                 )
             )
         return out
+
+    def held_back(self) -> list[str]:
+        """Models whose recent launches failed in a row and whose backoff runs."""
+        now = time.time()
+        held = []
+        for spec in self.catalog.models:
+            newest_first = sorted(self._instances_of(spec.name), key=lambda i: -i.seq)
+            failures = 0
+            for inst in newest_first:
+                if inst.state is not InstanceState.FAILED:
+                    break
+                failures += 1
+            if failures and now - newest_first[0].updated_at < launch_backoff_s(failures):
+                held.append(spec.name)
+        return held
 
     def specs(self) -> Mapping[str, ModelSpec]:
         return {m.name: m for m in self.catalog.models}

@@ -60,13 +60,24 @@ def wanted_replicas(spec: ModelSpec, demanded: bool) -> int:
     return min(spec.max_replicas, max(spec.min_replicas, floor))
 
 
+def launch_backoff_s(consecutive_failures: int) -> float:
+    """How long to wait before launching again after this many failures in a row:
+    1, 2, 4 … 60 s, so a model that cannot start does not launch in a tight loop."""
+    if consecutive_failures <= 0:
+        return 0.0
+    return float(min(60, 2 ** (consecutive_failures - 1)))
+
+
 def decide(
     models: Mapping[str, ModelSpec],
     instances: Sequence[InstanceView],
     demanded: Iterable[str],
     drain_timeout_s: float,
+    held_back: Iterable[str] = (),
 ) -> list[Decision]:
-    """Decisions that move the fleet toward the catalog's wish."""
+    """Decisions that move the fleet toward the catalog's wish. Models in
+    `held_back` are in launch backoff after failures: nothing is launched for them."""
+    held = set(held_back)
     demanded_set = set(demanded)
     decisions: list[Decision] = []
     decisions.extend(_cleanups(instances, drain_timeout_s))
@@ -76,7 +87,7 @@ def decide(
     for name, spec in models.items():
         live = [i for i in instances if i.model == name and _counts_as_live(i)]
         want = wanted_replicas(spec, name in demanded_set)
-        if len(live) < want:
+        if len(live) < want and name not in held:
             failed = sum(
                 1 for i in instances if i.model == name and i.state is InstanceState.FAILED
             )

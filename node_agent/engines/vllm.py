@@ -1,7 +1,7 @@
 """The `vllm` engine: vLLM's OpenAI server as a supervised subprocess.
 
-The agent starts vLLM in its own process group, so stopping it reaches its
-engine-core children too; with `setpriv --pdeathsig` vLLM is also told to stop
+The agent starts vLLM in its own session and process group, so stopping it
+reaches its engine-core children too; with `setpriv --pdeathsig` vLLM is also told to stop
 when the agent dies without cleaning up (SIGKILL). Requests go to it over
 keep-alive HTTP on loopback, through the `openai` engine's forwarding code.
 """
@@ -84,9 +84,9 @@ class VllmEngine:
         log.info("starting vLLM: %s", " ".join(argv))
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, process_group=0
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise EngineUnavailable(f"cannot start vLLM with {self._python}: {exc}") from exc
         await self._forward.start()
 

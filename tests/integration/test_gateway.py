@@ -1,0 +1,248 @@
+"""The whole request path with real processes: controller, facade and agents
+(the `openai` engine) in front of bench/upstream.py, a minimal OpenAI-compatible
+server. The same paths with real vLLM are in tests/e2e/test_vllm_path.py."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2
+
+from tests.procs import (
+    ROOT,
+    Controller,
+    Facade,
+    start_controller,
+    start_facade,
+    start_upstream,
+    stop_instances_left_behind,
+    wait_until,
+)
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller, Facade]]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    upstream = start_upstream(tmp)
+    catalog = f"""
+[[models]]
+name = "echo"
+engine = "openai"
+upstream_url = "{upstream.url}"
+min_replicas = 1
+expected_startup_s = 3
+
+[[models]]
+name = "echo-cold"
+engine = "openai"
+upstream_url = "{upstream.url}"
+upstream_model = "renamed-upstream"
+expected_startup_s = 3
+"""
+    controller = start_controller(tmp, catalog)
+    facade = start_facade(tmp, controller.port, api_key=API_KEY)
+    try:
+        wait_until(lambda: _state(facade, "echo") == "ready", 30, what="echo ready")
+        yield controller, facade
+    finally:
+        facade.proc.stop()
+        controller.proc.stop()
+        stop_instances_left_behind(controller.state_dir)
+        upstream.proc.stop()
+
+
+def _models(facade: Facade) -> dict[str, dict[str, object]]:
+    reply = httpx.get(
+        f"{facade.base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5
+    )
+    reply.raise_for_status()
+    return {m["id"]: m for m in reply.json()["data"]}
+
+
+def _state(facade: Facade, model: str) -> object:
+    return _models(facade).get(model, {}).get("state")
+
+
+def _client(facade: Facade, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_models_list_and_get(system: tuple[Controller, Facade]) -> None:
+    _, facade = system
+    models = _models(facade)
+    assert set(models) == {"echo", "echo-cold"}
+    assert models["echo"]["object"] == "model"
+    assert models["echo"]["ready_replicas"] == 1
+    listed = {m.id for m in _client(facade).models.list()}
+    assert listed == {"echo", "echo-cold"}
+    assert _client(facade).models.retrieve("echo").id == "echo"
+    with pytest.raises(openai.NotFoundError):
+        _client(facade).models.retrieve("nope")
+
+
+def test_sdk_chat_completion_and_stream(system: tuple[Controller, Facade]) -> None:
+    _, facade = system
+    client = _client(facade)
+    reply = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+    chunks = list(
+        client.chat.completions.create(
+            model="echo",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    tokens = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(tokens) == 7
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
+    completion = client.completions.create(model="echo", prompt="x", max_tokens=3)
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+
+
+def _post(facade: Facade, path: str, body: bytes, key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(f"{facade.base_url}{path}", content=body, headers=headers, timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b'{"model": "echo", "messages": [', 400, None),
+        (b'"just a string"', 400, None),
+        (b'{"messages": []}', 400, "model"),
+        (b'{"model": 42, "messages": []}', 400, "model"),
+        (b'{"model": "echo", "messages": {"role": "user"}}', 400, "messages"),
+        (b'{"model": "echo", "messages": [], "stream": 1}', 400, "stream"),
+        (b'{"model": "no-such-model", "messages": []}', 404, "model"),
+    ],
+)
+def test_bad_input_gets_openai_error(
+    system: tuple[Controller, Facade], body: bytes, status: int, param: str | None
+) -> None:
+    _, facade = system
+    reply = _post(facade, "/v1/chat/completions", body)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_oversized_body_is_413(system: tuple[Controller, Facade]) -> None:
+    _, facade = system
+    big = b'{"model": "echo", "prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
+    reply = _post(facade, "/v1/completions", big)
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+
+
+def test_api_key_is_enforced(system: tuple[Controller, Facade]) -> None:
+    _, facade = system
+    with pytest.raises(openai.AuthenticationError) as info:
+        _client(facade, key="wrong").chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "wrong" not in str(info.value.body)  # the key is never echoed
+    missing = _post(facade, "/v1/chat/completions", b"{}", key=None)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    listing = httpx.get(f"{facade.base_url}/v1/models", timeout=5)
+    assert listing.status_code == 401
+
+
+def test_unknown_routes_and_methods_are_openai_errors(system: tuple[Controller, Facade]) -> None:
+    _, facade = system
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    wrong_method = httpx.get(f"{facade.base_url}/v1/chat/completions", headers=auth, timeout=5)
+    assert wrong_method.status_code == 405
+    assert "error" in wrong_method.json()
+    no_route = httpx.get(f"{facade.base_url}/v1/nothing-here", headers=auth, timeout=5)
+    assert no_route.status_code == 404
+    assert "error" in no_route.json()
+
+
+def test_cold_model_gets_503_then_serves(system: tuple[Controller, Facade]) -> None:
+    controller, facade = system
+    assert _state(facade, "echo-cold") == "cold"
+    started = time.monotonic()
+    reply = _post(
+        facade,
+        "/v1/chat/completions",
+        b'{"model": "echo-cold", "messages": [{"role": "user", "content": "hi"}]}',
+    )
+    elapsed = time.monotonic() - started
+    assert reply.status_code == 503
+    assert elapsed < 0.1, f"cold answer took {elapsed * 1000:.0f} ms"
+    assert int(reply.headers["retry-after"]) >= 1
+    assert reply.json()["error"]["code"] == "model_not_ready"
+    assert "echo-cold" in reply.json()["error"]["message"]
+
+    wait_until(lambda: _state(facade, "echo-cold") == "ready", 30, what="echo-cold ready")
+    answer = _client(facade).chat.completions.create(
+        model="echo-cold", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    # The agent renamed the model for its upstream, and the upstream echoes it back.
+    assert answer.model == "renamed-upstream"
+    assert len(controller.list_instances(model="echo-cold")) == 1  # exactly one launch
+
+
+def test_grpcurl_list_and_describe(system: tuple[Controller, Facade]) -> None:
+    controller, _ = system
+    grpcurl = str(Path(ROOT / ".venv" / "bin" / "grpcurl"))
+    agent_address = controller.list_instances(model="echo")[0].agent_address
+    for address, service in [
+        (controller.address, "kscope.v1.ControlService"),
+        (controller.address, "kscope.v1.AgentService"),
+        (agent_address, "kscope.v1.InferenceService"),
+    ]:
+        listed = subprocess.run(
+            [grpcurl, "-plaintext", address, "list"], capture_output=True, text=True, timeout=30
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert service in listed.stdout.split()
+        assert "grpc.health.v1.Health" in listed.stdout
+        described = subprocess.run(
+            [grpcurl, "-plaintext", address, "describe", service],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert described.returncode == 0, described.stderr
+        assert f"{service} is a service" in described.stdout
+    health = subprocess.run(
+        [grpcurl, "-plaintext", agent_address, "grpc.health.v1.Health/Check"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert '"SERVING"' in health.stdout
+
+
+def test_agents_must_present_the_registration_token(system: tuple[Controller, Facade]) -> None:
+    controller, _ = system
+    instance = controller.list_instances(model="echo")[0]
+    with grpc.insecure_channel(controller.address) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Register(
+                agent_pb2.RegisterRequest(
+                    token="forged", instance_id=instance.id, address="127.0.0.1:1"
+                ),
+                timeout=5,
+            )
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    # The real instance still routes to its real agent.
+    assert controller.list_instances(model="echo")[0].agent_address == instance.agent_address
+    assert controller.list_instances(model="echo")[0].state == control_pb2.INSTANCE_STATE_READY

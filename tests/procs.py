@@ -1,0 +1,234 @@
+"""Real processes for tests: started in their own process group, found by port
+file (port 0 everywhere), stopped by group. Nothing is ever killed by name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from kscope.v1 import control_pb2, control_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+class Proc:
+    """A child process in its own session (so its whole group can be signalled)."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+        self.argv = list(argv)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                cwd=ROOT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the group, then SIGKILL it after the grace period."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+
+
+def wait_port_file(path: Path, proc: Proc, timeout_s: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text().strip()
+            if text.isdigit():
+                return int(text)
+        if not proc.alive():
+            raise RuntimeError(f"{proc.argv[0]} exited early:\n{proc.log()[-4000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"no port file {path} after {timeout_s}s:\n{proc.log()[-4000:]}")
+
+
+@dataclass
+class Controller:
+    proc: Proc
+    port: int
+    state_dir: Path
+    catalog: Path
+    log_dir: Path
+    restarts: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stub(self, channel: grpc.Channel) -> control_pb2_grpc.ControlServiceStub:
+        return control_pb2_grpc.ControlServiceStub(channel)
+
+    def list_instances(
+        self, model: str = "", include_ended: bool = False
+    ) -> list[control_pb2.Instance]:
+        with grpc.insecure_channel(self.address) as channel:
+            reply = self.stub(channel).ListInstances(
+                control_pb2.ListInstancesRequest(model=model, include_ended=include_ended),
+                timeout=5,
+            )
+        return list(reply.instances)
+
+    def list_agents(self) -> list[control_pb2.Agent]:
+        with grpc.insecure_channel(self.address) as channel:
+            return list(
+                self.stub(channel).ListAgents(control_pb2.ListAgentsRequest(), timeout=5).agents
+            )
+
+
+def start_controller(
+    tmp: Path,
+    catalog_toml: str,
+    port: int = 0,
+    state_dir: Path | None = None,
+    name: str = "controller",
+) -> Controller:
+    state_dir = state_dir or tmp / "state"
+    catalog = tmp / "catalog.toml"
+    catalog.write_text(catalog_toml)
+    port_file = tmp / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    proc = Proc(
+        [PYTHON, "-m", "controller.main", "--port", str(port), "--port-file", str(port_file),
+         "--state-dir", str(state_dir), "--catalog", str(catalog)],
+        tmp / "logs" / f"{name}.log",
+        env={"KSCOPE_RECONNECT_GRACE_S": "20", "KSCOPE_REPORT_INTERVAL_S": "0.5"},
+    )  # fmt: skip
+    bound = wait_port_file(port_file, proc)
+    return Controller(proc, bound, state_dir, catalog, tmp / "logs")
+
+
+def restart_controller(ctl: Controller, tmp: Path) -> Controller:
+    """Start a controller again on the same port and state (after a kill)."""
+    fresh = start_controller(
+        tmp, ctl.catalog.read_text(), port=ctl.port, state_dir=ctl.state_dir,
+        name=f"controller-{ctl.restarts + 1}",
+    )  # fmt: skip
+    fresh.restarts = ctl.restarts + 1
+    return fresh
+
+
+def stop_instances_left_behind(state_dir: Path) -> None:
+    """Safety net after a test: stop the process group of every local instance the
+    controller's database knows, if that exact process (pid and start time) lives."""
+    db = state_dir / "kscope.db"
+    if not db.exists():
+        return
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        refs = [
+            r[0] for r in conn.execute("SELECT launcher_ref FROM instances WHERE launcher='local'")
+        ]
+    for ref in refs:
+        pid_text, _, start = ref.partition(":")
+        if not pid_text.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid_text}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2 :].split()[19] == start:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid_text), signal.SIGKILL)
+
+
+@dataclass
+class Facade:
+    proc: Proc
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_facade(
+    tmp: Path, controller_port: int, api_key: str | None = None, name: str = "facade"
+) -> Facade:
+    port_file = tmp / f"{name}.port"
+    argv = [PYTHON, "-m", "facade.main", "--port", "0", "--port-file", str(port_file),
+            "--controller", f"127.0.0.1:{controller_port}"]  # fmt: skip
+    if api_key:
+        argv += ["--api-key", api_key]
+    proc = Proc(argv, tmp / "logs" / f"{name}.log")
+    return Facade(proc, wait_port_file(port_file, proc))
+
+
+@dataclass
+class Upstream:
+    """bench/upstream.py: a minimal OpenAI-compatible server (a load-testing tool)."""
+
+    proc: Proc
+    port: int
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def start_upstream(tmp: Path, *extra: str, name: str = "upstream") -> Upstream:
+    port_file = tmp / f"{name}.port"
+    proc = Proc(
+        [
+            PYTHON,
+            str(ROOT / "bench" / "upstream.py"),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            *extra,
+        ],
+        tmp / "logs" / f"{name}.log",
+    )
+    return Upstream(proc, wait_port_file(port_file, proc), list(extra))
+
+
+def wait_until(
+    predicate: object, timeout_s: float, interval_s: float = 0.1, what: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"not true within {timeout_s}s: {what}")
