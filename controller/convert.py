@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from kscope.v1 import agent_pb2, control_pb2
 
 from controller.lifecycle import AgentPhase, InstanceState
 from controller.records import AgentRecord, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
+from kscope.v1 import agent_pb2, control_pb2
 
 INSTANCE_STATE_TO_PROTO = {
     InstanceState.REQUESTED: control_pb2.INSTANCE_STATE_REQUESTED,

@@ -9,7 +9,6 @@ import socket
 from dataclasses import dataclass
 
 import grpc
-from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
 from controller.catalog import Catalog, load_catalog
 from controller.control_loop import ControlLoop
@@ -20,6 +19,7 @@ from controller.launchers.local import LocalLauncher
 from controller.servicers import AgentServicer, ControlServicer
 from controller.settings import ControllerSettings
 from controller.store.sqlite import SqliteStore
+from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from kscope_common.grpc_server import (
     SERVER_OPTIONS,
     add_health_and_reflection,

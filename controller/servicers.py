@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
 from controller.convert import (
     AGENT_PHASE_FROM_PROTO,
@@ -26,6 +25,7 @@ from controller.fleet import (
 )
 from controller.lifecycle import AgentPhase
 from controller.records import AgentRecord
+from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
 

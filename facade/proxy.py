@@ -18,11 +18,12 @@ from typing import Any
 
 import grpc
 import orjson
-from kscope.v1 import inference_pb2
 
-from facade.errors import ApiError, from_rpc_error
+from facade.errors import ApiError
+from facade.exchange import AgentFailure, MultiplexExchange, PerCallExchange
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
+from kscope.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]\n\n"
+Exchange = PerCallExchange | MultiplexExchange
 
 
 class _Kind:
@@ -50,7 +52,9 @@ class _Kind:
         required: str,
         accepted: tuple[type, ...],
         streams: bool,
+        multiplex_kind: int,
     ):
+        self.multiplex_kind = multiplex_kind
         self.rpc = rpc
         self.request_cls = request_cls
         self.required = required
@@ -60,13 +64,28 @@ class _Kind:
 
 KINDS = {
     "/v1/chat/completions": _Kind(
-        "ChatCompletion", inference_pb2.ChatCompletionRequest, "messages", (list,), True
+        "ChatCompletion",
+        inference_pb2.ChatCompletionRequest,
+        "messages",
+        (list,),
+        True,
+        inference_pb2.INFERENCE_KIND_CHAT_COMPLETION,
     ),
     "/v1/completions": _Kind(
-        "Completion", inference_pb2.CompletionRequest, "prompt", (str, list), True
+        "Completion",
+        inference_pb2.CompletionRequest,
+        "prompt",
+        (str, list),
+        True,
+        inference_pb2.INFERENCE_KIND_COMPLETION,
     ),
     "/v1/embeddings": _Kind(
-        "Embedding", inference_pb2.EmbeddingRequest, "input", (str, list), False
+        "Embedding",
+        inference_pb2.EmbeddingRequest,
+        "input",
+        (str, list),
+        False,
+        inference_pb2.INFERENCE_KIND_EMBEDDING,
     ),
 }
 
@@ -202,6 +221,12 @@ class InferenceProxy:
             retry_after_s=max(retry, 1),
         )
 
+    def _open(self, target: Target, kind: _Kind, request: Any, model: str) -> Exchange:
+        if self._settings.multiplex:
+            return target.session.open(kind.multiplex_kind, request.envelope, request.body, model)
+        call = getattr(target.stub, kind.rpc)(request, timeout=self._settings.request_timeout_s)
+        return PerCallExchange(call, model)
+
     async def _forward(
         self,
         target: Target,
@@ -214,19 +239,19 @@ class InferenceProxy:
     ) -> None:
         for attempt in range(2):
             target.outstanding += 1
-            call = getattr(target.stub, kind.rpc)(request, timeout=self._settings.request_timeout_s)
-            watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, call))
+            exchange = self._open(target, kind, request, model)
+            watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, exchange))
             try:
-                if stream:
-                    await self._stream(call, send, model)
-                else:
-                    await self._unary(call, send)
+                async with asyncio.timeout(self._settings.request_timeout_s):
+                    if stream:
+                        await self._stream(exchange, send, model)
+                    else:
+                        await self._unary(exchange, send)
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.CANCELLED and watcher.done():
+            except AgentFailure as failure:
+                if failure.code is grpc.StatusCode.CANCELLED and watcher.done():
                     return  # the client left; nobody to answer
-                error = from_rpc_error(exc, model)
-                if attempt == 0 and _transport_failure(exc, error):
+                if attempt == 0 and failure.transport:
                     # Nothing reached the client yet: try another READY instance.
                     target.suspect_until = time.monotonic() + 5
                     other = self._table.pick(model, avoid=target)
@@ -235,49 +260,49 @@ class InferenceProxy:
                                     target.instance_id, other.instance_id)  # fmt: skip
                         target = other
                         continue
-                await send_error(send, error)
+                await send_error(send, failure.error)
+                return
+            except TimeoutError:
+                await send_error(send, ApiError(504, f"request to {model!r} timed out",
+                                                "timeout_error", code="timeout"))  # fmt: skip
                 return
             finally:
                 watcher.cancel()
+                exchange.cancel()
                 target.outstanding -= 1
 
-    async def _unary(self, call: Any, send: Send) -> None:
-        chunks: list[bytes] = []
-        async for message in call:
-            chunks.extend(message.chunks)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    async def _unary(self, exchange: Exchange, send: Send) -> None:
+        parts: list[bytes] = []
+        async for chunks in exchange.chunks():
+            parts.extend(chunks)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
         await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, call: Any, send: Send, model: str) -> None:
+    async def _stream(self, exchange: Exchange, send: Send, model: str) -> None:
         """Forward an event stream. The response starts with the first message,
         so an error before it is still a proper HTTP error; one after it is an
         SSE error event followed by [DONE]."""
         started = False
         try:
-            async for message in call:
+            async for chunks in exchange.chunks():
                 if not started:
                     await send(
                         {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
                     )
                     started = True
-                payload = b"".join([b"data: " + c + b"\n\n" for c in message.chunks])
+                payload = b"".join([b"data: " + c + b"\n\n" for c in chunks])
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
-        except grpc.aio.AioRpcError as exc:
+        except AgentFailure as failure:
             if not started:
                 raise
-            if exc.code() is not grpc.StatusCode.CANCELLED:
-                log.warning("stream for %s broke after it started: %s", model, exc.details())
-                await _send_stream_error(send, from_rpc_error(exc, model))
+            if failure.code is not grpc.StatusCode.CANCELLED:
+                log.warning("stream for %s broke after it started: %s", model, failure)
+                await _send_stream_error(send, failure.error)
             return
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         await send({"type": "http.response.body", "body": _DONE})
-
-
-def _transport_failure(exc: grpc.aio.AioRpcError, error: ApiError) -> bool:
-    """The agent could not be reached (not an engine's own error)."""
-    return exc.code() is grpc.StatusCode.UNAVAILABLE and error.raw_error == b""
 
 
 async def _send_stream_error(send: Send, error: ApiError) -> None:
@@ -286,10 +311,10 @@ async def _send_stream_error(send: Send, error: ApiError) -> None:
         await send({"type": "http.response.body", "body": event})
 
 
-async def _cancel_on_disconnect(receive: Receive, call: Any) -> None:
-    """Cancel the agent call when the client goes away (ASGI http.disconnect)."""
+async def _cancel_on_disconnect(receive: Receive, exchange: Exchange) -> None:
+    """Cancel the agent request when the client goes away (ASGI http.disconnect)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            call.cancel()
+            exchange.cancel()
             return

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from kscope.v1 import control_pb2, control_pb2_grpc, inference_pb2_grpc
 
+from facade.exchange import AgentSession
+from kscope.v1 import control_pb2, control_pb2_grpc, inference_pb2_grpc
 from kscope_common.grpc_server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class Target:
     instance_id: str
     address: str
     stub: inference_pb2_grpc.InferenceServiceAsyncStub
+    session: AgentSession
+    """The shared Multiplex stream to this agent."""
     outstanding: int = 0
     suspect_until: float = 0.0
     """After a transport failure, avoid this target briefly until the
@@ -85,19 +88,20 @@ class RouteTable:
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
-        target = Target(instance_id, address, inference_pb2_grpc.InferenceServiceStub(channel))
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        target = Target(instance_id, address, stub, AgentSession(stub, address))
         self._targets[instance_id] = target
         return target
 
     def _drop(self, instance_id: str) -> None:
         target = self._targets.pop(instance_id)
+        # In-flight requests finish on their own; close what they use later.
+        loop = asyncio.get_running_loop()
+        loop.call_later(30, lambda: asyncio.ensure_future(target.session.close()))
         if not any(t.address == target.address for t in self._targets.values()):
             channel = self._channels.pop(target.address, None)
             if channel is not None:
-                # In-flight calls finish on their own; give them a grace period.
-                asyncio.get_running_loop().call_later(
-                    30, lambda: asyncio.ensure_future(channel.close(None))
-                )
+                loop.call_later(30, lambda: asyncio.ensure_future(channel.close(None)))
 
     def pick(self, model: str, avoid: Target | None = None) -> Target | None:
         """The least-loaded usable target of `model`, or None."""
@@ -114,6 +118,8 @@ class RouteTable:
         return best
 
     async def close(self) -> None:
+        for target in self._targets.values():
+            await target.session.close()
         for channel in self._channels.values():
             await channel.close(None)
         self._channels.clear()

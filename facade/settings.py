@@ -33,5 +33,8 @@ class FacadeSettings(BaseSettings):
     """Larger request bodies are refused with 413."""
     request_timeout_s: float = Field(default=600.0, gt=0)
     """The longest one request may take end to end."""
+    multiplex: bool = True
+    """Carry requests to each agent over one shared Multiplex stream (fast);
+    false: one gRPC call per request (what grpcurl users see)."""
     ensure_timeout_s: float = Field(default=0.08, gt=0)
     """How long a cold request waits for the controller's EnsureModel answer."""

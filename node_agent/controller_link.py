@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from kscope.v1 import agent_pb2, agent_pb2_grpc
 
+from kscope.v1 import agent_pb2, agent_pb2_grpc
 from kscope_common.grpc_server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)

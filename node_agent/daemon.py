@@ -15,13 +15,14 @@ import socket
 import time
 
 import grpc
-from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 
+from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
 from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
 from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_engine
-from node_agent.servicer import InferenceServicer, Load
+from node_agent.load import Load
+from node_agent.servicer import InferenceServicer
 from node_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)

@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-import orjson
-from kscope.v1 import inference_pb2, inference_pb2_grpc
 
+from kscope.v1 import inference_pb2, inference_pb2_grpc
 from kscope_common.errors import grpc_code_for_http
 from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput
+from node_agent.load import Load
+from node_agent.multiplex import MultiplexSession
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Load:
-    """What the agent is doing now; reported to the controller."""
-
-    in_flight: int = 0
-    queued: int = 0
-    draining: bool = False
-    served: int = 0
 
 
 class _Request(Protocol):
@@ -37,10 +27,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _error_metadata(exc: EngineError) -> tuple[tuple[str, str | bytes], ...]:
-    body = exc.body or orjson.dumps(
-        {"message": exc.message, "type": "engine_error", "param": None, "code": None}
-    )
-    return (("kscope-http-status", str(exc.http_status)), ("kscope-error-bin", body))
+    return (("kscope-http-status", str(exc.http_status)), ("kscope-error-bin", exc.openai_error()))
 
 
 def _handler(
@@ -88,3 +75,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ChatCompletion = _handler(Endpoint.CHAT, inference_pb2.ChatCompletionResponse)  # type: ignore[assignment]
     Completion = _handler(Endpoint.COMPLETIONS, inference_pb2.CompletionResponse)  # type: ignore[assignment]
     Embedding = _handler(Endpoint.EMBEDDINGS, inference_pb2.EmbeddingResponse)  # type: ignore[assignment]
+
+    async def Multiplex(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.MultiplexRequest],
+        context: Context,
+    ) -> AsyncIterator[inference_pb2.MultiplexResponse]:
+        async for response in MultiplexSession(self.engine, self.load).serve(request_iterator):
+            yield response

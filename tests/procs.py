@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
 from kscope.v1 import control_pb2, control_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,14 +183,19 @@ class Facade:
 
 
 def start_facade(
-    tmp: Path, controller_port: int, api_key: str | None = None, name: str = "facade"
+    tmp: Path,
+    controller_port: int,
+    api_key: str | None = None,
+    name: str = "facade",
+    multiplex: bool = True,
 ) -> Facade:
     port_file = tmp / f"{name}.port"
     argv = [PYTHON, "-m", "facade.main", "--port", "0", "--port-file", str(port_file),
             "--controller", f"127.0.0.1:{controller_port}"]  # fmt: skip
     if api_key:
         argv += ["--api-key", api_key]
-    proc = Proc(argv, tmp / "logs" / f"{name}.log")
+    env = {"KSCOPE_MULTIPLEX": "1" if multiplex else "0"}
+    proc = Proc(argv, tmp / "logs" / f"{name}.log", env=env)
     return Facade(proc, wait_port_file(port_file, proc))
 
 

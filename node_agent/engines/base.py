@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+import orjson
+
 
 class Endpoint(StrEnum):
     """OpenAI API paths, relative to the engine's /v1."""
@@ -41,6 +43,12 @@ class EngineError(Exception):
         self.http_status = http_status
         self.message = message
         self.body = body
+
+    def openai_error(self) -> bytes:
+        """The engine's OpenAI error object, or one made from the message."""
+        return self.body or orjson.dumps(
+            {"message": self.message, "type": "engine_error", "param": None, "code": None}
+        )
 
 
 class EngineUnavailable(EngineError):

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from kscope.v1 import control_pb2
 
+from kscope.v1 import control_pb2
 from tests.procs import (
     Controller,
     Facade,

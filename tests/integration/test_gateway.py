@@ -4,6 +4,8 @@ server. The same paths with real vLLM are in tests/e2e/test_vllm_path.py."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,8 +15,8 @@ import grpc
 import httpx
 import openai
 import pytest
-from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 
+from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2
 from tests.procs import (
     ROOT,
     Controller,
@@ -29,15 +31,26 @@ from tests.procs import (
 API_KEY = "test-key-123"
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller, Facade]]:
+@pytest.fixture(scope="module", params=["multiplex", "per-call"])
+def system(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Controller, Facade]]:
+    """The same tests over both transports between facade and agent."""
     tmp = tmp_path_factory.mktemp("gateway")
     upstream = start_upstream(tmp)
+    paced = start_upstream(tmp, "--token-interval-ms", "20", name="paced")
     catalog = f"""
 [[models]]
 name = "echo"
 engine = "openai"
 upstream_url = "{upstream.url}"
+min_replicas = 1
+expected_startup_s = 3
+
+[[models]]
+name = "echo-paced"
+engine = "openai"
+upstream_url = "{paced.url}"
 min_replicas = 1
 expected_startup_s = 3
 
@@ -49,15 +62,19 @@ upstream_model = "renamed-upstream"
 expected_startup_s = 3
 """
     controller = start_controller(tmp, catalog)
-    facade = start_facade(tmp, controller.port, api_key=API_KEY)
+    facade = start_facade(
+        tmp, controller.port, api_key=API_KEY, multiplex=request.param == "multiplex"
+    )
     try:
         wait_until(lambda: _state(facade, "echo") == "ready", 30, what="echo ready")
+        wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")
         yield controller, facade
     finally:
         facade.proc.stop()
         controller.proc.stop()
         stop_instances_left_behind(controller.state_dir)
         upstream.proc.stop()
+        paced.proc.stop()
 
 
 def _models(facade: Facade) -> dict[str, dict[str, object]]:
@@ -79,11 +96,11 @@ def _client(facade: Facade, key: str = API_KEY) -> openai.OpenAI:
 def test_models_list_and_get(system: tuple[Controller, Facade]) -> None:
     _, facade = system
     models = _models(facade)
-    assert set(models) == {"echo", "echo-cold"}
+    assert set(models) == {"echo", "echo-paced", "echo-cold"}
     assert models["echo"]["object"] == "model"
     assert models["echo"]["ready_replicas"] == 1
     listed = {m.id for m in _client(facade).models.list()}
-    assert listed == {"echo", "echo-cold"}
+    assert listed == {"echo", "echo-paced", "echo-cold"}
     assert _client(facade).models.retrieve("echo").id == "echo"
     with pytest.raises(openai.NotFoundError):
         _client(facade).models.retrieve("nope")
@@ -246,3 +263,42 @@ def test_agents_must_present_the_registration_token(system: tuple[Controller, Fa
     # The real instance still routes to its real agent.
     assert controller.list_instances(model="echo")[0].agent_address == instance.agent_address
     assert controller.list_instances(model="echo")[0].state == control_pb2.INSTANCE_STATE_READY
+
+
+def test_agent_sigkill_mid_stream_ends_the_stream_with_an_error(
+    system: tuple[Controller, Facade],
+) -> None:
+    controller, facade = system
+    victim = controller.list_instances(model="echo-paced")[0]
+    agent = next(a for a in controller.list_agents() if a.instance_id == victim.id)
+    stream = _client(facade).chat.completions.create(
+        model="echo-paced", messages=[{"role": "user", "content": "hi"}], max_tokens=500,
+        stream=True,
+    )  # fmt: skip
+    received = 0
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            received += 1
+            if received == 5:
+                os.kill(agent.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+    assert time.monotonic() - killed_at < 2.0
+    assert received < 100  # it ended early, not after all 500 tokens
+
+    def failed() -> bool:
+        return any(
+            i.id == victim.id and i.state == control_pb2.INSTANCE_STATE_FAILED
+            for i in controller.list_instances(model="echo-paced", include_ended=True)
+        )
+
+    wait_until(failed, 10, what="instance FAILED")
+    # min_replicas = 1: a replacement comes up, and requests go only to it.
+    wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="replacement ready")
+    for _ in range(3):
+        answer = _client(facade).chat.completions.create(
+            model="echo-paced", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert answer.choices[0].finish_reason == "length"
+    live = controller.list_instances(model="echo-paced")
+    assert [i.state for i in live] == [control_pb2.INSTANCE_STATE_READY]
+    assert live[0].id != victim.id

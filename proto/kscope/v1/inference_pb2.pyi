@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,173 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _InferenceKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InferenceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InferenceKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INFERENCE_KIND_UNSPECIFIED: _InferenceKind.ValueType  # 0
+    INFERENCE_KIND_CHAT_COMPLETION: _InferenceKind.ValueType  # 1
+    INFERENCE_KIND_COMPLETION: _InferenceKind.ValueType  # 2
+    INFERENCE_KIND_EMBEDDING: _InferenceKind.ValueType  # 3
+
+class InferenceKind(_InferenceKind, metaclass=_InferenceKindEnumTypeWrapper):
+    """InferenceKind names the endpoint a multiplexed request is for."""
+
+INFERENCE_KIND_UNSPECIFIED: InferenceKind.ValueType  # 0
+INFERENCE_KIND_CHAT_COMPLETION: InferenceKind.ValueType  # 1
+INFERENCE_KIND_COMPLETION: InferenceKind.ValueType  # 2
+INFERENCE_KIND_EMBEDDING: InferenceKind.ValueType  # 3
+Global___InferenceKind: _TypeAlias = InferenceKind  # noqa: Y015
+
+@_typing.final
+class MultiplexOpen(_message.Message):
+    """MultiplexOpen starts one request on a Multiplex stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    """Chosen by the facade, unique within the stream."""
+    kind: Global___InferenceKind.ValueType
+    body: _builtins.bytes
+    """The client's OpenAI request body, JSON, unchanged."""
+    @_builtins.property
+    def envelope(self) -> Global___RequestEnvelope: ...
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        kind: Global___InferenceKind.ValueType = ...,
+        envelope: Global___RequestEnvelope | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "envelope", b"envelope", "kind", b"kind", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexOpen: _TypeAlias = MultiplexOpen  # noqa: Y015
+
+@_typing.final
+class MultiplexCancel(_message.Message):
+    """MultiplexCancel aborts one request (the client went away)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexCancel: _TypeAlias = MultiplexCancel  # noqa: Y015
+
+@_typing.final
+class MultiplexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENS_FIELD_NUMBER: _builtins.int
+    CANCELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def opens(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexOpen]: ...
+    @_builtins.property
+    def cancels(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexCancel]: ...
+    def __init__(
+        self,
+        *,
+        opens: _abc.Iterable[Global___MultiplexOpen] | None = ...,
+        cancels: _abc.Iterable[Global___MultiplexCancel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "opens", b"opens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexRequest: _TypeAlias = MultiplexRequest  # noqa: Y015
+
+@_typing.final
+class MultiplexFrame(_message.Message):
+    """MultiplexFrame is part of one request's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_BODY_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    end: _builtins.bool
+    """The request's last frame."""
+    error_code: _builtins.int
+    """With end: the gRPC status code number the request failed with (0: it did not)."""
+    error_message: _builtins.str
+    http_status: _builtins.int
+    """With an engine's error: its HTTP status and OpenAI error object (JSON)."""
+    error_body: _builtins.bytes
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """As in ChatCompletionResponse.chunks."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        chunks: _abc.Iterable[_builtins.bytes] | None = ...,
+        usage: Global___Usage | None = ...,
+        end: _builtins.bool = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+        error_body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "end", b"end", "error_body", b"error_body", "error_code", b"error_code", "error_message", b"error_message", "http_status", b"http_status", "stream_id", b"stream_id", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexFrame: _TypeAlias = MultiplexFrame  # noqa: Y015
+
+@_typing.final
+class MultiplexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexFrame]: ...
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[Global___MultiplexFrame] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexResponse: _TypeAlias = MultiplexResponse  # noqa: Y015
 
 @_typing.final
 class RequestEnvelope(_message.Message):

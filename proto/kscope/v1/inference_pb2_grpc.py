@@ -53,6 +53,11 @@ class InferenceServiceStub:
                 request_serializer=kscope_dot_v1_dot_inference__pb2.EmbeddingRequest.SerializeToString,
                 response_deserializer=kscope_dot_v1_dot_inference__pb2.EmbeddingResponse.FromString,
                 _registered_method=True)
+        self.Multiplex = channel.stream_stream(
+                '/kscope.v1.InferenceService/Multiplex',
+                request_serializer=kscope_dot_v1_dot_inference__pb2.MultiplexRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_inference__pb2.MultiplexResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -83,6 +88,17 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Multiplex(self, request_iterator, context):
+        """Multiplex carries many requests over one long-lived stream between a
+        facade and an agent, because grpc.aio's per-call cost dominates the token
+        path. Same bodies and chunks as the RPCs above; each request can be
+        cancelled on its own, and frames of different requests never wait for
+        each other (only frames already queued share a message).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +116,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Embedding,
                     request_deserializer=kscope_dot_v1_dot_inference__pb2.EmbeddingRequest.FromString,
                     response_serializer=kscope_dot_v1_dot_inference__pb2.EmbeddingResponse.SerializeToString,
+            ),
+            'Multiplex': grpc.stream_stream_rpc_method_handler(
+                    servicer.Multiplex,
+                    request_deserializer=kscope_dot_v1_dot_inference__pb2.MultiplexRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_inference__pb2.MultiplexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +208,33 @@ class InferenceService:
             '/kscope.v1.InferenceService/Embedding',
             kscope_dot_v1_dot_inference__pb2.EmbeddingRequest.SerializeToString,
             kscope_dot_v1_dot_inference__pb2.EmbeddingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Multiplex(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kscope.v1.InferenceService/Multiplex',
+            kscope_dot_v1_dot_inference__pb2.MultiplexRequest.SerializeToString,
+            kscope_dot_v1_dot_inference__pb2.MultiplexResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,13 @@ class InferenceServiceStub:
     """POST /v1/completions. A non-streaming request yields one message."""
     Embedding: _grpc.UnaryStreamMultiCallable[_inference_pb2.EmbeddingRequest, _inference_pb2.EmbeddingResponse]
     """POST /v1/embeddings. Always yields one message."""
+    Multiplex: _grpc.StreamStreamMultiCallable[_inference_pb2.MultiplexRequest, _inference_pb2.MultiplexResponse]
+    """Multiplex carries many requests over one long-lived stream between a
+    facade and an agent, because grpc.aio's per-call cost dominates the token
+    path. Same bodies and chunks as the RPCs above; each request can be
+    cancelled on its own, and frames of different requests never wait for
+    each other (only frames already queued share a message).
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -59,6 +66,13 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """POST /v1/completions. A non-streaming request yields one message."""
     Embedding: _aio.UnaryStreamMultiCallable[_inference_pb2.EmbeddingRequest, _inference_pb2.EmbeddingResponse]  # type: ignore[assignment]
     """POST /v1/embeddings. Always yields one message."""
+    Multiplex: _aio.StreamStreamMultiCallable[_inference_pb2.MultiplexRequest, _inference_pb2.MultiplexResponse]  # type: ignore[assignment]
+    """Multiplex carries many requests over one long-lived stream between a
+    facade and an agent, because grpc.aio's per-call cost dominates the token
+    path. Same bodies and chunks as the RPCs above; each request can be
+    cancelled on its own, and frames of different requests never wait for
+    each other (only frames already queued share a message).
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService is served by every node agent. Each RPC carries the
@@ -90,5 +104,18 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.EmbeddingResponse], _abc.AsyncIterator[_inference_pb2.EmbeddingResponse]]:
         """POST /v1/embeddings. Always yields one message."""
+
+    @_abc_1.abstractmethod
+    def Multiplex(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.MultiplexRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.MultiplexResponse], _abc.AsyncIterator[_inference_pb2.MultiplexResponse]]:
+        """Multiplex carries many requests over one long-lived stream between a
+        facade and an agent, because grpc.aio's per-call cost dominates the token
+        path. Same bodies and chunks as the RPCs above; each request can be
+        cancelled on its own, and frames of different requests never wait for
+        each other (only frames already queued share a message).
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

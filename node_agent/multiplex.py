@@ -1,0 +1,123 @@
+"""The agent's side of InferenceService.Multiplex: many requests, one stream.
+
+Each opened request runs as its own task and puts frames on one outgoing queue;
+the writer sends whatever frames are queued in one message and never waits for
+more. A cancel (or the stream ending) cancels the request's task, which closes
+the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kscope.v1 import inference_pb2
+from kscope_common.errors import grpc_code_for_http
+from node_agent.engines.base import Endpoint, Engine, EngineError
+from node_agent.load import Load
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {
+    inference_pb2.INFERENCE_KIND_CHAT_COMPLETION: Endpoint.CHAT,
+    inference_pb2.INFERENCE_KIND_COMPLETION: Endpoint.COMPLETIONS,
+    inference_pb2.INFERENCE_KIND_EMBEDDING: Endpoint.EMBEDDINGS,
+}
+Frame = inference_pb2.MultiplexFrame
+
+
+class MultiplexSession:
+    """One facade's Multiplex stream."""
+
+    def __init__(self, engine: Engine, load: Load):
+        self._engine = engine
+        self._load = load
+        self._out: asyncio.Queue[Frame] = asyncio.Queue()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def serve(
+        self, requests: AsyncIterator[inference_pb2.MultiplexRequest]
+    ) -> AsyncIterator[inference_pb2.MultiplexResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                if self._out.empty():
+                    if reader.done() and not self._tasks:
+                        return  # the facade closed its side and nothing is running
+                    getter = asyncio.ensure_future(self._out.get())
+                    await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    frames = [getter.result()]
+                else:
+                    frames = []
+                while not self._out.empty():
+                    frames.append(self._out.get_nowait())
+                yield inference_pb2.MultiplexResponse(frames=frames)
+        finally:
+            reader.cancel()
+            for task in self._tasks.values():
+                task.cancel()
+
+    async def _read(self, requests: AsyncIterator[inference_pb2.MultiplexRequest]) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            async for request in requests:
+                for opened in request.opens:
+                    task = asyncio.create_task(self._run(opened))
+                    self._tasks[opened.stream_id] = task
+                for cancel in request.cancels:
+                    running = self._tasks.pop(cancel.stream_id, None)
+                    if running is not None:
+                        running.cancel()
+
+    async def _run(self, opened: inference_pb2.MultiplexOpen) -> None:
+        sid = opened.stream_id
+        load = self._load
+        if load.draining:
+            self._fail(sid, grpc.StatusCode.UNAVAILABLE, "agent is draining")
+            self._tasks.pop(sid, None)
+            return
+        endpoint = ENDPOINTS.get(opened.kind)
+        if endpoint is None:
+            self._fail(sid, grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {opened.kind}")
+            self._tasks.pop(sid, None)
+            return
+        load.in_flight += 1
+        try:
+            async for output in self._engine.generate(
+                endpoint, opened.body, opened.envelope.stream
+            ):
+                frame = Frame(stream_id=sid, chunks=output.chunks)
+                if output.usage is not None:
+                    u = output.usage
+                    frame.usage.prompt_tokens = u.prompt_tokens
+                    frame.usage.completion_tokens = u.completion_tokens
+                    frame.usage.total_tokens = u.total_tokens
+                self._out.put_nowait(frame)
+            self._out.put_nowait(Frame(stream_id=sid, end=True))
+        except EngineError as exc:
+            log.info("request %s failed in the engine: %s", opened.envelope.request_id, exc.message)
+            self._out.put_nowait(
+                Frame(
+                    stream_id=sid,
+                    end=True,
+                    error_code=grpc_code_for_http(exc.http_status).value[0],
+                    error_message=exc.message,
+                    http_status=exc.http_status,
+                    error_body=exc.openai_error(),
+                )
+            )
+        finally:
+            load.in_flight -= 1
+            load.served += 1
+            self._tasks.pop(sid, None)
+
+    def _fail(self, sid: int, code: grpc.StatusCode, message: str) -> None:
+        self._out.put_nowait(
+            Frame(stream_id=sid, end=True, error_code=code.value[0], error_message=message)
+        )
