@@ -23,7 +23,7 @@ from facade.errors import ApiError
 from facade.exchange import AgentFailure, MultiplexExchange, PerCallExchange
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
-from kscope.v1 import inference_pb2
+from kscope.v1 import control_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]\n\n"
+ENSURE_CALL_TIMEOUT_S = 5.0
 Exchange = PerCallExchange | MultiplexExchange
 
 
@@ -122,16 +123,17 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
 
 
-def parse_request(body: bytes, kind: _Kind) -> tuple[str, bool]:
+def parse_request(body: bytes, kind: _Kind, default_model: str = "") -> tuple[str, bool]:
     """Validate what the gateway itself needs; return (model, stream). Every other
-    field goes to the engine unchanged, and the engine judges it."""
+    field goes to the engine unchanged, and the engine judges it. `default_model`
+    stands in for a missing model (settings.default_model)."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(request, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    model = request.get("model")
+    model = request.get("model", default_model) or default_model
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a non-empty string", param="model")
     stream = request.get("stream", False)
@@ -157,11 +159,14 @@ class InferenceProxy:
         self._settings = settings
         self._table = table
         self._watcher = watcher
+        self._ensuring: dict[str, asyncio.Future[control_pb2.EnsureModelResponse | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
         try:
             body = await read_body(scope, receive, self._settings.max_body_bytes)
-            model, stream = parse_request(body, kind)
+            model, stream = parse_request(body, kind, self._settings.default_model)
+            if self._settings.default_model and model not in self._table.models:
+                model = self._settings.default_model
             target = await self._target(model)
         except ApiError as error:
             await send_error(send, error)
@@ -190,6 +195,20 @@ class InferenceProxy:
                 return target
         raise await self._no_capacity(model)
 
+    async def _ensure(self, model: str) -> control_pb2.EnsureModelResponse | None:
+        """Ask the controller for capacity. The call itself gets seconds to reach
+        the controller (the demand must not be lost on a busy machine), but the
+        client's 503 waits for its answer only `ensure_timeout_s`."""
+        pending = self._ensuring.get(model)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                self._watcher.ensure_model(model, ENSURE_CALL_TIMEOUT_S)
+            )
+            self._ensuring[model] = pending
+            pending.add_done_callback(lambda _: self._ensuring.pop(model, None))
+        done, _ = await asyncio.wait({pending}, timeout=self._settings.ensure_timeout_s)
+        return pending.result() if done else None
+
     async def _no_capacity(self, model: str) -> ApiError:
         entry = self._table.models.get(model)
         if entry is None and self._table.received.is_set():
@@ -199,7 +218,7 @@ class InferenceProxy:
                 code="model_not_found",
                 param="model",
             )
-        answer = await self._watcher.ensure_model(model, self._settings.ensure_timeout_s)
+        answer = await self._ensure(model)
         if answer is not None:
             retry, message = answer.retry_after_seconds, answer.model.state_message
         elif entry is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -20,6 +21,7 @@ from node_agent.engines.base import (
     EngineUnavailable,
     Usage,
 )
+from node_agent.engines.http1 import Connection, Http1Pool, HttpError
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _USAGE_FIELDS = {
@@ -95,8 +97,18 @@ class OpenAIUpstream:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"only http:// engine URLs are supported: {base_url!r}")
+        self._pool = Http1Pool(parts.hostname, parts.port or 80)
+        self._path_prefix = parts.path.encode()
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self._fixed_headers = (
+            f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n{auth}"
+        ).encode()
 
     def _client(self) -> aiohttp.ClientSession:
+        """aiohttp, for health checks only (off the token path)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
@@ -130,53 +142,65 @@ class OpenAIUpstream:
         parsed["model"] = self._rename
         return orjson.dumps(parsed)
 
+    def _request(self, endpoint: Endpoint, body: bytes) -> bytes:
+        body = self._body_for_upstream(body)
+        return b"".join(
+            [
+                b"POST ", self._path_prefix, endpoint.value.encode(), b" HTTP/1.1\r\n",
+                self._fixed_headers, b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n",
+                body,
+            ]
+        )  # fmt: skip
+
+    async def _send(self, request: bytes) -> Connection:
+        """Send on a keep-alive connection and wait for the response headers. A
+        reused connection the server had already closed is retried once on a new one."""
+        for attempt in range(2):
+            conn = await self._pool.acquire()
+            try:
+                conn.send(request)
+                await conn.headers(self._timeout_s)
+                return conn
+            except HttpError as exc:
+                conn.close()
+                if attempt == 0 and conn.reused and not conn.received_any:
+                    continue
+                raise EngineUnavailable(f"engine unreachable at {self.url}: {exc}") from exc
+        raise AssertionError("unreachable")
+
     async def generate(
         self, endpoint: Endpoint, body: bytes, stream: bool
     ) -> AsyncIterator[EngineOutput]:
+        conn = await self._send(self._request(endpoint, body))
         try:
-            resp = await self._client().post(
-                self.url + endpoint, data=self._body_for_upstream(body), headers=self._headers
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise EngineUnavailable(f"engine unreachable at {self.url}: {exc}") from exc
-        finished = False
-        try:
-            if resp.status >= 400:
-                raise _error_from(resp.status, await resp.read())
-            if not stream or resp.content_type != "text/event-stream":
-                raw = await resp.read()
-                finished = True
+            if conn.status >= 400:
+                raise _error_from(conn.status, await conn.read_all(self._timeout_s))
+            if not stream or not conn.content_type.startswith(b"text/event-stream"):
+                raw = await conn.read_all(self._timeout_s)
                 yield EngineOutput([raw], usage_of(raw))
                 return
-            async for output in self._events(resp):
-                yield output
-            finished = True
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            rest = b""
+            while (data := await conn.read(self._timeout_s)) is not None:
+                payloads, rest = split_events(rest + data if rest else data)
+                chunks: list[bytes] = []
+                usage = None
+                for payload in payloads:
+                    if payload == b"[DONE]":
+                        continue
+                    chunks.append(payload)
+                    if b'"usage"' in payload:
+                        usage = usage_of(payload) or usage
+                if chunks:
+                    yield EngineOutput(chunks, usage)
+        except HttpError as exc:
             raise EngineUnavailable(f"engine connection failed mid-request: {exc}") from exc
         finally:
-            # Closing an unfinished response drops the connection, which is how
-            # an OpenAI server learns the client went away and aborts the request.
-            if finished:
-                resp.release()
-            else:
-                resp.close()
-
-    async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[EngineOutput]:
-        rest = b""
-        async for data in resp.content.iter_any():
-            payloads, rest = split_events(rest + data if rest else data)
-            chunks: list[bytes] = []
-            usage = None
-            for payload in payloads:
-                if payload == b"[DONE]":
-                    continue
-                chunks.append(payload)
-                if b'"usage"' in payload:
-                    usage = usage_of(payload) or usage
-            if chunks:
-                yield EngineOutput(chunks, usage)
+            # An unfinished response's connection is closed, not reused: that is
+            # how an OpenAI server learns the client went away and aborts the request.
+            self._pool.release(conn)
 
     async def stop(self) -> None:
+        self._pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

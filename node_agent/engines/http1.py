@@ -1,0 +1,184 @@
+"""A small HTTP/1.1 client for the agent's hop to its engine.
+
+The agent forwards every request and every chunk, so its HTTP client is on the
+token path; a general-purpose client (aiohttp, httpx) spends several times
+more CPU per request than this: pre-built request bytes, keep-alive
+connections, httptools' C parser, and body pieces handed over in batches as
+they arrive. Only what talking to an OpenAI-compatible server on a trusted
+network needs is here: POST with a JSON body, any response framing httptools
+parses (Content-Length, chunked, close-delimited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class HttpError(Exception):
+    """The connection failed, timed out, or the response could not be parsed."""
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection carrying one request at a time."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        # httptools looks callbacks up once; a bound append costs no Python frame.
+        self.on_body: Callable[[bytes], None] = self._pieces.append
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.failure: HttpError | None = None
+        self.reused = False
+        """It carried a request before (the server may have closed it since)."""
+        self._requests = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.content_type = b""
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = True
+        self.received_any = False
+        self._pieces.clear()
+
+    # asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.failure = HttpError("unexpected protocol upgrade")
+            self.close()
+        except httptools.HttpParserError as exc:
+            self.failure = HttpError(f"bad HTTP response: {exc}")
+            self.close()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.complete and self.failure is None:
+            self.failure = HttpError(f"connection lost: {exc or 'closed by the server'}")
+        self._transport = None
+        self._wake()
+
+    # httptools callbacks ----------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 12 and name.lower() == b"content-type":
+            self.content_type = value
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.headers_done = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self._parser.should_keep_alive()
+
+    # ------------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, self._time_out, waiter, timeout_s)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _time_out(self, waiter: asyncio.Future[None], timeout_s: float) -> None:
+        if not waiter.done():
+            self.failure = HttpError(f"no answer from the engine for {timeout_s:.0f}s")
+            self.close()
+            waiter.set_result(None)
+
+    @property
+    def open(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def send(self, request: bytes) -> None:
+        if self._transport is None:
+            raise HttpError("connection is closed")
+        self._reset()
+        self.reused = self._requests > 0
+        self._requests += 1
+        self._transport.write(request)
+
+    async def headers(self, timeout_s: float) -> None:
+        """Wait for the status line and headers."""
+        while not self.headers_done:
+            if self.failure is not None:
+                raise self.failure
+            await self._wait(timeout_s)
+
+    async def read(self, timeout_s: float) -> bytes | None:
+        """The body bytes that arrived since the last read, or None at the end."""
+        while not self._pieces:
+            if self.complete:
+                return None
+            if self.failure is not None:
+                raise self.failure
+            await self._wait(timeout_s)
+        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        self._pieces.clear()
+        return data
+
+    async def read_all(self, timeout_s: float) -> bytes:
+        parts = []
+        while (data := await self.read(timeout_s)) is not None:
+            parts.append(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class Http1Pool:
+    """Keep-alive connections to one host:port."""
+
+    def __init__(self, host: str, port: int):
+        self._host = host
+        self._port = port
+        self._idle: list[Connection] = []
+
+    async def acquire(self) -> Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.open:
+                return conn
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(Connection, self._host, self._port), CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError) as exc:
+            raise HttpError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        """Keep a connection whose response was read to the end; close any other
+        (closing is how the engine learns that a request was abandoned)."""
+        if conn.complete and conn.keep_alive and conn.open and conn.failure is None:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
