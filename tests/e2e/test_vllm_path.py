@@ -35,6 +35,7 @@ pytestmark = pytest.mark.vllm
 
 API_KEY = "vllm-test-key"
 MODEL = "tiny"
+EMBED_MODEL = "tiny-embed"
 ENGINE_ARGS = ["--max-model-len", "2048", "--enforce-eager", "--kv-cache-memory-bytes", "64M"]
 READY_TIMEOUT_S = 240
 
@@ -57,29 +58,29 @@ class System:
         )
         return {m["id"]: m for m in reply.json()["data"]}
 
-    def ready_instance(self) -> control_pb2.Instance:
+    def ready_instance(self, model: str = MODEL) -> control_pb2.Instance:
         ready = [
             i
-            for i in self.controller.list_instances(model=MODEL)
+            for i in self.controller.list_instances(model=model)
             if i.state == control_pb2.INSTANCE_STATE_READY
         ]
         assert ready, "no READY instance"
         return ready[0]
 
-    def engine_root(self) -> str:
-        return self.ready_instance().engine_url.removesuffix("/v1")
+    def engine_root(self, model: str = MODEL) -> str:
+        return self.ready_instance(model).engine_url.removesuffix("/v1")
 
-    def wait_ready(self) -> None:
-        """Ask for capacity (a request does) and wait until the model is READY."""
-        if self.models()[MODEL]["state"] != "ready":
+    def wait_ready(self, model: str = MODEL) -> None:
+        """Ask for capacity (any request does) and wait until the model is READY."""
+        if self.models()[model]["state"] != "ready":
             httpx.post(
                 f"{self.facade.base_url}/v1/completions",
-                json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                json={"model": model, "prompt": "x", "max_tokens": 1},
                 headers={"Authorization": f"Bearer {API_KEY}"},
                 timeout=30,
             )
-        wait_until(lambda: self.models()[MODEL]["state"] == "ready", READY_TIMEOUT_S, 0.5,
-                   what="model ready")  # fmt: skip
+        wait_until(lambda: self.models()[model]["state"] == "ready", READY_TIMEOUT_S, 0.5,
+                   what=f"{model} ready")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,14 @@ min_replicas = 0
 max_replicas = 1
 expected_startup_s = 60
 engine_args = {json.dumps(ENGINE_ARGS)}
+env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}" }}
+
+[[models]]
+name = "{EMBED_MODEL}"
+engine = "vllm"
+model_path = "{tiny_model}"
+expected_startup_s = 60
+engine_args = {json.dumps([*ENGINE_ARGS, "--runner", "pooling"])}
 env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}" }}
 """
     controller = start_controller(tmp, catalog)
@@ -255,6 +264,21 @@ def test_engine_rejections_are_openai_400s(ready: System, bad: dict[str, Any]) -
     assert 400 <= reply.status_code < 500, reply.text
     error = reply.json()["error"]
     assert error["message"] and "type" in error
+
+
+def test_embeddings_when_the_engine_offers_them(system: System) -> None:
+    system.wait_ready(EMBED_MODEL)
+    texts = ["The quick brown fox", "jumps over the lazy dog"]
+    via_gateway = system.client().embeddings.create(model=EMBED_MODEL, input=texts)
+    direct = openai.OpenAI(
+        base_url=system.engine_root(EMBED_MODEL) + "/v1", api_key="none", max_retries=0
+    ).embeddings.create(model=EMBED_MODEL, input=texts)
+    assert [d.embedding for d in via_gateway.data] == [d.embedding for d in direct.data]
+    assert len(via_gateway.data) == 2 and len(via_gateway.data[0].embedding) > 0
+    assert via_gateway.usage.prompt_tokens == direct.usage.prompt_tokens > 0
+    # A pooling engine has no chat endpoint: its 404 reaches the client as it is.
+    with pytest.raises(openai.NotFoundError):
+        system.client().chat.completions.create(model=EMBED_MODEL, messages=CHAT)
 
 
 def _running_requests(engine_root: str) -> float:
