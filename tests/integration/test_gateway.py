@@ -302,3 +302,78 @@ def test_agent_sigkill_mid_stream_ends_the_stream_with_an_error(
     live = controller.list_instances(model="echo-paced")
     assert [i.state for i in live] == [control_pb2.INSTANCE_STATE_READY]
     assert live[0].id != victim.id
+
+
+def _paced_agent(controller: Controller) -> tuple[control_pb2.Instance, int]:
+    instance = next(
+        i
+        for i in controller.list_instances(model="echo-paced")
+        if i.state == control_pb2.INSTANCE_STATE_READY
+    )
+    pid = next(a.pid for a in controller.list_agents() if a.instance_id == instance.id)
+    return instance, pid
+
+
+def _ended(controller: Controller, instance_id: str) -> control_pb2.Instance | None:
+    for i in controller.list_instances(model="echo-paced", include_ended=True):
+        if i.id == instance_id and i.state in (
+            control_pb2.INSTANCE_STATE_STOPPED,
+            control_pb2.INSTANCE_STATE_FAILED,
+        ):
+            return i
+    return None
+
+
+def _stream_tokens(facade: Facade, max_tokens: int) -> Iterator[int]:
+    stream = _client(facade).chat.completions.create(
+        model="echo-paced", messages=[{"role": "user", "content": "hi"}],
+        max_tokens=max_tokens, stream=True,
+    )  # fmt: skip
+    for n, chunk in enumerate(stream):
+        yield n
+        if chunk.choices and chunk.choices[0].finish_reason:
+            assert chunk.choices[0].finish_reason == "length"
+
+
+def test_agent_sigterm_drains_in_flight_requests(system: tuple[Controller, Facade]) -> None:
+    controller, facade = system
+    wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")
+    instance, pid = _paced_agent(controller)
+    received = 0
+    for n in _stream_tokens(facade, 60):
+        received = n + 1
+        if n == 3:
+            os.kill(pid, signal.SIGTERM)
+            # The draining agent takes nothing new: no READY instance is left.
+            body = b'{"model": "echo-paced", "messages": [], "max_tokens": 1}'
+            refused = _post(facade, "/v1/chat/completions", body)
+            assert refused.status_code == 503
+    assert received == 62  # role chunk + 60 tokens + finish chunk: nothing was cut
+    wait_until(lambda: _ended(controller, instance.id) is not None, 10, what="instance ended")
+    ended = _ended(controller, instance.id)
+    assert ended is not None and "drained" in ended.reason
+    wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="replacement ready")
+
+
+def test_stop_instance_drains_then_stops(system: tuple[Controller, Facade]) -> None:
+    controller, facade = system
+    wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")
+    instance, pid = _paced_agent(controller)
+    received = 0
+    for n in _stream_tokens(facade, 40):
+        received = n + 1
+        if n == 3:
+            with grpc.insecure_channel(controller.address) as channel:
+                controller.stub(channel).StopInstance(
+                    control_pb2.StopInstanceRequest(instance_id=instance.id), timeout=5
+                )
+    assert received == 42
+    wait_until(lambda: _ended(controller, instance.id) is not None, 15, what="instance ended")
+    ended = _ended(controller, instance.id)
+    assert ended is not None and ended.state == control_pb2.INSTANCE_STATE_STOPPED
+    assert (
+        not Path(f"/proc/{pid}/status").exists()
+        or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    )
+    # min_replicas = 1 brings a new one.
+    wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="replacement ready")
