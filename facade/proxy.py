@@ -109,7 +109,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client went away while sending the body")
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -117,6 +117,10 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was complete."""
 
 
 def _too_large(limit: int) -> ApiError:
@@ -171,7 +175,7 @@ class InferenceProxy:
         except ApiError as error:
             await send_error(send, error)
             return
-        except asyncio.CancelledError:
+        except ClientGone:
             return
         request_id = f"req-{uuid.uuid4().hex[:16]}"
         request = kind.request_cls(

@@ -57,6 +57,7 @@ class VllmEngine:
         self.url = self._root + "/v1"
         self._forward = OpenAIUpstream(self.url, served_model, timeout_s=timeout_s)
         self._proc: asyncio.subprocess.Process | None = None
+        self._health: aiohttp.ClientSession | None = None
         self._cache_dir = ""
 
     def command(self) -> list[str]:
@@ -98,10 +99,11 @@ class VllmEngine:
     async def healthy(self) -> bool:
         if self._proc is None or self._proc.returncode is not None:
             return False
+        if self._health is None:
+            self._health = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
-                async with http.get(self._root + "/health") as resp:
-                    return resp.status == 200
+            async with self._health.get(self._root + "/health") as resp:
+                return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
 
@@ -112,6 +114,8 @@ class VllmEngine:
 
     async def stop(self) -> None:
         await self._forward.stop()
+        if self._health is not None:
+            await self._health.close()
         proc = self._proc
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
