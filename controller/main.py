@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from controller.catalog import CatalogError
 from controller.server import start_controller
 from controller.settings import ControllerSettings
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse_settings(argv)
         run(serve(settings))
-    except CatalogError as exc:
+    except (CatalogError, ValidationError) as exc:
         raise SystemExit(f"kscope-controller: {exc}") from None
 
 
