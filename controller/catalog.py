@@ -54,6 +54,13 @@ class ModelSpec(BaseModel):
     """An instance not READY this long after launch is FAILED."""
     expected_startup_s: float = Field(default=40.0, gt=0)
     """How long a start usually takes; the base of Retry-After for a cold model."""
+    max_concurrency: int | None = Field(default=None, ge=0)
+    """Requests one instance works on at once; more wait in its queue. 0: no
+    limit; unset: the engine's default (1 for mlx_vlm, no limit otherwise)."""
+    queue_size: int | None = Field(default=None, ge=0)
+    """Requests that may wait in an instance's queue (agent default 100); more get 429."""
+    queue_timeout_s: float | None = Field(default=None, gt=0)
+    """Longest a request waits in the queue before a 504 (agent default 300 s)."""
 
     @model_validator(mode="after")
     def _engine_needs_its_source(self) -> ModelSpec:

@@ -210,13 +210,21 @@ class Fleet:
         return session.commands
 
     def report(
-        self, agent_id: str, phase: AgentPhase, in_flight: int, queued: int, detail: str
+        self,
+        agent_id: str,
+        phase: AgentPhase,
+        in_flight: int,
+        queued: int,
+        detail: str,
+        max_concurrency: int = 0,
+        max_queue_size: int = 0,
     ) -> None:
         agent = self.agents.get(agent_id)
         if agent is None:
             return
         changed = agent.phase is not phase
         agent.phase, agent.in_flight, agent.queued, agent.detail = phase, in_flight, queued, detail
+        agent.max_concurrency, agent.max_queue_size = max_concurrency, max_queue_size
         agent.last_report_at = time.time()
         if changed:
             self.wake.set()

@@ -55,4 +55,7 @@ class AgentRecord:
     detail: str = ""
     in_flight: int = 0
     queued: int = 0
+    max_concurrency: int = 0
+    """The agent's queue limits (0: no limit)."""
+    max_queue_size: int = 0
     connected: bool = False

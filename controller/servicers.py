@@ -117,6 +117,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 report.in_flight,
                 report.queued,
                 report.detail,
+                max_concurrency=report.max_concurrency,
+                max_queue_size=report.max_queue_size,
             )
 
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from facade.errors import ApiError
 from facade.models_api import models_router
 from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send, send_error
+from facade.queue_api import queue_router
 from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
 
@@ -63,6 +64,7 @@ class FacadeApp:
             lifespan=self._lifespan,
         )
         api.include_router(models_router(self.table))
+        api.include_router(queue_router(self.table, lambda: self.watcher))
 
         @api.get("/health")
         async def health() -> dict[str, object]:

@@ -166,5 +166,17 @@ class RouteWatcher:
             log.warning("EnsureModel(%s) failed: %s %s", model, exc.code().name, exc.details())
             return None
 
+    async def list_instances(self, timeout_s: float) -> list[control_pb2.Instance] | None:
+        """The controller's live instances (with their queue figures); None when
+        the controller does not answer in time."""
+        try:
+            reply = await self._stub.ListInstances(
+                control_pb2.ListInstancesRequest(), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("ListInstances failed: %s %s", exc.code().name, exc.details())
+            return None
+        return list(reply.instances)
+
     async def close(self) -> None:
         await self._channel.close(None)

@@ -38,3 +38,7 @@ class FacadeSettings(BaseSettings):
     false: one gRPC call per request (what grpcurl users see)."""
     ensure_timeout_s: float = Field(default=0.08, gt=0)
     """How long a cold request waits for the controller's EnsureModel answer."""
+    default_model: str = ""
+    """When set, requests that name no model, or one the catalog does not have,
+    go to this model (`kscope serve --model-type mlx_vlm` sets it, as the
+    single-model MLX server ignored the name)."""

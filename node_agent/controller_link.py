@@ -49,6 +49,15 @@ class Report:
     in_flight: int
     queued: int
     detail: str
+    max_concurrency: int = 0
+    """0: no limit."""
+    max_queue_size: int = 0
+
+    def to_proto(self) -> agent_pb2.LoadReport:
+        return agent_pb2.LoadReport(
+            phase=self.phase, in_flight=self.in_flight, queued=self.queued, detail=self.detail,
+            max_concurrency=self.max_concurrency, max_queue_size=self.max_queue_size,
+        )  # fmt: skip
 
 
 class ControllerLink:
@@ -119,12 +128,7 @@ class ControllerLink:
             hello=agent_pb2.SessionHello(agent_id=self.agent_id, token=self._identity.token)
         )
         while not self._closing.is_set():
-            r = self._current_report()
-            yield agent_pb2.SessionRequest(
-                load_report=agent_pb2.LoadReport(
-                    phase=r.phase, in_flight=r.in_flight, queued=r.queued, detail=r.detail
-                )
-            )
+            yield agent_pb2.SessionRequest(load_report=self._current_report().to_proto())
             self.report_now.clear()
             wake = asyncio.ensure_future(self.report_now.wait())
             closing = asyncio.ensure_future(self._closing.wait())
@@ -133,12 +137,7 @@ class ControllerLink:
             wake.cancel()
             closing.cancel()
         # A last report, so the controller sees the final phase before we leave.
-        r = self._current_report()
-        yield agent_pb2.SessionRequest(
-            load_report=agent_pb2.LoadReport(
-                phase=r.phase, in_flight=r.in_flight, queued=r.queued, detail=r.detail
-            )
-        )
+        yield agent_pb2.SessionRequest(load_report=self._current_report().to_proto())
 
     async def _session(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         call = stub.Session(self._outgoing())

@@ -22,6 +22,7 @@ from node_agent.controller_link import AgentIdentity, ControllerLink, Registrati
 from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_engine
 from node_agent.load import Load
+from node_agent.queue import RequestQueue
 from node_agent.servicer import InferenceServicer
 from node_agent.settings import AgentSettings
 
@@ -37,6 +38,7 @@ class Agent:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self.load = Load()
+        self.queue = RequestQueue(settings.queue_limits(), self.load)
         self.phase: agent_pb2.AgentPhase.ValueType = agent_pb2.AGENT_PHASE_STARTING
         self.detail = "engine starting"
         self._drain_requested = asyncio.Event()
@@ -46,7 +48,12 @@ class Agent:
         self.link: ControllerLink | None = None
 
     def _report(self) -> Report:
-        return Report(self.phase, self.load.in_flight, self.load.queued, self.detail)
+        limits = self.queue.limits
+        return Report(
+            self.phase, self.load.in_flight, self.load.queued, self.detail,
+            max_concurrency=max(limits.max_concurrency, 0),
+            max_queue_size=0 if limits.unlimited else limits.max_queue_size,
+        )  # fmt: skip
 
     def _set_phase(self, phase: agent_pb2.AgentPhase.ValueType, detail: str) -> None:
         if (phase, detail) != (self.phase, self.detail):
@@ -62,7 +69,7 @@ class Agent:
 
     async def start(self) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.engine, self.load), self.server
+            InferenceServicer(self.engine, self.load, self.queue), self.server
         )
         health = add_health_and_reflection(self.server, SERVICE_NAMES)
         self.port = bind(self.server, self.settings.host, self.settings.port)
@@ -156,7 +163,9 @@ class Agent:
         self.load.draining = True
         self._set_phase(agent_pb2.AGENT_PHASE_DRAINING, self._drain_reason or "draining")
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.load.in_flight > 0 and time.monotonic() < deadline:
+        # Queued requests were accepted too: they are served before the agent leaves.
+        while self.load.in_flight + self.load.queued > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.load.in_flight:
-            log.warning("drain timed out with %d requests in flight", self.load.in_flight)
+        if self.load.in_flight + self.load.queued:
+            log.warning("drain timed out with %d requests in flight and %d queued",
+                        self.load.in_flight, self.load.queued)  # fmt: skip

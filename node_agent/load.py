@@ -8,9 +8,9 @@ from dataclasses import dataclass
 @dataclass
 class Load:
     in_flight: int = 0
-    """Requests the engine is working on."""
+    """Requests the engine is working on (kept by node_agent/queue.py)."""
     queued: int = 0
-    """Requests waiting for the engine (the queue of issue 4)."""
+    """Requests waiting in the queue for the engine."""
     draining: bool = False
     """New requests are refused."""
     served: int = 0

@@ -32,6 +32,16 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--host")
     parser.add_argument("--advertise-host")
     parser.add_argument("--port", type=int)
+    parser.add_argument(
+        "--max-concurrency", type=int, help="requests the engine works on at once (0: no limit)"
+    )
+    parser.add_argument("--queue-size", type=int, help="requests that may wait for the engine")
+    parser.add_argument(
+        "--queue-timeout",
+        dest="queue_timeout_s",
+        type=float,
+        help="seconds a request may wait in the queue",
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return AgentSettings(**overrides)

@@ -19,6 +19,7 @@ from kscope.v1 import inference_pb2
 from kscope_common.errors import grpc_code_for_http
 from node_agent.engines.base import Endpoint, Engine, EngineError
 from node_agent.load import Load
+from node_agent.queue import RequestQueue
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,10 @@ Frame = inference_pb2.MultiplexFrame
 class MultiplexSession:
     """One facade's Multiplex stream."""
 
-    def __init__(self, engine: Engine, load: Load):
+    def __init__(self, engine: Engine, load: Load, queue: RequestQueue):
         self._engine = engine
         self._load = load
+        self._queue = queue
         self._out: asyncio.Queue[Frame] = asyncio.Queue()
         self._tasks: dict[int, asyncio.Task[None]] = {}
 
@@ -87,18 +89,18 @@ class MultiplexSession:
             self._fail(sid, grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {opened.kind}")
             self._tasks.pop(sid, None)
             return
-        load.in_flight += 1
         try:
-            async for output in self._engine.generate(
-                endpoint, opened.body, opened.envelope.stream
-            ):
-                frame = Frame(stream_id=sid, chunks=output.chunks)
-                if output.usage is not None:
-                    u = output.usage
-                    frame.usage.prompt_tokens = u.prompt_tokens
-                    frame.usage.completion_tokens = u.completion_tokens
-                    frame.usage.total_tokens = u.total_tokens
-                self._out.put_nowait(frame)
+            async with self._queue.slot():
+                async for output in self._engine.generate(
+                    endpoint, opened.body, opened.envelope.stream
+                ):
+                    frame = Frame(stream_id=sid, chunks=output.chunks)
+                    if output.usage is not None:
+                        u = output.usage
+                        frame.usage.prompt_tokens = u.prompt_tokens
+                        frame.usage.completion_tokens = u.completion_tokens
+                        frame.usage.total_tokens = u.total_tokens
+                    self._out.put_nowait(frame)
             self._out.put_nowait(Frame(stream_id=sid, end=True))
         except EngineError as exc:
             log.info("request %s failed in the engine: %s", opened.envelope.request_id, exc.message)
@@ -112,8 +114,10 @@ class MultiplexSession:
                     error_body=exc.openai_error(),
                 )
             )
+        except Exception:  # an engine bug fails its request; it must not hang it
+            log.exception("request %s failed unexpectedly", opened.envelope.request_id)
+            self._fail(sid, grpc.StatusCode.INTERNAL, "the engine failed unexpectedly")
         finally:
-            load.in_flight -= 1
             load.served += 1
             self._tasks.pop(sid, None)
 

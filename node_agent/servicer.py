@@ -14,6 +14,7 @@ from kscope_common.errors import grpc_code_for_http
 from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput
 from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
+from node_agent.queue import QueueLimits, RequestQueue
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,20 @@ def _handler(
         load = self.load
         if load.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is draining")
-        load.in_flight += 1
         try:
-            output: EngineOutput
-            async for output in self.engine.generate(
-                endpoint, request.body, request.envelope.stream
-            ):
-                message = response_cls(chunks=output.chunks)
-                if output.usage is not None:
-                    u = output.usage
-                    message.usage.prompt_tokens = u.prompt_tokens
-                    message.usage.completion_tokens = u.completion_tokens
-                    message.usage.total_tokens = u.total_tokens
-                yield message
+            # The queue counts this request as queued, then in flight.
+            async with self.queue.slot():
+                output: EngineOutput
+                async for output in self.engine.generate(
+                    endpoint, request.body, request.envelope.stream
+                ):
+                    message = response_cls(chunks=output.chunks)
+                    if output.usage is not None:
+                        u = output.usage
+                        message.usage.prompt_tokens = u.prompt_tokens
+                        message.usage.completion_tokens = u.completion_tokens
+                        message.usage.total_tokens = u.total_tokens
+                    yield message
         except EngineError as exc:
             log.info(
                 "request %s failed in the engine: %s", request.envelope.request_id, exc.message
@@ -59,7 +61,6 @@ def _handler(
             context.set_trailing_metadata(_error_metadata(exc))
             await context.abort(grpc_code_for_http(exc.http_status), exc.message)
         finally:
-            load.in_flight -= 1
             load.served += 1
 
     return handle
@@ -68,9 +69,10 @@ def _handler(
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """One engine behind the three OpenAI endpoints."""
 
-    def __init__(self, engine: Engine, load: Load):
+    def __init__(self, engine: Engine, load: Load, queue: RequestQueue | None = None):
         self.engine = engine
         self.load = load
+        self.queue = queue or RequestQueue(QueueLimits(), load)
 
     ChatCompletion = _handler(Endpoint.CHAT, inference_pb2.ChatCompletionResponse)  # type: ignore[assignment]
     Completion = _handler(Endpoint.COMPLETIONS, inference_pb2.CompletionResponse)  # type: ignore[assignment]
@@ -81,5 +83,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.MultiplexRequest],
         context: Context,
     ) -> AsyncIterator[inference_pb2.MultiplexResponse]:
-        async for response in MultiplexSession(self.engine, self.load).serve(request_iterator):
+        session = MultiplexSession(self.engine, self.load, self.queue)
+        async for response in session.serve(request_iterator):
             yield response

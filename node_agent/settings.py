@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from node_agent.queue import QueueLimits
+
 _DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 
 
@@ -55,6 +57,17 @@ class AgentSettings(BaseSettings):
     """How often the engine's health is checked once ready."""
     upstream_timeout_s: float = Field(default=600.0, gt=0)
     """Longest a single engine request may take."""
+    max_concurrency: int | None = Field(default=None, ge=0)
+    """Requests the engine works on at once; more wait in the queue. 0: no limit;
+    unset: the engine's default (1 for mlx_vlm, no limit for vllm and openai)."""
+    queue_size: int = Field(default=100, ge=0)
+    """Requests that may wait for the engine; one more is refused with 429."""
+    queue_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest a request waits in the queue before it fails with 504."""
+    image_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    """Largest image a request may carry or name (mlx_vlm)."""
+    image_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest fetching one image URL may take (mlx_vlm)."""
 
     @field_validator("engine_args", mode="before")
     @classmethod
@@ -69,3 +82,12 @@ class AgentSettings(BaseSettings):
     @property
     def served_model(self) -> str:
         return self.model or Path(self.model_path).name or "default"
+
+    def queue_limits(self) -> QueueLimits:
+        """The request queue in front of the engine."""
+        default = 1 if self.engine == "mlx_vlm" else 0
+        return QueueLimits(
+            max_concurrency=default if self.max_concurrency is None else self.max_concurrency,
+            max_queue_size=self.queue_size,
+            timeout_s=self.queue_timeout_s,
+        )

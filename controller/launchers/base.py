@@ -78,6 +78,12 @@ def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInv
         argv += ["--upstream-model", model.upstream_model]
     if model.engine_args:
         argv += ["--engine-args-json", json.dumps(list(model.engine_args))]
+    if model.max_concurrency is not None:
+        argv += ["--max-concurrency", str(model.max_concurrency)]
+    if model.queue_size is not None:
+        argv += ["--queue-size", str(model.queue_size)]
+    if model.queue_timeout_s is not None:
+        argv += ["--queue-timeout", str(model.queue_timeout_s)]
     env = {
         "KSCOPE_CONTROLLER": spec.controller_address,
         "KSCOPE_INSTANCE_ID": spec.instance_id,

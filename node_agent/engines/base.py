@@ -36,19 +36,33 @@ class EngineOutput:
 
 class EngineError(Exception):
     """The engine refused or failed a request. `body` is an OpenAI error object
-    (JSON bytes) when the engine sent one."""
+    (JSON bytes) when the engine sent one; otherwise one is made from the message
+    and the OpenAI `type`, `param` and `code` given here."""
 
-    def __init__(self, http_status: int, message: str, body: bytes = b""):
+    def __init__(
+        self,
+        http_status: int,
+        message: str,
+        body: bytes = b"",
+        *,
+        error_type: str = "engine_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.http_status = http_status
         self.message = message
         self.body = body
+        self.error_type = error_type
+        self.param = param
+        self.code = code
 
     def openai_error(self) -> bytes:
         """The engine's OpenAI error object, or one made from the message."""
         return self.body or orjson.dumps(
-            {"message": self.message, "type": "engine_error", "param": None, "code": None}
-        )
+            {"message": self.message, "type": self.error_type, "param": self.param,
+             "code": self.code}
+        )  # fmt: skip
 
 
 class EngineUnavailable(EngineError):

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kscope/v1/agent.proto\x12\tkscope.v1\"\x99\x01\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\"@\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"/\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"e\n\nLoadReport\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.kscope.v1.AgentPhase\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"s\n\x0eSessionRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.kscope.v1.SessionHelloH\x00\x12,\n\x0bload_report\x18\x02 \x01(\x0b\x32\x15.kscope.v1.LoadReportH\x00\x42\t\n\x07message\"\x1e\n\x0c\x44rainCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"F\n\x0fSessionResponse\x12(\n\x05\x64rain\x18\x01 \x01(\x0b\x32\x17.kscope.v1.DrainCommandH\x00\x42\t\n\x07\x63ommand*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_PHASE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_PHASE_READY\x10\x02\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x03\x12\x16\n\x12\x41GENT_PHASE_FAILED\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.kscope.v1.RegisterRequest\x1a\x1b.kscope.v1.RegisterResponse\x12\x44\n\x07Session\x12\x19.kscope.v1.SessionRequest\x1a\x1a.kscope.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kscope/v1/agent.proto\x12\tkscope.v1\"\x99\x01\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\"@\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"/\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x96\x01\n\nLoadReport\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.kscope.v1.AgentPhase\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\x05\"s\n\x0eSessionRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.kscope.v1.SessionHelloH\x00\x12,\n\x0bload_report\x18\x02 \x01(\x0b\x32\x15.kscope.v1.LoadReportH\x00\x42\t\n\x07message\"\x1e\n\x0c\x44rainCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"F\n\x0fSessionResponse\x12(\n\x05\x64rain\x18\x01 \x01(\x0b\x32\x17.kscope.v1.DrainCommandH\x00\x42\t\n\x07\x63ommand*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_PHASE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_PHASE_READY\x10\x02\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x03\x12\x16\n\x12\x41GENT_PHASE_FAILED\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.kscope.v1.RegisterRequest\x1a\x1b.kscope.v1.RegisterResponse\x12\x44\n\x07Session\x12\x19.kscope.v1.SessionRequest\x1a\x1a.kscope.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kscope.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTPHASE']._serialized_start=632
-  _globals['_AGENTPHASE']._serialized_end=772
+  _globals['_AGENTPHASE']._serialized_start=682
+  _globals['_AGENTPHASE']._serialized_end=822
   _globals['_REGISTERREQUEST']._serialized_start=37
   _globals['_REGISTERREQUEST']._serialized_end=190
   _globals['_REGISTERRESPONSE']._serialized_start=192
   _globals['_REGISTERRESPONSE']._serialized_end=256
   _globals['_SESSIONHELLO']._serialized_start=258
   _globals['_SESSIONHELLO']._serialized_end=305
-  _globals['_LOADREPORT']._serialized_start=307
-  _globals['_LOADREPORT']._serialized_end=408
-  _globals['_SESSIONREQUEST']._serialized_start=410
-  _globals['_SESSIONREQUEST']._serialized_end=525
-  _globals['_DRAINCOMMAND']._serialized_start=527
-  _globals['_DRAINCOMMAND']._serialized_end=557
-  _globals['_SESSIONRESPONSE']._serialized_start=559
-  _globals['_SESSIONRESPONSE']._serialized_end=629
-  _globals['_AGENTSERVICE']._serialized_start=775
-  _globals['_AGENTSERVICE']._serialized_end=928
+  _globals['_LOADREPORT']._serialized_start=308
+  _globals['_LOADREPORT']._serialized_end=458
+  _globals['_SESSIONREQUEST']._serialized_start=460
+  _globals['_SESSIONREQUEST']._serialized_end=575
+  _globals['_DRAINCOMMAND']._serialized_start=577
+  _globals['_DRAINCOMMAND']._serialized_end=607
+  _globals['_SESSIONRESPONSE']._serialized_start=609
+  _globals['_SESSIONRESPONSE']._serialized_end=679
+  _globals['_AGENTSERVICE']._serialized_start=825
+  _globals['_AGENTSERVICE']._serialized_end=978
 # @@protoc_insertion_point(module_scope)

@@ -154,6 +154,8 @@ class Instance(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model: _builtins.str
     state: Global___InstanceState.ValueType
@@ -167,6 +169,9 @@ class Instance(_message.Message):
     engine_url: _builtins.str
     in_flight: _builtins.int
     queued: _builtins.int
+    max_concurrency: _builtins.int
+    """The agent's queue limits: most requests at once (0: no limit), most waiting."""
+    max_queue_size: _builtins.int
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -187,10 +192,12 @@ class Instance(_message.Message):
         queued: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        max_concurrency: _builtins.int = ...,
+        max_queue_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_id", b"agent_id", "created_at", b"created_at", "engine_url", b"engine_url", "id", b"id", "in_flight", b"in_flight", "launcher", b"launcher", "launcher_ref", b"launcher_ref", "model", b"model", "queued", b"queued", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_id", b"agent_id", "created_at", b"created_at", "engine_url", b"engine_url", "id", b"id", "in_flight", b"in_flight", "launcher", b"launcher", "launcher_ref", b"launcher_ref", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "model", b"model", "queued", b"queued", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
