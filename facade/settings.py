@@ -36,7 +36,7 @@ class FacadeSettings(BaseSettings):
     multiplex: bool = True
     """Carry requests to each agent over one shared Multiplex stream (fast);
     false: one gRPC call per request (what grpcurl users see)."""
-    ensure_timeout_s: float = Field(default=0.08, gt=0)
+    ensure_timeout_s: float = Field(default=0.05, gt=0)
     """How long a cold request waits for the controller's EnsureModel answer."""
     default_model: str = ""
     """When set, requests that name no model, or one the catalog does not have,

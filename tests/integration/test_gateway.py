@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -55,6 +56,14 @@ min_replicas = 1
 expected_startup_s = 3
 
 [[models]]
+name = "echo-pair"
+engine = "openai"
+upstream_url = "{paced.url}"
+min_replicas = 2
+max_replicas = 2
+expected_startup_s = 3
+
+[[models]]
 name = "echo-cold"
 engine = "openai"
 upstream_url = "{upstream.url}"
@@ -68,6 +77,8 @@ expected_startup_s = 3
     try:
         wait_until(lambda: _state(facade, "echo") == "ready", 30, what="echo ready")
         wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")
+        wait_until(lambda: _models(facade)["echo-pair"]["ready_replicas"] == 2, 30,
+                   what="pair ready")  # fmt: skip
         yield controller, facade
     finally:
         facade.proc.stop()
@@ -96,11 +107,11 @@ def _client(facade: Facade, key: str = API_KEY) -> openai.OpenAI:
 def test_models_list_and_get(system: tuple[Controller, Facade]) -> None:
     _, facade = system
     models = _models(facade)
-    assert set(models) == {"echo", "echo-paced", "echo-cold"}
+    assert set(models) == {"echo", "echo-paced", "echo-pair", "echo-cold"}
     assert models["echo"]["object"] == "model"
     assert models["echo"]["ready_replicas"] == 1
     listed = {m.id for m in _client(facade).models.list()}
-    assert listed == {"echo", "echo-paced", "echo-cold"}
+    assert listed == {"echo", "echo-paced", "echo-pair", "echo-cold"}
     assert _client(facade).models.retrieve("echo").id == "echo"
     with pytest.raises(openai.NotFoundError):
         _client(facade).models.retrieve("nope")
@@ -377,3 +388,27 @@ def test_stop_instance_drains_then_stops(system: tuple[Controller, Facade]) -> N
     )
     # min_replicas = 1 brings a new one.
     wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="replacement ready")
+
+
+def test_least_outstanding_spreads_requests_over_ready_instances(
+    system: tuple[Controller, Facade],
+) -> None:
+    controller, facade = system
+    client = _client(facade)
+
+    def one_stream() -> int:
+        stream = client.chat.completions.create(
+            model="echo-pair", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+            stream=True,
+        )  # fmt: skip
+        return sum(1 for _ in stream)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        futures = [pool.submit(one_stream) for _ in range(12)]
+        # While the streams run, the agents report how many each one carries.
+        time.sleep(0.8)
+        loads = [i.in_flight for i in controller.list_instances(model="echo-pair")]
+        assert all(f.result(timeout=30) == 62 for f in futures)
+    assert len(loads) == 2
+    assert sum(loads) == 12
+    assert min(loads) >= 5, f"uneven spread: {loads}"
