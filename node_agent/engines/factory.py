@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from node_agent.engines.base import Engine
+from node_agent.engines.mlx_vlm import MlxVlmEngine
 from node_agent.engines.openai_upstream import OpenAIUpstream
 from node_agent.engines.vllm import VllmEngine
+from node_agent.images import ImageLimits
 from node_agent.settings import AgentSettings
 
 
@@ -33,4 +35,14 @@ def make_engine(settings: AgentSettings) -> Engine:
             settings.engine_args,
             timeout_s=settings.upstream_timeout_s,
         )
-    raise UnknownEngine(f"unknown engine {settings.engine!r} (known: vllm, openai)")
+    if settings.engine == "mlx_vlm":
+        if not settings.model_path:
+            raise UnknownEngine("engine 'mlx_vlm' needs --model-path")
+        return MlxVlmEngine(
+            settings.model_path,
+            settings.served_model,
+            ImageLimits(
+                max_bytes=settings.image_max_bytes, timeout_s=settings.image_fetch_timeout_s
+            ),
+        )
+    raise UnknownEngine(f"unknown engine {settings.engine!r} (known: vllm, openai, mlx_vlm)")
