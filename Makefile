@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 VLLM_VENV ?= .venv-vllm
 PROTO_FILES := $(wildcard proto/kscope/v1/*.proto)
 
-.PHONY: run test install install-vllm proto proto-check lint check bench clean
+.PHONY: run test install install-vllm proto proto-check lint check bench clean slurm-up slurm-down
 
 TINY_MODEL := .cache/tiny-qwen2
 CPU_VLLM_ARGS := --max-model-len 2048 --enforce-eager --kv-cache-memory-bytes 64M
@@ -16,8 +16,16 @@ run: install install-vllm ## start controller, facade and one vLLM agent on a ti
 	$(VENV)/bin/kscope serve --engine vllm --model-path $(TINY_MODEL) --model tiny \
 		--engine-args "$(CPU_VLLM_ARGS)" --port $${PORT:-8000}
 
-test: install install-vllm ## every test, real processes included
+test: install install-vllm slurm-up ## every test, real processes included (SLURM too)
 	$(PY) -m pytest tests
+
+# A one-node SLURM (munged, slurmctld, slurmd) and an sshd on 127.0.0.1, from
+# Debian's packages; state, configs and logs in $${KSCOPE_SLURM_DIR:-/tmp/kscope-slurm}.
+slurm-up: ## start the test SLURM and sshd (idempotent)
+	scripts/slurm-up.sh
+
+slurm-down: ## stop what slurm-up started (cancels the test cluster's jobs)
+	scripts/slurm-down.sh
 
 install: $(VENV)/.installed
 
