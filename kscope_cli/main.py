@@ -45,11 +45,26 @@ def serve(
         str | None, typer.Option(help="the one key clients must send", envvar="KSCOPE_API_KEY")
     ] = None,
     engine_args: Annotated[str, typer.Option(help="extra engine flags, one string")] = "",
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="requests the engine works on at once; 0: no limit "
+            "[default: 1 for mlx_vlm, no limit otherwise]",
+            min=0,
+        ),
+    ] = None,
+    queue_size: Annotated[
+        int | None, typer.Option(help="requests that may wait; more get 429 [default: 100]", min=0)
+    ] = None,
+    queue_timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds a request may wait in the queue, then 504 [default: 300]"),
+    ] = None,
     controller_port: Annotated[int, typer.Option(help="controller gRPC port (0: any)")] = 50051,
     state_dir: Annotated[Path, typer.Option(help="SQLite and logs")] = Path("~/.kscope/serve"),
 ) -> None:
     """Run controller, facade and one agent for one model, on this machine."""
-    from kscope_cli.serve import build_catalog
+    from kscope_cli.serve import QueueOptions, build_catalog
     from kscope_cli.serve import serve as run_serve
 
     configure_logging("kscope")
@@ -58,7 +73,10 @@ def serve(
     if engine is not Engine.openai and not model_path:
         raise typer.BadParameter(f"--engine {engine.value} needs --model-path")
     try:
-        catalog = build_catalog(engine.value, model, model_path, upstream_url, engine_args)
+        catalog = build_catalog(
+            engine.value, model, model_path, upstream_url, engine_args,
+            QueueOptions(max_concurrency, queue_size, queue_timeout),
+        )  # fmt: skip
     except (ValidationError, CatalogError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     run(run_serve(catalog, host, port, api_key, controller_port, state_dir.expanduser()))

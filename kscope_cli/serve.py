@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -32,15 +33,26 @@ print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "co
 """
 
 
+@dataclass(frozen=True)
+class QueueOptions:
+    """The MLX server's queue flags; None leaves the agent's default."""
+
+    max_concurrency: int | None = None
+    queue_size: int | None = None
+    queue_timeout_s: float | None = None
+
+
 def build_catalog(
     engine: str,
     model: str,
     model_path: str | None,
     upstream_url: str | None,
     engine_args: str,
+    queue: QueueOptions | None = None,
 ) -> Catalog:
     kind = EngineKind(engine)
     name = model or (Path(model_path).name if model_path else "default")
+    queue = queue or QueueOptions()
     spec = ModelSpec(
         name=name,
         engine=kind,
@@ -49,7 +61,10 @@ def build_catalog(
         min_replicas=1,
         max_replicas=1,
         engine_args=tuple(shlex.split(engine_args)),
-        expected_startup_s=40.0 if kind is EngineKind.VLLM else 2.0,
+        expected_startup_s=40.0 if kind is EngineKind.VLLM else 5.0,
+        max_concurrency=queue.max_concurrency,
+        queue_size=queue.queue_size,
+        queue_timeout_s=queue.queue_timeout_s,
     )
     return Catalog(models=(spec,))
 
@@ -66,12 +81,16 @@ async def serve(
         ControllerSettings(host="127.0.0.1", port=controller_port, state_dir=state_dir),
         catalog,
     )
-    model = catalog.models[0].name
+    spec = catalog.models[0]
+    model = spec.name
     facade_settings = FacadeSettings(
         host=host,
         port=port,
         controller=f"127.0.0.1:{controller.port}",
         api_key=SecretStr(api_key) if api_key else None,
+        # The single-model MLX server answered whatever model a request named (or
+        # none); its clients keep working unchanged.
+        default_model=model if spec.engine is EngineKind.MLX_VLM else "",
     )
 
     def announce(bound: int) -> None:
