@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +24,72 @@ class EngineKind(StrEnum):
     """An OpenAI-compatible server that already runs; the agent attaches by URL."""
     MLX_VLM = "mlx_vlm"
     """MLX-VLM in the agent's process (Apple silicon, or mlx[cpu] on Linux)."""
+
+
+_SBATCH_VALUE = r"^[^\s#'\"]*$"
+"""One #SBATCH value: no whitespace, quotes or comment characters (no injection)."""
+
+
+class SlurmSpec(BaseModel):
+    """How the slurm launcher asks SLURM for a model's jobs (`[models.slurm]`).
+    Empty fields leave the choice to the cluster's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    partition: str = Field(default="", pattern=_SBATCH_VALUE)
+    """--partition."""
+    qos: str = Field(default="", pattern=_SBATCH_VALUE)
+    """--qos; default: the controller's worker_slurm_qos (WORKER_SLURM_QOS)."""
+    account: str = Field(default="", pattern=_SBATCH_VALUE)
+    """--account."""
+    gres: str = Field(default="", pattern=_SBATCH_VALUE)
+    """--gres, e.g. gpu:1 or gpu:a100:2."""
+    cpus: int | None = Field(default=None, ge=1)
+    """--cpus-per-task."""
+    memory: str = Field(default="", pattern=r"^$|^[0-9]+[KMGT]?$")
+    """--mem, e.g. 64G."""
+    time_limit: str = Field(default="", pattern=r"^$|^(\d+-)?\d+(:\d{1,2}){0,2}$")
+    """--time in SLURM's format (minutes, H:MM:SS, D-HH:MM…). Jobs are rotated
+    before it runs out."""
+    extra_sbatch: tuple[str, ...] = ()
+    """More #SBATCH options, one per item, e.g. "--constraint=a100"."""
+    setup: tuple[str, ...] = ()
+    """Shell lines run before the agent starts (module load, venv activation)."""
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """The time limit in seconds; None when the cluster's default applies."""
+        return parse_duration(self.time_limit) if self.time_limit else None
+
+    @model_validator(mode="after")
+    def _one_line_each(self) -> SlurmSpec:
+        for option in self.extra_sbatch:
+            if not option.startswith("-") or "\n" in option or "\r" in option:
+                raise ValueError(f"extra_sbatch {option!r}: one option per item, starting with -")
+        for line in self.setup:
+            if "\n" in line or "\r" in line or "\0" in line:
+                raise ValueError(f"setup {line!r}: one shell line per item")
+        return self
+
+
+def parse_duration(text: str) -> float | None:
+    """SLURM's [days-][hours:]minutes:seconds (or minutes) in seconds; None for
+    UNLIMITED, NOT_SET, INVALID and anything else that is not a duration."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if match is None:
+        return None
+    days, a, b, c = match.groups()
+    parts = [int(a)] + [int(p) for p in (b, c) if p is not None]
+    if days is not None:
+        # days-hours[:minutes[:seconds]]
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts
+        return float(int(days) * 86400 + h * 3600 + m * 60 + s)
+    if len(parts) == 1:
+        return float(parts[0] * 60)  # minutes
+    if len(parts) == 2:
+        return float(parts[0] * 60 + parts[1])  # minutes:seconds
+    return float(parts[0] * 3600 + parts[1] * 60 + parts[2])
 
 
 class ModelSpec(BaseModel):
@@ -61,6 +128,8 @@ class ModelSpec(BaseModel):
     """Requests that may wait in an instance's queue (agent default 100); more get 429."""
     queue_timeout_s: float | None = Field(default=None, gt=0)
     """Longest a request waits in the queue before a 504 (agent default 300 s)."""
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    """Job resources and setup for the slurm launcher."""
 
     @model_validator(mode="after")
     def _engine_needs_its_source(self) -> ModelSpec:

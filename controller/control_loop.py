@@ -25,12 +25,14 @@ class ControlLoop:
         executor: Executor,
         interval_s: float = 1.0,
         drain_timeout_s: float = 300.0,
+        rotation_lead_s: float = 0.0,
     ):
         self._fleet = fleet
         self._launchers = launchers
         self._executor = executor
         self._interval_s = interval_s
         self._drain_timeout_s = drain_timeout_s
+        self._rotation_lead_s = rotation_lead_s
 
     async def run(self) -> None:
         while True:
@@ -54,6 +56,7 @@ class ControlLoop:
             self._fleet.demanded,
             self._drain_timeout_s,
             held_back=self._fleet.held_back(),
+            rotation_lead_s=self._rotation_lead_s,
         )
         if decisions:
             await self._executor.execute(decisions)
@@ -72,4 +75,6 @@ class ControlLoop:
             for inst in self._fleet.instances.values():
                 obs = observed.get(inst.launcher_ref)
                 if inst.launcher == name and obs is not None:
-                    self._fleet.observe_launcher(inst, obs.phase, obs.reason)
+                    self._fleet.observe_launcher(
+                        inst, obs.phase, obs.reason, obs.expected_start, obs.ends_at
+                    )

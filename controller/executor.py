@@ -79,9 +79,15 @@ class Executor:
         async def stop() -> None:
             try:
                 await launcher.stop(ref)
-            except Exception:
-                log.exception("stopping instance %s (%s) failed", inst.id, ref)
-                inst.stop_sent = False  # let the reconciler try again
+            except Exception as exc:
+                if isinstance(exc, LaunchError):  # the launcher's own words suffice
+                    log.error("stopping instance %s (%s) failed: %s", inst.id, ref, exc)
+                else:
+                    log.exception("stopping instance %s (%s) failed", inst.id, ref)
+                # The next regular pass tries again; waking the loop now would
+                # spin it while the launcher fails fast (an SSH backoff).
+                inst.stop_sent = False
+                return
             self._fleet.wake.set()
 
         self._spawn(stop())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -295,8 +296,18 @@ class Fleet:
         now = time.time()
         for inst in list(self.instances.values()):
             state, reason = derive_state(self.facts(inst, now))
+            if state is InstanceState.FAILED and inst.state is InstanceState.FAILED:
+                # An instance that failed through its agent (a job's agent leaves
+                # when SLURM signals it) may learn why from its launcher a poll
+                # later: keep both. Only for failures seen by this controller.
+                ended = inst.launcher_phase is LauncherPhase.ENDED and inst.launcher_reason
+                recent = inst.updated_at >= self._started_at
+                if ended and recent and inst.launcher_reason not in inst.reason:
+                    reason = f"{inst.reason}; {inst.launcher_reason}"
             if state is inst.state and (reason == inst.reason or not reason):
                 continue
+            if state is InstanceState.READY and inst.state is not InstanceState.READY:
+                inst.ready_at = now
             if state is not inst.state:
                 log.info(
                     "instance %s (%s): %s -> %s: %s",
@@ -307,8 +318,16 @@ class Fleet:
             await self.save(inst)
         await self._publish_if_changed(now)
 
-    def observe_launcher(self, inst: InstanceRecord, phase: LauncherPhase, reason: str) -> None:
+    def observe_launcher(
+        self,
+        inst: InstanceRecord,
+        phase: LauncherPhase,
+        reason: str,
+        expected_start: float | None = None,
+        ends_at: float | None = None,
+    ) -> None:
         inst.launcher_phase, inst.launcher_reason = phase, reason
+        inst.launcher_expected_start, inst.launcher_ends_at = expected_start, ends_at
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -358,6 +377,12 @@ class Fleet:
                     stop_sent=inst.stop_sent,
                     agent_connected=agent is not None and agent.connected,
                     draining_for_s=now - inst.stop_requested_at if inst.stop_requested else 0.0,
+                    ends_in_s=inst.launcher_ends_at - now
+                    if inst.launcher_ends_at is not None
+                    and inst.launcher_phase is LauncherPhase.RUNNING
+                    else None,
+                    # READY since before this controller started: long settled.
+                    ready_for_s=now - inst.ready_at if inst.ready_at else math.inf,
                 )
             )
         return out

@@ -29,6 +29,10 @@ class InstanceView:
     """The launcher was already told to stop it."""
     agent_connected: bool = False
     draining_for_s: float = 0.0
+    ends_in_s: float | None = None
+    """Seconds until its launcher's time limit ends it (a SLURM job); None: never."""
+    ready_for_s: float = 0.0
+    """Seconds it has been READY (math.inf: since before this controller started)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class Stop:
 Decision = Launch | Drain | Stop
 
 
+ROTATION_SETTLE_S = 2.0
+"""How long a replacement is READY before the instance it replaces is drained."""
+
+
 def wanted_replicas(spec: ModelSpec, demanded: bool) -> int:
     """How many instances the model should have."""
     floor = 1 if demanded else 0
@@ -74,9 +82,17 @@ def decide(
     demanded: Iterable[str],
     drain_timeout_s: float,
     held_back: Iterable[str] = (),
+    rotation_lead_s: float = 0.0,
+    rotation_settle_s: float = ROTATION_SETTLE_S,
 ) -> list[Decision]:
     """Decisions that move the fleet toward the catalog's wish. Models in
-    `held_back` are in launch backoff after failures: nothing is launched for them."""
+    `held_back` are in launch backoff after failures: nothing is launched for them.
+
+    Rotation: a READY instance whose time limit ends within `rotation_lead_s` is
+    expiring. It no longer counts toward the wish, so a replacement is launched
+    beside it; it is drained once enough replacements have been READY for
+    `rotation_settle_s` (time for every facade to learn the new route), so no
+    request finds the model without a READY instance. 0 turns rotation off."""
     held = set(held_back)
     demanded_set = set(demanded)
     decisions: list[Decision] = []
@@ -86,21 +102,57 @@ def decide(
             decisions.append(Drain(inst.id, f"model {inst.model!r} left the catalog"))
     for name, spec in models.items():
         live = [i for i in instances if i.model == name and _counts_as_live(i)]
+        lead = rotation_lead(spec, rotation_lead_s)
+        expiring = [i for i in live if _expiring(i, lead)]
+        fresh = [i for i in live if not _expiring(i, lead)]
         want = wanted_replicas(spec, name in demanded_set)
-        if len(live) < want and name not in held:
+        if len(fresh) < want and name not in held:
             failed = sum(
                 1 for i in instances if i.model == name and i.state is InstanceState.FAILED
             )
-            reason = f"{len(live)} of {want} wanted instances"
+            reason = f"{len(fresh)} of {want} wanted instances"
+            if expiring:
+                reason += f" ({len(expiring)} more near their time limit)"
             if failed:
                 reason += f" ({failed} failed before)"
-            decisions.extend(Launch(name, reason) for _ in range(want - len(live)))
-        elif len(live) > want:
+            decisions.extend(Launch(name, reason) for _ in range(want - len(fresh)))
+        elif len(fresh) > want:
             # Give up the least useful first: not-ready ones, then the newest.
-            ranked = sorted(live, key=lambda i: (i.state is InstanceState.READY, -i.created_seq))
-            for inst in ranked[: len(live) - want]:
-                decisions.append(Drain(inst.id, f"{len(live)} instances, {want} wanted"))
+            ranked = sorted(fresh, key=lambda i: (i.state is InstanceState.READY, -i.created_seq))
+            for inst in ranked[: len(fresh) - want]:
+                decisions.append(Drain(inst.id, f"{len(fresh)} instances, {want} wanted"))
+        decisions.extend(_retire_expiring(expiring, fresh, want, rotation_settle_s))
     return decisions
+
+
+def rotation_lead(spec: ModelSpec, lead_s: float) -> float:
+    """The model's rotation lead: the configured one, but at most half its time
+    limit, so that each job serves at least half its time (a lead as long as
+    the limit would replace every job the moment it became ready)."""
+    limit = spec.slurm.time_limit_s
+    return min(lead_s, limit / 2) if limit else lead_s
+
+
+def _expiring(inst: InstanceView, lead_s: float) -> bool:
+    return (
+        lead_s > 0
+        and inst.state is InstanceState.READY
+        and inst.ends_in_s is not None
+        and inst.ends_in_s <= lead_s
+    )
+
+
+def _retire_expiring(
+    expiring: Sequence[InstanceView], fresh: Sequence[InstanceView], want: int, settle_s: float
+) -> list[Decision]:
+    """Drain expiring instances as far as settled READY replacements cover the wish."""
+    settled = sum(1 for i in fresh if i.state is InstanceState.READY and i.ready_for_s >= settle_s)
+    spare = settled + len(expiring) - want
+    soonest_first = sorted(expiring, key=lambda i: i.ends_in_s or 0.0)
+    return [
+        Drain(i.id, f"time limit in {i.ends_in_s or 0:.0f}s; its replacement is ready")
+        for i in soonest_first[: max(0, spare)]
+    ]
 
 
 def _counts_as_live(inst: InstanceView) -> bool:

@@ -32,6 +32,12 @@ class InstanceRecord:
     # Observed at run time, not stored:
     launcher_phase: LauncherPhase = LauncherPhase.UNKNOWN
     launcher_reason: str = ""
+    launcher_expected_start: float | None = None
+    """PENDING: when the scheduler expects the job to start (epoch seconds)."""
+    launcher_ends_at: float | None = None
+    """RUNNING: when the job's time limit runs out (epoch seconds); None: never."""
+    ready_at: float = 0.0
+    """When this controller saw it become READY (0: before this controller's time)."""
     agent_lost: bool = False
     agent_lost_reason: str = ""
 

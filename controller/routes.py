@@ -63,13 +63,30 @@ def summarize(spec: ModelSpec, instances: Sequence[InstanceRecord], now: float) 
         return ModelSummary(spec, ModelState.READY, "ready", len(ready), len(live), 0)
     if waiting:
         oldest = min(waiting, key=lambda i: i.created_at)
-        remaining = spec.expected_startup_s - (now - oldest.created_at)
-        # Past the usual start time, ask clients to come back soon rather than never.
-        retry = max(1, math.ceil(remaining)) if remaining > 0 else 5
+        if oldest.state is InstanceState.PENDING:
+            retry = pending_retry_after_s(oldest.launcher_expected_start, now, spec)
+        else:
+            remaining = spec.expected_startup_s - (now - oldest.created_at)
+            # Past the usual start time, ask clients to come back soon rather than never.
+            retry = max(1, math.ceil(remaining)) if remaining > 0 else 5
         message = f"{oldest.state.value}: {oldest.reason}" if oldest.reason else oldest.state.value
+        if oldest.launcher_reason and oldest.launcher_reason not in message:
+            message += f"; {oldest.launcher_reason}"  # e.g. "SLURM job 42 is RUNNING on gpu7"
         return ModelSummary(spec, ModelState.STARTING, message, 0, len(live), retry)
     retry = max(1, math.ceil(spec.expected_startup_s))
     return ModelSummary(spec, ModelState.COLD, "no instance running", 0, len(live), retry)
+
+
+PENDING_RETRY_S = 30
+"""Retry-After for a queued job whose scheduler gives no start estimate."""
+
+
+def pending_retry_after_s(expected_start: float | None, now: float, spec: ModelSpec) -> int:
+    """Retry-After for a model whose instance waits in a queue: until the
+    scheduler's expected start, plus the model's usual start-up time."""
+    if expected_start is None:
+        return PENDING_RETRY_S
+    return max(1, math.ceil(max(0.0, expected_start - now) + spec.expected_startup_s))
 
 
 def build_routes(

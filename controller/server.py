@@ -6,16 +6,20 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from controller.adoption import adopt_jobs_when_reachable
 from controller.catalog import Catalog, load_catalog
 from controller.control_loop import ControlLoop
 from controller.executor import Executor
 from controller.fleet import Fleet, FleetTimings
 from controller.launchers.base import Launcher
 from controller.launchers.local import LocalLauncher
+from controller.launchers.slurm import build_slurm_launcher
 from controller.servicers import AgentServicer, ControlServicer
 from controller.settings import ControllerSettings
 from controller.store.sqlite import SqliteStore
@@ -87,6 +91,10 @@ def _advertise_address(settings: ControllerSettings, port: int) -> str:
     return f"{host}:{port}"
 
 
+async def _gather(*work: Coroutine[Any, Any, None]) -> None:
+    await asyncio.gather(*work)
+
+
 async def start_controller(
     settings: ControllerSettings, catalog: Catalog | None = None
 ) -> Controller:
@@ -113,8 +121,10 @@ async def start_controller(
     await server.start()
     await mark_serving(health, SERVICE_NAMES)
 
+    slurm = build_slurm_launcher(settings)  # connects on first use only
     launchers: dict[str, Launcher] = {
         "local": LocalLauncher(settings.state_path / "logs", python=settings.agent_python),
+        "slurm": slurm,
     }
     executor = Executor(fleet, launchers, _advertise_address(settings, port), token)
     control = ControlLoop(
@@ -123,8 +133,12 @@ async def start_controller(
         executor,
         interval_s=settings.reconcile_interval_s,
         drain_timeout_s=settings.drain_timeout_s,
+        rotation_lead_s=settings.slurm_rotation_lead_s,
     )
-    loop_task = asyncio.create_task(control.run(), name="control-loop")
+    # Matching SLURM's queue with the stored instances runs beside the loop (it
+    # waits for SSH if need be); cancelling the loop task cancels both.
+    adoption = adopt_jobs_when_reachable(fleet, slurm, stored=set(fleet.instances))
+    loop_task = asyncio.create_task(_gather(control.run(), adoption), name="control-loop")
     write_port_file(settings.port_file, port)
     log.info(
         "controller serving on %s:%d with %d models (%s)",

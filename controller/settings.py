@@ -7,7 +7,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,9 +41,54 @@ class ControllerSettings(BaseSettings):
     reconnect_grace_s: float = Field(default=15.0, ge=0)
     """After a restart, how long known agents have to reconnect before FAILED."""
     stop_instances_on_exit: bool = True
-    """On a clean shutdown, stop the local instances this controller started."""
+    """On a clean shutdown, stop the instances this controller started (local
+    processes; SLURM jobs are scancelled). Turn off to keep SLURM jobs running
+    across a planned restart: the restarted controller adopts them."""
     agent_python: str = sys.executable
     """Python interpreter that runs `node_agent` for the local launcher."""
+    # --- the slurm launcher (docs/slurm.md). The original proxy's variables
+    # (SSH_HOST, SSH_PORT, SSH_USERNAME, WORKER_SLURM_QOS) keep working beside
+    # their KSCOPE_ names; the aliases match environment names case-insensitively. ---
+    ssh_host: str = Field(default="", validation_alias=AliasChoices("kscope_ssh_host", "ssh_host"))
+    """Login node to submit jobs through (SSH_HOST). Empty: run sbatch on this
+    machine (the controller runs on a login node)."""
+    ssh_port: int = Field(
+        default=22, ge=1, le=65535, validation_alias=AliasChoices("kscope_ssh_port", "ssh_port")
+    )
+    """SSH port of the login node (SSH_PORT)."""
+    ssh_username: str = Field(
+        default="", validation_alias=AliasChoices("kscope_ssh_username", "ssh_username")
+    )
+    """User to log in as (SSH_USERNAME); default: the controller's own user."""
+    ssh_key: Path | None = None
+    """Private key for key authentication; default: ~/.ssh/id_* and the ssh agent."""
+    ssh_known_hosts: Path | None = None
+    """known_hosts file the login node's host key is checked against;
+    default: ~/.ssh/known_hosts."""
+    ssh_insecure_no_host_key_check: bool = False
+    """Accept any host key (man-in-the-middle attacks go unnoticed). Off unless
+    the operator turns it on explicitly."""
+    ssh_connect_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest an SSH connection attempt may take."""
+    slurm_command_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest one sbatch, squeue, sacct or scancel may take."""
+    worker_slurm_qos: str = Field(
+        default="", validation_alias=AliasChoices("kscope_worker_slurm_qos", "worker_slurm_qos")
+    )
+    """QOS for jobs whose catalog entry names none (WORKER_SLURM_QOS)."""
+    slurm_poll_interval_s: float = Field(default=2.0, gt=0)
+    """At most one squeue per this many seconds, for all of KScope's jobs together."""
+    slurm_rotation_lead_s: float = Field(default=600.0, ge=0)
+    """Submit a replacement this long before a running job's time limit; the old
+    job is drained once the replacement is READY. 0 turns rotation off."""
+    slurm_job_prefix: str = Field(default="kscope", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Job names are PREFIX-INSTANCE_ID; a restarted controller finds its jobs by them."""
+    slurm_agent_python: str = ""
+    """Python with KScope installed, as a path on the compute nodes; default: agent_python."""
+    slurm_agent_host: str = "0.0.0.0"
+    """Address the agent inside a job binds; it advertises the node's hostname."""
+    slurm_log_dir: str = "kscope-logs"
+    """Directory for the jobs' output on the cluster; relative to the SSH user's home."""
 
     @property
     def state_path(self) -> Path:

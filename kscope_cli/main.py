@@ -82,6 +82,31 @@ def serve(
     run(run_serve(catalog, host, port, api_key, controller_port, state_dir.expanduser()))
 
 
+@app.command("slurm-script")
+def slurm_script(
+    catalog: Annotated[Path, typer.Option(help="model catalog (TOML)")],
+    model: Annotated[str, typer.Option(help="the model whose job script to print")],
+    controller: Annotated[
+        str, typer.Option(help="host:port the agent dials (default: from the settings)")
+    ] = "",
+) -> None:
+    """Print the batch script the slurm launcher would submit for MODEL (a dry
+    run: nothing is submitted). KSCOPE_* settings and WORKER_SLURM_QOS apply."""
+    from controller.catalog import load_catalog
+    from controller.launchers.slurm import SlurmOptions, dry_run_script
+    from controller.settings import ControllerSettings
+
+    try:
+        spec = load_catalog(catalog).get(model)
+    except CatalogError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--catalog") from exc
+    if spec is None:
+        raise typer.BadParameter(f"{model!r} is not in {catalog}", param_hint="--model")
+    settings = ControllerSettings()
+    address = controller or settings.advertise_address or f"{settings.host}:{settings.port}"
+    typer.echo(dry_run_script(spec, SlurmOptions.from_settings(settings), address), nl=False)
+
+
 def main() -> None:
     app()
 

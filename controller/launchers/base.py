@@ -33,6 +33,10 @@ class LauncherObservation:
 
     phase: LauncherPhase
     reason: str = ""
+    expected_start: float | None = None
+    """PENDING: when the scheduler expects it to start (epoch seconds, this clock)."""
+    ends_at: float | None = None
+    """RUNNING: when its time limit runs out (epoch seconds, this clock); None: never."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from controller.catalog import ModelSpec
 from controller.lifecycle import InstanceState
-from controller.reconciler import Drain, InstanceView, Launch, Stop, decide, wanted_replicas
+from controller.reconciler import (
+    Drain,
+    InstanceView,
+    Launch,
+    Stop,
+    decide,
+    rotation_lead,
+    wanted_replicas,
+)
 
 S = InstanceState
 
@@ -147,3 +155,113 @@ def test_launch_backoff_grows_and_caps() -> None:
     from controller.reconciler import launch_backoff_s
 
     assert [launch_backoff_s(n) for n in range(9)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
+
+
+# --- rotation before a time limit (SLURM jobs) ------------------------------------------------
+
+
+def rot(
+    models: dict[str, ModelSpec],
+    instances: list[InstanceView],
+    demanded: list[str] | None = None,
+    lead_s: float = 60,
+    held_back: tuple[str, ...] = (),
+) -> list[object]:
+    return list(
+        decide(
+            models, instances, demanded=["m"] if demanded is None else demanded,
+            drain_timeout_s=60, held_back=held_back, rotation_lead_s=lead_s, rotation_settle_s=2,
+        )
+    )  # fmt: skip
+
+
+def test_rotation_launches_a_replacement_before_the_time_limit() -> None:
+    old = inst("old", S.READY, ends_in_s=50)
+    assert rot({"m": spec()}, [old]) == [
+        Launch("m", "0 of 1 wanted instances (1 more near their time limit)")
+    ]
+
+
+def test_no_rotation_while_the_time_limit_is_far() -> None:
+    assert rot({"m": spec()}, [inst("old", S.READY, ends_in_s=61)]) == []
+
+
+def test_no_rotation_without_a_time_limit_or_with_rotation_off() -> None:
+    assert rot({"m": spec()}, [inst("old", S.READY, ends_in_s=None)]) == []
+    assert rot({"m": spec()}, [inst("old", S.READY, ends_in_s=5)], lead_s=0) == []
+
+
+def test_only_ready_instances_rotate() -> None:
+    # One still starting is the model's best hope, whatever its clock says.
+    assert rot({"m": spec()}, [inst("new", S.STARTING, ends_in_s=10)]) == []
+
+
+def test_rotation_waits_while_the_replacement_starts() -> None:
+    old = inst("old", S.READY, seq=1, ends_in_s=40)
+    new = inst("new", S.STARTING, seq=2, ends_in_s=120)
+    assert rot({"m": spec()}, [old, new]) == []  # neither drained nor launched again
+
+
+def test_rotation_waits_until_the_replacement_has_settled() -> None:
+    old = inst("old", S.READY, seq=1, ends_in_s=40)
+    new = inst("new", S.READY, seq=2, ends_in_s=120, ready_for_s=1)
+    assert rot({"m": spec()}, [old, new]) == []
+
+
+def test_rotation_drains_the_old_instance_once_the_replacement_is_ready() -> None:
+    old = inst("old", S.READY, seq=1, ends_in_s=40)
+    new = inst("new", S.READY, seq=2, ends_in_s=120, ready_for_s=3)
+    assert rot({"m": spec()}, [old, new]) == [
+        Drain("old", "time limit in 40s; its replacement is ready")
+    ]
+
+
+def test_rotation_never_drains_the_replacement_as_excess() -> None:
+    # Two live instances for a wish of one: the expiring one goes, not the newest.
+    old = inst("old", S.READY, seq=1, ends_in_s=40)
+    new = inst("new", S.READY, seq=2, ends_in_s=120, ready_for_s=30)
+    assert all(d.instance_id == "old" for d in rot({"m": spec()}, [old, new]))  # type: ignore[attr-defined]
+
+
+def test_rotation_of_several_drains_only_what_ready_replacements_cover() -> None:
+    models = {"m": spec(min_replicas=2, max_replicas=2)}
+    a = inst("a", S.READY, seq=1, ends_in_s=10)
+    b = inst("b", S.READY, seq=2, ends_in_s=30)
+    c = inst("c", S.READY, seq=3, ends_in_s=120, ready_for_s=5)
+    d = inst("d", S.STARTING, seq=4, ends_in_s=120)
+    # One replacement is ready: the instance closest to its limit goes first.
+    assert rot(models, [a, b, c, d], demanded=[]) == [
+        Drain("a", "time limit in 10s; its replacement is ready")
+    ]
+
+
+def test_rotation_launches_one_replacement_per_expiring_instance() -> None:
+    models = {"m": spec(min_replicas=2, max_replicas=2)}
+    a = inst("a", S.READY, seq=1, ends_in_s=10)
+    b = inst("b", S.READY, seq=2, ends_in_s=30)
+    assert (
+        rot(models, [a, b], demanded=[])
+        == [Launch("m", "0 of 2 wanted instances (2 more near their time limit)")] * 2
+    )
+
+
+def test_expiring_instance_nobody_wants_is_drained() -> None:
+    models = {"m": spec(min_replicas=0)}
+    assert rot(models, [inst("old", S.READY, ends_in_s=30)], demanded=[]) == [
+        Drain("old", "time limit in 30s; its replacement is ready")
+    ]
+
+
+def test_held_back_model_gets_no_replacement_and_keeps_its_instance() -> None:
+    assert rot({"m": spec()}, [inst("old", S.READY, ends_in_s=30)], held_back=("m",)) == []
+
+
+def test_rotation_lead_is_at_most_half_the_time_limit() -> None:
+    two_minutes = ModelSpec(name="m", model_path="/w", slurm={"time_limit": "2"})  # type: ignore[arg-type]
+    assert rotation_lead(two_minutes, 600) == 60
+    assert rotation_lead(two_minutes, 45) == 45
+    assert rotation_lead(spec(), 600) == 600  # no limit known
+    # A job just started on a 2-minute limit with a 10-minute lead is not expiring yet.
+    fresh = inst("a", S.READY, ends_in_s=119)
+    assert rot({"m": two_minutes}, [fresh], lead_s=600) == []
+    assert rot({"m": two_minutes}, [inst("a", S.READY, ends_in_s=59)], lead_s=600) != []
