@@ -92,6 +92,8 @@ class Controller:
     catalog: Path
     log_dir: Path
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment it was started with (kept across restarts)."""
 
     @property
     def address(self) -> str:
@@ -123,6 +125,7 @@ def start_controller(
     port: int = 0,
     state_dir: Path | None = None,
     name: str = "controller",
+    env: dict[str, str] | None = None,
 ) -> Controller:
     state_dir = state_dir or tmp / "state"
     catalog = tmp / "catalog.toml"
@@ -133,17 +136,17 @@ def start_controller(
         [PYTHON, "-m", "controller.main", "--port", str(port), "--port-file", str(port_file),
          "--state-dir", str(state_dir), "--catalog", str(catalog)],
         tmp / "logs" / f"{name}.log",
-        env={"KSCOPE_RECONNECT_GRACE_S": "20", "KSCOPE_REPORT_INTERVAL_S": "0.5"},
+        env={"KSCOPE_RECONNECT_GRACE_S": "20", "KSCOPE_REPORT_INTERVAL_S": "0.5", **(env or {})},
     )  # fmt: skip
     bound = wait_port_file(port_file, proc)
-    return Controller(proc, bound, state_dir, catalog, tmp / "logs")
+    return Controller(proc, bound, state_dir, catalog, tmp / "logs", env=dict(env or {}))
 
 
 def restart_controller(ctl: Controller, tmp: Path) -> Controller:
     """Start a controller again on the same port and state (after a kill)."""
     fresh = start_controller(
         tmp, ctl.catalog.read_text(), port=ctl.port, state_dir=ctl.state_dir,
-        name=f"controller-{ctl.restarts + 1}",
+        name=f"controller-{ctl.restarts + 1}", env=ctl.env,
     )  # fmt: skip
     fresh.restarts = ctl.restarts + 1
     return fresh
