@@ -20,7 +20,7 @@ test: install install-vllm slurm-up ## every test, real processes included (SLUR
 	$(PY) -m pytest tests
 
 # A one-node SLURM (munged, slurmctld, slurmd) and an sshd on 127.0.0.1, from
-# Debian's packages; state, configs and logs in $${KSCOPE_SLURM_DIR:-/tmp/kscope-slurm}.
+# Debian's packages; state, configs and logs in $KSCOPE_SLURM_DIR (/tmp/kscope-slurm).
 slurm-up: ## start the test SLURM and sshd (idempotent)
 	scripts/slurm-up.sh
 
