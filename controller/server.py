@@ -17,13 +17,23 @@ from controller.catalog import Catalog, load_catalog
 from controller.control_loop import ControlLoop
 from controller.executor import Executor
 from controller.fleet import Fleet, FleetTimings
+from controller.key_servicer import KeyServicer
+from controller.keys import KeyRegistry
 from controller.launchers.base import Launcher
 from controller.launchers.local import LocalLauncher
 from controller.launchers.slurm import build_slurm_launcher
 from controller.servicers import AgentServicer, ControlServicer
 from controller.settings import ControllerSettings
+from controller.store.keys import KeyStore
 from controller.store.sqlite import SqliteStore
-from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+from kscope.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    control_pb2,
+    control_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
 from kscope_common.grpc_server import (
     SERVER_OPTIONS,
     add_health_and_reflection,
@@ -37,6 +47,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = [
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
 ]
 
 
@@ -52,6 +63,9 @@ class Controller:
     executor: Executor
     loop_task: asyncio.Task[None]
     settings: ControllerSettings
+    keys: KeyRegistry | None = None
+    admin_key: str | None = None
+    """The bootstrap admin key (state_dir/admin-key) while it is usable."""
 
     @property
     def address(self) -> str:
@@ -67,6 +81,8 @@ class Controller:
             await launcher.close(self.settings.stop_instances_on_exit)
         await self.server.stop(grace_s)
         self.store.close()
+        if self.keys is not None:
+            self.keys.close()
 
 
 async def _resolve_catalog(
@@ -112,10 +128,18 @@ async def start_controller(
         ),
     )
     await fleet.load()
+    keys = KeyRegistry(
+        KeyStore(settings.database_path),
+        token,
+        settings.key_default_ttl_days * 86400,
+        settings.key_max_ttl_days * 86400,
+    )
+    admin_key = await keys.bootstrap_admin(settings.admin_key_path)
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(fleet), server)
     control_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(fleet), server)
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.host, settings.port)
     await server.start()
@@ -144,4 +168,6 @@ async def start_controller(
         "controller serving on %s:%d with %d models (%s)",
         settings.host, port, len(fleet.catalog.models), ", ".join(fleet.catalog.names),
     )  # fmt: skip
-    return Controller(server, port, fleet, store, launchers, executor, loop_task, settings)
+    return Controller(
+        server, port, fleet, store, launchers, executor, loop_task, settings, keys, admin_key
+    )

@@ -46,6 +46,11 @@ class ControllerSettings(BaseSettings):
     across a planned restart: the restarted controller adopts them."""
     agent_python: str = sys.executable
     """Python interpreter that runs `node_agent` for the local launcher."""
+    key_default_ttl_days: float = Field(default=180.0, gt=0)
+    """Lifetime of an API key created without an explicit expiry."""
+    key_max_ttl_days: float = Field(default=3650.0, gt=0)
+    """The longest lifetime an API key may be given."""
+
     # --- the slurm launcher (docs/slurm.md). The original proxy's variables
     # (SSH_HOST, SSH_PORT, SSH_USERNAME, WORKER_SLURM_QOS) keep working beside
     # their KSCOPE_ names; the aliases match environment names case-insensitively. ---
@@ -97,6 +102,11 @@ class ControllerSettings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.state_path / "kscope.db"
+
+    @property
+    def admin_key_path(self) -> Path:
+        """Where the bootstrap admin key is written (mode 600) at first start."""
+        return self.state_path / "admin-key"
 
     def resolve_token(self) -> str:
         """The registration token; created (mode 600) in state_dir on first use."""

@@ -1,0 +1,138 @@
+"""KeyService: a thin translation of API-key RPCs onto the KeyRegistry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controller.keys import (
+    Caller,
+    Forbidden,
+    InvalidKeyRequest,
+    KeyFailure,
+    KeyNotFound,
+    KeyRecord,
+    KeyRegistry,
+    KeyRole,
+    NotAuthenticated,
+)
+from kscope.v1 import keys_pb2, keys_pb2_grpc
+
+Context = grpc.aio.ServicerContext[object, object]
+
+_ROLE_TO_PROTO = {KeyRole.USER: keys_pb2.KEY_ROLE_USER, KeyRole.ADMIN: keys_pb2.KEY_ROLE_ADMIN}
+_CODES = {
+    NotAuthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    KeyNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidKeyRequest: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def key_to_proto(key: KeyRecord) -> keys_pb2.ApiKey:
+    return keys_pb2.ApiKey(
+        id=key.id,
+        owner=key.owner,
+        name=key.name,
+        role=_ROLE_TO_PROTO[key.role],
+        models=list(key.models),
+        created_at=_timestamp(key.created_at),
+        expires_at=_timestamp(key.expires_at),
+        revoked=key.revoked,
+        prefix=key.prefix,
+    )
+
+
+def bearer(context: Context) -> str:
+    """The credential in the call's `authorization: Bearer …` metadata, or ''."""
+    for name, value in context.invocation_metadata() or ():
+        if name == "authorization" and isinstance(value, str):
+            scheme, _, credential = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return credential.strip()
+    return ""
+
+
+async def _abort(context: Context, exc: KeyFailure) -> None:
+    await context.abort(_CODES.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+
+
+class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
+    def __init__(self, registry: KeyRegistry):
+        self._keys = registry
+
+    async def _caller(self, context: Context) -> Caller:
+        return await self._keys.caller(bearer(context))
+
+    async def CreateKey(
+        self, request: keys_pb2.CreateKeyRequest, context: Context
+    ) -> keys_pb2.CreateKeyResponse:
+        role = KeyRole.ADMIN if request.role == keys_pb2.KEY_ROLE_ADMIN else KeyRole.USER
+        try:
+            key, secret = await self._keys.create(
+                await self._caller(context),
+                request.owner,
+                request.name,
+                float(request.expires_in_seconds),
+                tuple(request.models),
+                role,
+            )
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.CreateKeyResponse(key=key_to_proto(key), secret=secret)
+
+    async def ListKeys(
+        self, request: keys_pb2.ListKeysRequest, context: Context
+    ) -> keys_pb2.ListKeysResponse:
+        try:
+            keys = await self._keys.list_keys(
+                await self._caller(context), request.owner, request.include_revoked
+            )
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.ListKeysResponse(keys=[key_to_proto(k) for k in keys])
+
+    async def RevokeKey(
+        self, request: keys_pb2.RevokeKeyRequest, context: Context
+    ) -> keys_pb2.RevokeKeyResponse:
+        try:
+            key = await self._keys.revoke(await self._caller(context), request.key_id)
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.RevokeKeyResponse(key=key_to_proto(key))
+
+    async def AuthenticateKey(
+        self, request: keys_pb2.AuthenticateKeyRequest, context: Context
+    ) -> keys_pb2.AuthenticateKeyResponse:
+        try:
+            key = await self._keys.authenticate(request.secret)
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.AuthenticateKeyResponse(key=key_to_proto(key), key_hash=key.key_hash)
+
+    async def WatchKeyEvents(
+        self, request: keys_pb2.WatchKeyEventsRequest, context: Context
+    ) -> AsyncIterator[keys_pb2.WatchKeyEventsResponse]:
+        queue = self._keys.watch()
+        try:
+            # An empty first message tells the facade the stream is live.
+            yield keys_pb2.WatchKeyEventsResponse()
+            while True:
+                hashes = await queue.get()
+                while not queue.empty():
+                    hashes.extend(queue.get_nowait())
+                yield keys_pb2.WatchKeyEventsResponse(revoked_key_hashes=hashes)
+        finally:
+            self._keys.unwatch(queue)
