@@ -41,6 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_GATEWAY_CMD = (
     "kscope serve --engine openai --upstream-url {upstream_url} --model {model}"
     " --host 127.0.0.1 --port {port} --controller-port 0 --state-dir {state_dir}"
+    " --no-require-key"
 )
 GATEWAY_CPU = 0
 CLIENT_CPU = 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from facade.auth import GRANT_SCOPE_KEY, KeyChecker, PendingCheck
 from facade.errors import ApiError
 from facade.models_api import models_router
 from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send, send_error
@@ -37,9 +37,7 @@ class FacadeApp:
         self.table = RouteTable()
         self.watcher: RouteWatcher | None = None
         self.proxy: InferenceProxy | None = None
-        self._api_key = (
-            f"Bearer {settings.api_key.get_secret_value()}".encode() if settings.api_key else None
-        )
+        self.keys: KeyChecker | None = None
         self.api = self._build_api()
 
     @contextlib.asynccontextmanager
@@ -47,13 +45,24 @@ class FacadeApp:
         # Channels must be created inside the running loop, not at import.
         self.watcher = RouteWatcher(self.settings.controller, self.table)
         self.proxy = InferenceProxy(self.settings, self.table, self.watcher)
+        self.keys = KeyChecker(
+            self.settings.controller,
+            self.settings.api_key.get_secret_value() if self.settings.api_key else None,
+            self.settings.require_key,
+            self.settings.key_cache_ttl_s,
+        )
         task = asyncio.create_task(self.watcher.run(), name="route-watcher")
+        key_task = asyncio.create_task(self.keys.watch(), name="key-watcher")
         try:
             yield
         finally:
             task.cancel()
+            key_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await key_task
+            await self.keys.close()
             await self.watcher.close()
             await self.table.close()
 
@@ -65,6 +74,11 @@ class FacadeApp:
         )
         api.include_router(models_router(self.table))
         api.include_router(queue_router(self.table, lambda: self.watcher))
+        if self.settings.portal.enabled:
+            # Imported here: the portal (Jinja2, sessions) stays off the /v1 path.
+            from facade.portal.routes import create_portal
+
+            api.mount("/portal", create_portal(self.settings, self.table, lambda: self.keys))
 
         @api.get("/health")
         async def health() -> dict[str, object]:
@@ -94,32 +108,21 @@ class FacadeApp:
 
         return api
 
-    def _authorized(self, scope: Scope) -> ApiError | None:
-        if self._api_key is None:
-            return None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                if hmac.compare_digest(value, self._api_key):
-                    return None
-                return ApiError(
-                    401, "Incorrect API key provided.", "authentication_error",
-                    code="invalid_api_key",
-                )  # fmt: skip
-        return ApiError(
-            401,
-            "Missing API key: send 'Authorization: Bearer <key>'.",
-            "authentication_error",
-            code="missing_api_key",
-        )
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
             if path.startswith("/v1/"):
-                denied = self._authorized(scope)
-                if denied is not None:
-                    await send_error(send, denied)
+                if self.keys is None:
+                    await send_error(send, ApiError(503, "starting", code="starting"))
                     return
+                verdict = self.keys.check(scope)
+                if type(verdict) is PendingCheck:
+                    # Only keys not seen lately ask the controller.
+                    verdict = await self.keys.fetch(verdict)
+                if isinstance(verdict, ApiError):
+                    await send_error(send, verdict)
+                    return
+                scope[GRANT_SCOPE_KEY] = verdict
                 kind = KINDS.get(path)
                 if kind is not None and self.proxy is not None:
                     if scope["method"] != "POST":

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import orjson
 
+from facade.auth import GRANT_SCOPE_KEY, Grant, model_forbidden
 from facade.errors import ApiError
 from facade.exchange import AgentFailure, MultiplexExchange, PerCallExchange
 from facade.routing import RouteTable, RouteWatcher, Target
@@ -171,6 +172,9 @@ class InferenceProxy:
             model, stream = parse_request(body, kind, self._settings.default_model)
             if self._settings.default_model and model not in self._table.models:
                 model = self._settings.default_model
+            grant: Grant | None = scope.get(GRANT_SCOPE_KEY)
+            if grant is not None and not grant.allows(model):
+                raise model_forbidden(model)
             target = await self._target(model)
         except ApiError as error:
             await send_error(send, error)

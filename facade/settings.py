@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from facade.portal.settings import PortalSettings
+
 
 class FacadeSettings(BaseSettings):
     """Everything one facade process is configured with."""
@@ -28,7 +30,15 @@ class FacadeSettings(BaseSettings):
     controller: str = "127.0.0.1:50051"
     """host:port of the controller."""
     api_key: SecretStr | None = None
-    """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
+    """A static key accepted beside the controller's stored keys (`kscope serve --api-key`)."""
+    require_key: bool = True
+    """Every /v1 request must carry a valid key (a stored one or api_key); false
+    leaves /v1 open (a trusted network, benchmarks)."""
+    key_cache_ttl_s: float = Field(default=30.0, gt=0)
+    """How long the controller's answer about a key is reused; revocations are
+    pushed and take effect at once regardless."""
+    portal: PortalSettings = Field(default_factory=PortalSettings)
+    """The web portal (KSCOPE_PORTAL_* variables)."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     """Larger request bodies are refused with 413."""
     request_timeout_s: float = Field(default=600.0, gt=0)

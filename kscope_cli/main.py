@@ -10,6 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from controller.catalog import CatalogError
+from kscope_cli.ops import register as register_operator_commands
 from kscope_common.daemon import run
 from kscope_common.logs import configure_logging
 
@@ -62,6 +63,10 @@ def serve(
     ] = None,
     controller_port: Annotated[int, typer.Option(help="controller gRPC port (0: any)")] = 50051,
     state_dir: Annotated[Path, typer.Option(help="SQLite and logs")] = Path("~/.kscope/serve"),
+    require_key: Annotated[
+        bool,
+        typer.Option(help="every /v1 request needs a key (the printed admin key, or --api-key)"),
+    ] = True,
 ) -> None:
     """Run controller, facade and one agent for one model, on this machine."""
     from kscope_cli.serve import QueueOptions, build_catalog
@@ -79,7 +84,11 @@ def serve(
         )  # fmt: skip
     except (ValidationError, CatalogError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    run(run_serve(catalog, host, port, api_key, controller_port, state_dir.expanduser()))
+    run(
+        run_serve(
+            catalog, host, port, api_key, controller_port, state_dir.expanduser(), require_key
+        )
+    )
 
 
 @app.command("slurm-script")
@@ -105,6 +114,9 @@ def slurm_script(
     settings = ControllerSettings()
     address = controller or settings.advertise_address or f"{settings.host}:{settings.port}"
     typer.echo(dry_run_script(spec, SlurmOptions.from_settings(settings), address), nl=False)
+
+
+register_operator_commands(app)
 
 
 def main() -> None:

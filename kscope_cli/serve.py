@@ -13,6 +13,7 @@ from controller.catalog import Catalog, EngineKind, ModelSpec
 from controller.server import start_controller
 from controller.settings import ControllerSettings
 from facade.main import serve_http
+from facade.portal.settings import PortalSettings
 from facade.settings import FacadeSettings
 
 log = logging.getLogger("kscope.serve")
@@ -31,6 +32,30 @@ KScope is up: {base_url}/v1 serves model '{model}' (it answers 503 + Retry-After
   python -c 'from openai import OpenAI; c = OpenAI(base_url="{base_url}/v1", api_key="{key}"); \\
 print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}]))'
 """
+
+
+def keys_text(base_url: str, state_dir: Path, admin_key: str | None, controller: str) -> str:
+    """How to get keys and into the portal, printed under the usage text."""
+    users = state_dir / "users.toml"
+    lines = []
+    if admin_key:
+        lines.append(
+            f"  admin API key: {admin_key}   (also in {state_dir / 'admin-key'}, mode 600)"
+        )
+    lines += [
+        f"  more keys: kscope keys create --name NAME --controller {controller} --key <admin key>",
+        f"  web portal: {base_url}/portal  (add a login: kscope users add NAME --file {users})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def local_portal(state_dir: Path, admin_key: str | None) -> PortalSettings:
+    """The portal of `kscope serve`: local users beside the state, the admin key to
+    manage keys, and (unless KSCOPE_PORTAL_* says otherwise) the rest by default."""
+    overrides: dict[str, object] = {"users_file": state_dir / "users.toml"}
+    if admin_key:
+        overrides["service_key"] = SecretStr(admin_key)
+    return PortalSettings(**overrides)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,7 @@ async def serve(
     api_key: str | None,
     controller_port: int,
     state_dir: Path,
+    require_key: bool = True,
 ) -> None:
     controller = await start_controller(
         ControllerSettings(host="127.0.0.1", port=controller_port, state_dir=state_dir),
@@ -88,6 +114,8 @@ async def serve(
         port=port,
         controller=f"127.0.0.1:{controller.port}",
         api_key=SecretStr(api_key) if api_key else None,
+        require_key=require_key,
+        portal=local_portal(state_dir, controller.admin_key),
         # The single-model MLX server answered whatever model a request named (or
         # none); its clients keep working unchanged.
         default_model=model if spec.engine is EngineKind.MLX_VLM else "",
@@ -95,7 +123,13 @@ async def serve(
 
     def announce(bound: int) -> None:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        print(usage_text(f"http://{shown}:{bound}", model, api_key), flush=True)
+        base_url = f"http://{shown}:{bound}"
+        key = api_key or (controller.admin_key if require_key else None)
+        print(usage_text(base_url, model, key), flush=True)
+        print(
+            keys_text(base_url, state_dir, controller.admin_key, f"127.0.0.1:{controller.port}"),
+            flush=True,
+        )
 
     try:
         await serve_http(facade_settings, on_started=announce)

@@ -191,13 +191,19 @@ def start_facade(
     api_key: str | None = None,
     name: str = "facade",
     multiplex: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Facade:
+    """A facade; without api_key (and without KSCOPE_REQUIRE_KEY in env) /v1 is open."""
     port_file = tmp / f"{name}.port"
     argv = [PYTHON, "-m", "facade.main", "--port", "0", "--port-file", str(port_file),
             "--controller", f"127.0.0.1:{controller_port}"]  # fmt: skip
     if api_key:
         argv += ["--api-key", api_key]
-    env = {"KSCOPE_MULTIPLEX": "1" if multiplex else "0"}
+    env = {
+        "KSCOPE_MULTIPLEX": "1" if multiplex else "0",
+        "KSCOPE_REQUIRE_KEY": "1" if api_key else "0",
+        **(env or {}),
+    }
     proc = Proc(argv, tmp / "logs" / f"{name}.log", env=env)
     return Facade(proc, wait_port_file(port_file, proc))
 

@@ -1,0 +1,223 @@
+"""API-key checks on the token path, with no controller round trip per request.
+
+A key is known by the SHA-256 of its secret. The facade keeps what the
+controller said about each hash for a short while (`key_cache_ttl_s`), and the
+controller pushes revocations on WatchKeyEvents, so a revoked key is refused
+within a second everywhere. While that stream is down, cached answers are
+trusted for one second only. A cached check is one dict lookup: no await.
+
+Secrets never appear in logs or error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from facade.errors import ApiError
+from kscope.v1 import keys_pb2, keys_pb2_grpc
+from kscope_common.grpc_server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+
+GRANT_SCOPE_KEY = "kscope.grant"
+"""Where the checked grant rides in the ASGI scope, for the model check."""
+_UNWATCHED_TTL_S = 1.0
+"""How long a cached answer holds while revocations cannot reach us."""
+_NEGATIVE_TTL_S = 1.0
+"""How long an unknown key is refused without asking the controller again."""
+_AUTH_CALL_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a request's key allows."""
+
+    owner: str
+    models: tuple[str, ...] = ()
+    """Names or fnmatch patterns; empty: every model."""
+    expires_at: float = float("inf")
+
+    def allows(self, model: str) -> bool:
+        return not self.models or any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+
+OPEN = Grant(owner="anonymous")
+"""Every request's grant when the facade requires no key."""
+STATIC = Grant(owner="static-key")
+"""The grant of the --api-key single static key."""
+
+
+@dataclass
+class _Cached:
+    grant: Grant | None
+    """None: the controller refused this key."""
+    checked_at: float
+
+
+@dataclass(frozen=True)
+class PendingCheck:
+    """A key the cache cannot answer for: ask the controller (KeyChecker.fetch)."""
+
+    secret: str
+    key_hash: str
+
+
+def _unauthorized(message: str, code: str = "invalid_api_key") -> ApiError:
+    return ApiError(401, message, "authentication_error", code=code)
+
+
+MISSING = _unauthorized("Missing API key: send 'Authorization: Bearer <key>'.", "missing_api_key")
+INVALID = _unauthorized("Incorrect API key provided.")
+EXPIRED = _unauthorized("The API key has expired.", "expired_api_key")
+
+
+def model_forbidden(model: str) -> ApiError:
+    return ApiError(
+        403, f"This API key may not use the model '{model}'.", "permission_error",
+        param="model", code="model_not_allowed",
+    )  # fmt: skip
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, secret = value.partition(b" ")
+            return secret.strip() if scheme.lower() == b"bearer" else b""
+    return None
+
+
+class KeyChecker:
+    """Answers "may this request go on?" for the /v1 endpoints."""
+
+    def __init__(self, controller: str, static_key: str | None, required: bool, cache_ttl_s: float):
+        self._static = static_key.encode() if static_key else None
+        self.required = required or static_key is not None
+        self._ttl_s = cache_ttl_s
+        self._cache: dict[str, _Cached] = {}
+        self._revoked: set[str] = set()
+        self._inflight: dict[str, asyncio.Future[Grant | ApiError]] = {}
+        self.watching = False
+        self._channel = grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS)
+        self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
+
+    @property
+    def stub(self) -> keys_pb2_grpc.KeyServiceStub:
+        """The KeyService client on this facade's channel (the portal uses it too)."""
+        return self._stub
+
+    def check(self, scope: Scope) -> Grant | ApiError | PendingCheck:
+        """The grant, the refusal, or a PendingCheck when the controller must be asked."""
+        if not self.required:
+            return OPEN
+        secret = _bearer(scope["headers"])
+        if not secret:
+            return MISSING
+        if self._static is not None and hmac.compare_digest(secret, self._static):
+            return STATIC
+        if not secret.startswith(b"ks-"):
+            return INVALID
+        # A dict lookup by hash: the secret itself is never compared byte by byte.
+        key_hash = hashlib.sha256(secret).hexdigest()
+        if key_hash in self._revoked:
+            return INVALID
+        cached = self._cache.get(key_hash)
+        if cached is not None:
+            ttl = self._ttl_s if self.watching else _UNWATCHED_TTL_S
+            if cached.grant is None:
+                ttl = _NEGATIVE_TTL_S
+            if time.monotonic() - cached.checked_at < ttl:
+                return self._judge(cached.grant)
+        return PendingCheck(secret.decode("latin-1"), key_hash)
+
+    @staticmethod
+    def _judge(grant: Grant | None) -> Grant | ApiError:
+        if grant is None:
+            return INVALID
+        if time.time() >= grant.expires_at:
+            return EXPIRED
+        return grant
+
+    async def fetch(self, pending: PendingCheck) -> Grant | ApiError:
+        """Ask the controller about a key; concurrent requests with one key share the call."""
+        future = self._inflight.get(pending.key_hash)
+        if future is None:
+            future = asyncio.ensure_future(self._authenticate(pending))
+            self._inflight[pending.key_hash] = future
+            future.add_done_callback(lambda _: self._inflight.pop(pending.key_hash, None))
+        return await asyncio.shield(future)
+
+    async def _authenticate(self, pending: PendingCheck) -> Grant | ApiError:
+        try:
+            reply = await self._stub.AuthenticateKey(
+                keys_pb2.AuthenticateKeyRequest(secret=pending.secret),
+                timeout=_AUTH_CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+                self._cache[pending.key_hash] = _Cached(None, time.monotonic())
+                return EXPIRED if "expired" in (exc.details() or "") else INVALID
+            stale = self._cache.get(pending.key_hash)
+            log.warning("AuthenticateKey failed: %s", exc.code().name)
+            if stale is not None and stale.grant is not None:
+                # The controller is unreachable, so nobody can revoke anything
+                # meanwhile: the last answer still holds.
+                return self._judge(stale.grant)
+            return ApiError(
+                503, "cannot check the API key right now; retry shortly",
+                "service_unavailable_error", code="auth_unavailable", retry_after_s=1,
+            )  # fmt: skip
+        if pending.key_hash in self._revoked:
+            return INVALID
+        key = reply.key
+        grant = Grant(
+            owner=key.owner,
+            models=tuple(key.models),
+            expires_at=key.expires_at.ToNanoseconds() / 1e9,
+        )
+        self._cache[pending.key_hash] = _Cached(grant, time.monotonic())
+        return self._judge(grant)
+
+    def revoked(self, key_hashes: Iterable[str]) -> None:
+        for key_hash in key_hashes:
+            self._revoked.add(key_hash)
+            self._cache.pop(key_hash, None)
+
+    async def watch(self) -> None:
+        """Follow WatchKeyEvents forever, reconnecting with backoff."""
+        if not self.required:
+            return
+        backoff = 0.1
+        while True:
+            try:
+                async for event in self._stub.WatchKeyEvents(keys_pb2.WatchKeyEventsRequest()):
+                    if not self.watching:
+                        # Revocations may have been missed while disconnected.
+                        self._cache.clear()
+                        self.watching = True
+                        backoff = 0.1
+                    self.revoked(event.revoked_key_hashes)
+            except grpc.aio.AioRpcError as exc:
+                if self.watching:
+                    log.warning("key event stream lost: %s", exc.code().name)
+            self.watching = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def close(self) -> None:
+        for future in list(self._inflight.values()):
+            future.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._channel.close(None)

@@ -1,0 +1,1 @@
+"""The web portal: log in (LDAP or local users), manage API keys, see models, connect."""
