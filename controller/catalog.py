@@ -108,7 +108,8 @@ class ModelSpec(BaseModel):
     upstream_model: str = ""
     """The model name the upstream knows; defaults to `name`."""
     launcher: str = "local"
-    """Which launcher starts its instances: local (a process here) or slurm."""
+    """Which launcher starts its instances: local (a process here), slurm, or
+    host (a host agent that offers the model, e.g. a Mac under launchd)."""
     min_replicas: int = Field(default=0, ge=0)
     """Instances kept running even without traffic."""
     max_replicas: int = Field(default=1, ge=1)
@@ -128,6 +129,9 @@ class ModelSpec(BaseModel):
     """Requests that may wait in an instance's queue (agent default 100); more get 429."""
     queue_timeout_s: float | None = Field(default=None, gt=0)
     """Longest a request waits in the queue before a 504 (agent default 300 s)."""
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+    """Without requests this long, instances above min_replicas are drained (a
+    host agent unloads the model); unset: they stay once launched."""
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     """Job resources and setup for the slurm launcher."""
 
@@ -135,7 +139,9 @@ class ModelSpec(BaseModel):
     def _engine_needs_its_source(self) -> ModelSpec:
         if self.engine == EngineKind.OPENAI and not self.upstream_url:
             raise ValueError(f"model {self.name!r}: engine 'openai' needs upstream_url")
-        if self.engine != EngineKind.OPENAI and not self.model_path:
+        # Host agents find a model's weights on their own disk (they offer it by name).
+        needs_path = self.engine != EngineKind.OPENAI and self.launcher != "host"
+        if needs_path and not self.model_path:
             raise ValueError(f"model {self.name!r}: engine {self.engine.value!r} needs model_path")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"model {self.name!r}: min_replicas > max_replicas")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.fleet import AgentCommand, DrainCommand, LoadModelCommand
 from controller.lifecycle import AgentPhase, InstanceState
-from controller.records import AgentRecord, InstanceRecord
+from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
 from kscope.v1 import agent_pb2, control_pb2
 
@@ -98,4 +101,35 @@ def agent_to_proto(agent: AgentRecord) -> control_pb2.Agent:
         engine_url=agent.engine_url,
         pid=agent.pid,
         last_report_at=timestamp(agent.last_report_at),
+        host_agent=agent.host_agent,
+        memory_bytes=agent.memory_bytes,
+        hosted_instances=sorted(i for i, h in agent.hosted.items() if h.running),
+    )
+
+
+def hosted_from_proto(
+    hosted: Iterable[agent_pb2.HostedInstance],
+) -> dict[str, HostedState]:
+    return {h.instance_id: HostedState(h.running, h.detail) for h in hosted}
+
+
+def command_to_proto(command: AgentCommand) -> agent_pb2.SessionResponse:
+    """A command for an agent's Session stream."""
+    if isinstance(command, DrainCommand):
+        return agent_pb2.SessionResponse(drain=agent_pb2.DrainCommand(reason=command.reason))
+    if isinstance(command, LoadModelCommand):
+        spec = command.spec
+        load = agent_pb2.LoadModelCommand(
+            instance_id=command.instance_id, model=spec.name, engine=spec.engine.value,
+            engine_args=list(spec.engine_args),
+        )  # fmt: skip
+        if spec.max_concurrency is not None:
+            load.max_concurrency = spec.max_concurrency
+        if spec.queue_size is not None:
+            load.queue_size = spec.queue_size
+        if spec.queue_timeout_s is not None:
+            load.queue_timeout_s = spec.queue_timeout_s
+        return agent_pb2.SessionResponse(load_model=load)
+    return agent_pb2.SessionResponse(
+        unload_model=agent_pb2.UnloadModelCommand(instance_id=command.instance_id)
     )

@@ -25,7 +25,7 @@ from controller.lifecycle import (
     derive_state,
 )
 from controller.reconciler import InstanceView, launch_backoff_s
-from controller.records import AgentRecord, InstanceRecord
+from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
 
@@ -55,7 +55,22 @@ class DrainCommand:
     reason: str
 
 
-AgentCommand = DrainCommand
+@dataclass(frozen=True)
+class LoadModelCommand:
+    """Ask a host agent to start an instance of a model it offers."""
+
+    instance_id: str
+    spec: ModelSpec
+
+
+@dataclass(frozen=True)
+class UnloadModelCommand:
+    """Ask a host agent to stop an instance it started."""
+
+    instance_id: str
+
+
+AgentCommand = DrainCommand | LoadModelCommand | UnloadModelCommand
 
 
 @dataclass
@@ -93,6 +108,8 @@ class Fleet:
         self.agents: dict[str, AgentRecord] = {}
         self._sessions: dict[str, _Session] = {}
         self.demanded: set[str] = set()
+        self.demanded_at: dict[str, float] = {}
+        """When EnsureModel last asked for each model."""
         self._started_at = time.time()
         self._next_seq = 1
         self.route_version = 0
@@ -146,10 +163,31 @@ class Fleet:
         spec = self.catalog.get(model)
         if spec is None:
             raise UnknownEntity(f"model {model!r} is not in the catalog")
+        self.demanded_at[model] = time.time()
         if model not in self.demanded:
             self.demanded.add(model)
             self.wake.set()
         return summarize(spec, self._instances_of(model), time.time())
+
+    def expire_idle_demand(self, now: float) -> None:
+        """Forget the demand for models idle past their idle_timeout_s, so the
+        reconciler drains them down to min_replicas (a host agent unloads them)."""
+        for model in list(self.demanded):
+            spec = self.catalog.get(model)
+            if spec is None or spec.idle_timeout_s is None:
+                continue
+            busy = [self.demanded_at.get(model, 0.0)]
+            for inst in self._instances_of(model):
+                if inst.state.ended or inst.stop_requested:
+                    continue
+                agent = self.agents.get(inst.agent_id)
+                # One still starting (a cold start may outlast the timeout) is not idle.
+                ready = inst.state is InstanceState.READY and agent is not None
+                busy.append(agent.last_busy_at or now if ready and agent else now)
+            if now - max(busy) >= spec.idle_timeout_s:
+                log.info("model %s idle for %.0f s: unloading", model, now - max(busy))
+                self.demanded.discard(model)
+                self.wake.set()
 
     def _instances_of(self, model: str) -> list[InstanceRecord]:
         return [i for i in self.instances.values() if i.model == model]
@@ -175,7 +213,7 @@ class Fleet:
         """Attach a (re)registering agent to its instance; returns it with its id."""
         inst = self.instances.get(agent.instance_id)
         if not agent.instance_id:
-            raise Refused("host agents (no instance id) are not supported yet")
+            return await self._register_host_agent(agent)
         if inst is None:
             raise UnknownEntity(f"instance {agent.instance_id!r} does not exist")
         if inst.state.ended:
@@ -192,6 +230,21 @@ class Fleet:
         await self._store.save_agent(agent)
         await self.save(inst)
         log.info("agent %s registered for instance %s at %s", agent.id, inst.id, agent.address)
+        return agent
+
+    async def _register_host_agent(self, agent: AgentRecord) -> AgentRecord:
+        """A host agent has no instance: it is kept by its address, so one that
+        reconnects keeps its id (and the instances the host launcher placed on it)."""
+        if not agent.host_agent:
+            raise Refused("an agent without an instance id must register as a host agent")
+        known = [a for a in self.agents.values() if a.host_agent and a.address == agent.address]
+        agent.id = known[0].id if known else f"host-{uuid.uuid4().hex[:10]}"
+        agent.registered_at = agent.last_report_at = time.time()
+        self.agents[agent.id] = agent
+        await self._store.save_agent(agent)
+        log.info("host agent %s registered at %s offering %s", agent.id, agent.address,
+                 ", ".join(agent.models) or "no models")  # fmt: skip
+        self.wake.set()
         return agent
 
     def open_session(self, agent_id: str, token: str) -> asyncio.Queue[AgentCommand]:
@@ -219,13 +272,22 @@ class Fleet:
         detail: str,
         max_concurrency: int = 0,
         max_queue_size: int = 0,
+        served: int = 0,
+        hosted: Mapping[str, HostedState] | None = None,
     ) -> None:
         agent = self.agents.get(agent_id)
         if agent is None:
             return
         changed = agent.phase is not phase
+        now = time.time()
+        if in_flight or queued or served != agent.served or not agent.last_busy_at:
+            agent.last_busy_at = now
         agent.phase, agent.in_flight, agent.queued, agent.detail = phase, in_flight, queued, detail
         agent.max_concurrency, agent.max_queue_size = max_concurrency, max_queue_size
+        agent.served = served
+        if hosted is not None:
+            changed = changed or dict(hosted) != agent.hosted
+            agent.hosted = dict(hosted)
         agent.last_report_at = time.time()
         if changed:
             self.wake.set()
@@ -294,6 +356,7 @@ class Fleet:
     async def refresh(self) -> None:
         """Derive every instance's state from the facts; persist and publish changes."""
         now = time.time()
+        self.expire_idle_demand(now)
         for inst in list(self.instances.values()):
             state, reason = derive_state(self.facts(inst, now))
             if state is InstanceState.FAILED and inst.state is InstanceState.FAILED:

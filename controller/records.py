@@ -65,3 +65,20 @@ class AgentRecord:
     """The agent's queue limits (0: no limit)."""
     max_queue_size: int = 0
     connected: bool = False
+    served: int = 0
+    """Requests finished since the agent started (from its reports)."""
+    last_busy_at: float = 0.0
+    """When a report last showed requests in flight, queued or newly served."""
+    host_agent: bool = False
+    """A host agent: no instance of its own; it loads `models` when asked."""
+    memory_bytes: int = 0
+    hosted: dict[str, HostedState] = field(default_factory=dict)
+    """A host agent's instances, by instance id, from its latest report."""
+
+
+@dataclass(frozen=True)
+class HostedState:
+    """One instance a host agent started, as it reports it."""
+
+    running: bool
+    detail: str = ""

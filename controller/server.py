@@ -20,6 +20,7 @@ from controller.fleet import Fleet, FleetTimings
 from controller.key_servicer import KeyServicer
 from controller.keys import KeyRegistry
 from controller.launchers.base import Launcher
+from controller.launchers.host import HostLauncher
 from controller.launchers.local import LocalLauncher
 from controller.launchers.slurm import build_slurm_launcher
 from controller.servicers import AgentServicer, ControlServicer
@@ -149,6 +150,7 @@ async def start_controller(
     launchers: dict[str, Launcher] = {
         "local": LocalLauncher(settings.state_path / "logs", python=settings.agent_python),
         "slurm": slurm,
+        "host": HostLauncher(fleet),
     }
     executor = Executor(fleet, launchers, _advertise_address(settings, port), token)
     control = ControlLoop(

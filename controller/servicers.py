@@ -11,12 +11,13 @@ import grpc
 from controller.convert import (
     AGENT_PHASE_FROM_PROTO,
     agent_to_proto,
+    command_to_proto,
+    hosted_from_proto,
     instance_to_proto,
     model_to_proto,
     route_to_proto,
 )
 from controller.fleet import (
-    AgentCommand,
     Fleet,
     FleetError,
     NotAuthenticated,
@@ -62,6 +63,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     engine=request.engine,
                     engine_url=request.engine_url,
                     pid=request.pid,
+                    host_agent=request.host_agent,
+                    memory_bytes=request.memory_bytes,
                 )
             )
         except FleetError as exc:
@@ -99,7 +102,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 if next_command not in done:
                     next_command.cancel()
                     break
-                yield _command_to_proto(next_command.result())
+                yield command_to_proto(next_command.result())
         finally:
             reader.cancel()
             self._fleet.close_session(agent_id, commands)
@@ -119,11 +122,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 report.detail,
                 max_concurrency=report.max_concurrency,
                 max_queue_size=report.max_queue_size,
+                served=report.served,
+                hosted=hosted_from_proto(report.hosted) if report.hosted else None,
             )
-
-
-def _command_to_proto(command: AgentCommand) -> agent_pb2.SessionResponse:
-    return agent_pb2.SessionResponse(drain=agent_pb2.DrainCommand(reason=command.reason))
 
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):

@@ -41,6 +41,9 @@ class AgentIdentity:
     engine: str
     engine_url: str
     token: str
+    host_agent: bool = False
+    """No instance of its own: it loads the models it offers when asked."""
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,16 +55,21 @@ class Report:
     max_concurrency: int = 0
     """0: no limit."""
     max_queue_size: int = 0
+    served: int = 0
+    hosted: tuple[agent_pb2.HostedInstance, ...] = ()
+    """A host agent's instances."""
 
     def to_proto(self) -> agent_pb2.LoadReport:
         return agent_pb2.LoadReport(
             phase=self.phase, in_flight=self.in_flight, queued=self.queued, detail=self.detail,
             max_concurrency=self.max_concurrency, max_queue_size=self.max_queue_size,
+            served=self.served, hosted=self.hosted,
         )  # fmt: skip
 
 
 class ControllerLink:
-    """Keeps the agent registered; calls `on_drain` when the controller says so."""
+    """Keeps the agent registered; calls `on_drain` when the controller says so,
+    and `on_command` with any other command (a host agent's load and unload)."""
 
     def __init__(
         self,
@@ -69,11 +77,13 @@ class ControllerLink:
         identity: AgentIdentity,
         current_report: Callable[[], Report],
         on_drain: Callable[[str], None],
+        on_command: Callable[[agent_pb2.SessionResponse], None] | None = None,
     ):
         self._controller = controller
         self._identity = identity
         self._current_report = current_report
         self._on_drain = on_drain
+        self._on_command = on_command
         self.report_now = asyncio.Event()
         """Set to send a report at once (a phase change)."""
         self._closing = asyncio.Event()
@@ -116,6 +126,8 @@ class ControllerLink:
                 engine=ident.engine,
                 engine_url=ident.engine_url,
                 pid=os.getpid(),
+                host_agent=ident.host_agent,
+                memory_bytes=ident.memory_bytes,
             ),
             timeout=5,
         )
@@ -145,6 +157,11 @@ class ControllerLink:
             if command.WhichOneof("command") == "drain":
                 log.info("controller asks to drain: %s", command.drain.reason)
                 self._on_drain(command.drain.reason)
+            elif self._on_command is not None:
+                self._on_command(command)
+            else:
+                log.warning("ignoring a %s command: this agent does not take it",
+                            command.WhichOneof("command"))  # fmt: skip
         log.info("session with the controller ended")
 
     def close(self) -> None:

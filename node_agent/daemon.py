@@ -53,6 +53,7 @@ class Agent:
             self.phase, self.load.in_flight, self.load.queued, self.detail,
             max_concurrency=max(limits.max_concurrency, 0),
             max_queue_size=0 if limits.unlimited else limits.max_queue_size,
+            served=self.load.served,
         )  # fmt: skip
 
     def _set_phase(self, phase: agent_pb2.AgentPhase.ValueType, detail: str) -> None:

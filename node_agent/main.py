@@ -1,17 +1,23 @@
-"""`kscope-agent`: one node agent (started by a launcher, or by hand)."""
+"""`kscope-agent`: one node agent (started by a launcher, or by hand), or with
+--host-agent a machine's host agent; `kscope-agent install-launchd` and
+`uninstall-launchd` manage the macOS LaunchAgent that runs a host agent."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from kscope_common.daemon import run
 from kscope_common.logs import configure_logging
+from node_agent import launchd
 from node_agent.daemon import Agent
 from node_agent.engines.factory import UnknownEngine
+from node_agent.host import HostAgent, OfferError, parse_offers
+from node_agent.launchd import LaunchdError, read_token_file
 from node_agent.settings import AgentSettings
 
 log = logging.getLogger("node_agent")
@@ -42,23 +48,49 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         type=float,
         help="seconds a request may wait in the queue",
     )
+    parser.add_argument(
+        "--host-agent",
+        action="store_const",
+        const=True,
+        help="no instance of its own: load the models it offers on request",
+    )
+    parser.add_argument(
+        "--models",
+        dest="host_models",
+        help="host agent: NAME=PATH entries or model directories, comma-separated",
+    )
+    parser.add_argument(
+        "--token-file", type=Path, help="read the registration token from this private file"
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return AgentSettings(**overrides)
+    settings = AgentSettings(**overrides)
+    if settings.token_file is not None:
+        token = read_token_file(settings.token_file.expanduser())
+        settings = settings.model_copy(update={"registration_token": SecretStr(token)})
+    return settings
 
 
 async def serve(settings: AgentSettings) -> None:
-    code = await Agent(settings).run()
+    if settings.host_agent:
+        code = await HostAgent(settings, parse_offers(settings.host_models)).run()
+    else:
+        code = await Agent(settings).run()
     if code:
         raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("install-launchd", "uninstall-launchd"):
+        sys.exit(launchd.main(args))
     configure_logging("agent")
     try:
-        settings = parse_settings(argv)
+        settings = parse_settings(args)
+        if settings.host_agent:
+            parse_offers(settings.host_models)  # a bad --models fails now, not on load
         run(serve(settings))
-    except (ValidationError, UnknownEngine) as exc:
+    except (ValidationError, UnknownEngine, LaunchdError, OfferError) as exc:
         sys.exit(f"kscope-agent: {exc}")
 
 

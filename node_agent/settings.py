@@ -68,6 +68,17 @@ class AgentSettings(BaseSettings):
     """Largest image a request may carry or name (mlx_vlm)."""
     image_fetch_timeout_s: float = Field(default=10.0, gt=0)
     """Longest fetching one image URL may take (mlx_vlm)."""
+    host_agent: bool = False
+    """Run as a host agent: no instance of its own; the controller asks it to
+    load the models it offers (host_models) and to unload them."""
+    host_models: str = ""
+    """The models a host agent offers: comma-separated NAME=PATH entries, or
+    directories whose model subdirectories are offered under their names."""
+    host_state_dir: Path = Path("~/.kscope/host")
+    """Where a host agent keeps its instances' logs."""
+    token_file: Path | None = None
+    """Read the registration token from this file (readable by its owner only)
+    instead of KSCOPE_REGISTRATION_TOKEN; how launchd starts a host agent."""
 
     @field_validator("engine_args", mode="before")
     @classmethod

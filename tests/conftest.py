@@ -26,6 +26,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen2-VL for MLX-VLM, built offline (tools/tiny_vlm.py)."""
+    out = tmp_path_factory.mktemp("models") / "tiny-vlm"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "tiny_vlm.py"), str(out)], check=True, timeout=120
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def vllm_python() -> Path:
     if not VLLM_PYTHON.exists():
         pytest.fail(f"vLLM is not installed at {VLLM_PYTHON}: run `make install-vllm`")

@@ -61,8 +61,12 @@ class _Failed:
     error: BaseException
 
 
-_END = object()
-_Event = _Token | _Failed | object
+@dataclass(frozen=True)
+class _Ended:
+    """The thread is done with the job; normally after a token with a finish reason."""
+
+
+_Event = _Token | _Failed | _Ended
 
 
 @dataclass(eq=False)
@@ -135,7 +139,7 @@ def _generate(loaded: _Loaded, job: _Job) -> None:
         return
     finally:
         results.close()  # runs mlx-vlm's clean-up even when we stop early
-    job.emit(_END)
+    job.emit(_Ended())
 
 
 class IncrementalText:
@@ -316,8 +320,8 @@ class _Render:
                 raise EngineError(500, f"generation failed: {event.error}") from event.error
             if isinstance(event, _Token):
                 chunks += self._token(event)
-            elif event is _END:  # the thread ended without a final token (cancelled)
-                chunks += self._finish("length")
+            elif isinstance(event, _Ended):  # no final token came: never leave the client hanging
+                chunks += self._finish("stop")
         return chunks
 
     def _token(self, token: _Token) -> list[bytes]:

@@ -25,51 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kscope/v1/control.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\x05\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.kscope.v1.ModelState\x12\x15\n\rstate_message\x18\x06 \x01(\t\x12\x16\n\x0eready_replicas\x18\x07 \x01(\x05\x12\x15\n\rlive_replicas\x18\x08 \x01(\x05\x12\x10\n\x08launcher\x18\t \x01(\t\"\xf7\x02\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.kscope.v1.InstanceState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08launcher\x18\x05 \x01(\t\x12\x14\n\x0clauncher_ref\x18\x06 \x01(\t\x12\x15\n\ragent_address\x18\x07 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x08 \x01(\t\x12\x12\n\nengine_url\x18\t \x01(\t\x12\x11\n\tin_flight\x18\n \x01(\x05\x12\x0e\n\x06queued\x18\x0b \x01(\x05\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmax_concurrency\x18\x0e \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x0f \x01(\x05\"\xc0\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x32\n\x0elast_report_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.kscope.v1.Model\"<\n\x14ListInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rinclude_ended\x18\x02 \x01(\x08\"?\n\x15ListInstancesResponse\x12&\n\tinstances\x18\x01 \x03(\x0b\x32\x13.kscope.v1.Instance\"\x13\n\x11ListAgentsRequest\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.kscope.v1.Agent\"#\n\x12\x45nsureModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\x13\x45nsureModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.kscope.v1.Model\x12\x1b\n\x13retry_after_seconds\x18\x02 \x01(\x05\"*\n\x13StopInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"=\n\x14StopInstanceResponse\x12%\n\x08instance\x18\x01 \x01(\x0b\x32\x13.kscope.v1.Instance\"\x14\n\x12WatchRoutesRequest\"0\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"r\n\nModelRoute\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.kscope.v1.Model\x12&\n\tendpoints\x18\x02 \x03(\x0b\x32\x13.kscope.v1.Endpoint\x12\x1b\n\x13retry_after_seconds\x18\x03 \x01(\x05\"M\n\x13WatchRoutesResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x06routes\x18\x02 \x03(\x0b\x32\x15.kscope.v1.ModelRoute*\x92\x02\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INSTANCE_STATE_REQUESTED\x10\x01\x12\x1c\n\x18INSTANCE_STATE_SUBMITTED\x10\x02\x12\x1a\n\x16INSTANCE_STATE_PENDING\x10\x03\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x04\x12\x18\n\x14INSTANCE_STATE_READY\x10\x05\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x06\x12\x1a\n\x16INSTANCE_STATE_STOPPED\x10\x07\x12\x19\n\x15INSTANCE_STATE_FAILED\x10\x08*p\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_STATE_COLD\x10\x01\x12\x18\n\x14MODEL_STATE_STARTING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x32\xe9\x03\n\x0e\x43ontrolService\x12I\n\nListModels\x12\x1c.kscope.v1.ListModelsRequest\x1a\x1d.kscope.v1.ListModelsResponse\x12R\n\rListInstances\x12\x1f.kscope.v1.ListInstancesRequest\x1a .kscope.v1.ListInstancesResponse\x12I\n\nListAgents\x12\x1c.kscope.v1.ListAgentsRequest\x1a\x1d.kscope.v1.ListAgentsResponse\x12L\n\x0b\x45nsureModel\x12\x1d.kscope.v1.EnsureModelRequest\x1a\x1e.kscope.v1.EnsureModelResponse\x12O\n\x0cStopInstance\x12\x1e.kscope.v1.StopInstanceRequest\x1a\x1f.kscope.v1.StopInstanceResponse\x12N\n\x0bWatchRoutes\x12\x1d.kscope.v1.WatchRoutesRequest\x1a\x1e.kscope.v1.WatchRoutesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kscope/v1/control.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\x05\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.kscope.v1.ModelState\x12\x15\n\rstate_message\x18\x06 \x01(\t\x12\x16\n\x0eready_replicas\x18\x07 \x01(\x05\x12\x15\n\rlive_replicas\x18\x08 \x01(\x05\x12\x10\n\x08launcher\x18\t \x01(\t\"\xf7\x02\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.kscope.v1.InstanceState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08launcher\x18\x05 \x01(\t\x12\x14\n\x0clauncher_ref\x18\x06 \x01(\t\x12\x15\n\ragent_address\x18\x07 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x08 \x01(\t\x12\x12\n\nengine_url\x18\t \x01(\t\x12\x11\n\tin_flight\x18\n \x01(\x05\x12\x0e\n\x06queued\x18\x0b \x01(\x05\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmax_concurrency\x18\x0e \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x0f \x01(\x05\"\x84\x02\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x32\n\x0elast_report_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nhost_agent\x18\n \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\x0b \x01(\x03\x12\x18\n\x10hosted_instances\x18\x0c \x03(\t\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.kscope.v1.Model\"<\n\x14ListInstancesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rinclude_ended\x18\x02 \x01(\x08\"?\n\x15ListInstancesResponse\x12&\n\tinstances\x18\x01 \x03(\x0b\x32\x13.kscope.v1.Instance\"\x13\n\x11ListAgentsRequest\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.kscope.v1.Agent\"#\n\x12\x45nsureModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\x13\x45nsureModelResponse\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.kscope.v1.Model\x12\x1b\n\x13retry_after_seconds\x18\x02 \x01(\x05\"*\n\x13StopInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"=\n\x14StopInstanceResponse\x12%\n\x08instance\x18\x01 \x01(\x0b\x32\x13.kscope.v1.Instance\"\x14\n\x12WatchRoutesRequest\"0\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"r\n\nModelRoute\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.kscope.v1.Model\x12&\n\tendpoints\x18\x02 \x03(\x0b\x32\x13.kscope.v1.Endpoint\x12\x1b\n\x13retry_after_seconds\x18\x03 \x01(\x05\"M\n\x13WatchRoutesResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x06routes\x18\x02 \x03(\x0b\x32\x15.kscope.v1.ModelRoute*\x92\x02\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INSTANCE_STATE_REQUESTED\x10\x01\x12\x1c\n\x18INSTANCE_STATE_SUBMITTED\x10\x02\x12\x1a\n\x16INSTANCE_STATE_PENDING\x10\x03\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x04\x12\x18\n\x14INSTANCE_STATE_READY\x10\x05\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x06\x12\x1a\n\x16INSTANCE_STATE_STOPPED\x10\x07\x12\x19\n\x15INSTANCE_STATE_FAILED\x10\x08*p\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_STATE_COLD\x10\x01\x12\x18\n\x14MODEL_STATE_STARTING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x32\xe9\x03\n\x0e\x43ontrolService\x12I\n\nListModels\x12\x1c.kscope.v1.ListModelsRequest\x1a\x1d.kscope.v1.ListModelsResponse\x12R\n\rListInstances\x12\x1f.kscope.v1.ListInstancesRequest\x1a .kscope.v1.ListInstancesResponse\x12I\n\nListAgents\x12\x1c.kscope.v1.ListAgentsRequest\x1a\x1d.kscope.v1.ListAgentsResponse\x12L\n\x0b\x45nsureModel\x12\x1d.kscope.v1.EnsureModelRequest\x1a\x1e.kscope.v1.EnsureModelResponse\x12O\n\x0cStopInstance\x12\x1e.kscope.v1.StopInstanceRequest\x1a\x1f.kscope.v1.StopInstanceResponse\x12N\n\x0bWatchRoutes\x12\x1d.kscope.v1.WatchRoutesRequest\x1a\x1e.kscope.v1.WatchRoutesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kscope.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSTANCESTATE']._serialized_start=1632
-  _globals['_INSTANCESTATE']._serialized_end=1906
-  _globals['_MODELSTATE']._serialized_start=1908
-  _globals['_MODELSTATE']._serialized_end=2020
+  _globals['_INSTANCESTATE']._serialized_start=1700
+  _globals['_INSTANCESTATE']._serialized_end=1974
+  _globals['_MODELSTATE']._serialized_start=1976
+  _globals['_MODELSTATE']._serialized_end=2088
   _globals['_MODEL']._serialized_start=72
   _globals['_MODEL']._serialized_end=279
   _globals['_INSTANCE']._serialized_start=282
   _globals['_INSTANCE']._serialized_end=657
   _globals['_AGENT']._serialized_start=660
-  _globals['_AGENT']._serialized_end=852
-  _globals['_LISTMODELSREQUEST']._serialized_start=854
-  _globals['_LISTMODELSREQUEST']._serialized_end=873
-  _globals['_LISTMODELSRESPONSE']._serialized_start=875
-  _globals['_LISTMODELSRESPONSE']._serialized_end=929
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=931
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=991
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=993
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1056
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1058
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1077
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1079
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1133
-  _globals['_ENSUREMODELREQUEST']._serialized_start=1135
-  _globals['_ENSUREMODELREQUEST']._serialized_end=1170
-  _globals['_ENSUREMODELRESPONSE']._serialized_start=1172
-  _globals['_ENSUREMODELRESPONSE']._serialized_end=1255
-  _globals['_STOPINSTANCEREQUEST']._serialized_start=1257
-  _globals['_STOPINSTANCEREQUEST']._serialized_end=1299
-  _globals['_STOPINSTANCERESPONSE']._serialized_start=1301
-  _globals['_STOPINSTANCERESPONSE']._serialized_end=1362
-  _globals['_WATCHROUTESREQUEST']._serialized_start=1364
-  _globals['_WATCHROUTESREQUEST']._serialized_end=1384
-  _globals['_ENDPOINT']._serialized_start=1386
-  _globals['_ENDPOINT']._serialized_end=1434
-  _globals['_MODELROUTE']._serialized_start=1436
-  _globals['_MODELROUTE']._serialized_end=1550
-  _globals['_WATCHROUTESRESPONSE']._serialized_start=1552
-  _globals['_WATCHROUTESRESPONSE']._serialized_end=1629
-  _globals['_CONTROLSERVICE']._serialized_start=2023
-  _globals['_CONTROLSERVICE']._serialized_end=2512
+  _globals['_AGENT']._serialized_end=920
+  _globals['_LISTMODELSREQUEST']._serialized_start=922
+  _globals['_LISTMODELSREQUEST']._serialized_end=941
+  _globals['_LISTMODELSRESPONSE']._serialized_start=943
+  _globals['_LISTMODELSRESPONSE']._serialized_end=997
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=999
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1059
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1061
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1124
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1126
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1145
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1147
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1201
+  _globals['_ENSUREMODELREQUEST']._serialized_start=1203
+  _globals['_ENSUREMODELREQUEST']._serialized_end=1238
+  _globals['_ENSUREMODELRESPONSE']._serialized_start=1240
+  _globals['_ENSUREMODELRESPONSE']._serialized_end=1323
+  _globals['_STOPINSTANCEREQUEST']._serialized_start=1325
+  _globals['_STOPINSTANCEREQUEST']._serialized_end=1367
+  _globals['_STOPINSTANCERESPONSE']._serialized_start=1369
+  _globals['_STOPINSTANCERESPONSE']._serialized_end=1430
+  _globals['_WATCHROUTESREQUEST']._serialized_start=1432
+  _globals['_WATCHROUTESREQUEST']._serialized_end=1452
+  _globals['_ENDPOINT']._serialized_start=1454
+  _globals['_ENDPOINT']._serialized_end=1502
+  _globals['_MODELROUTE']._serialized_start=1504
+  _globals['_MODELROUTE']._serialized_end=1618
+  _globals['_WATCHROUTESRESPONSE']._serialized_start=1620
+  _globals['_WATCHROUTESRESPONSE']._serialized_end=1697
+  _globals['_CONTROLSERVICE']._serialized_start=2091
+  _globals['_CONTROLSERVICE']._serialized_end=2580
 # @@protoc_insertion_point(module_scope)

@@ -216,6 +216,9 @@ class Agent(_message.Message):
     ENGINE_URL_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     LAST_REPORT_AT_FIELD_NUMBER: _builtins.int
+    HOST_AGENT_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    HOSTED_INSTANCES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     instance_id: _builtins.str
     address: _builtins.str
@@ -223,10 +226,17 @@ class Agent(_message.Message):
     engine: _builtins.str
     engine_url: _builtins.str
     pid: _builtins.int
+    host_agent: _builtins.bool
+    """A host agent: it loads the models it offers when asked."""
+    memory_bytes: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def last_report_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def hosted_instances(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The instances a host agent runs now."""
+
     def __init__(
         self,
         *,
@@ -239,10 +249,13 @@ class Agent(_message.Message):
         engine_url: _builtins.str = ...,
         pid: _builtins.int = ...,
         last_report_at: _timestamp_pb2.Timestamp | None = ...,
+        host_agent: _builtins.bool = ...,
+        memory_bytes: _builtins.int = ...,
+        hosted_instances: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_report_at", b"last_report_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "engine_url", b"engine_url", "hostname", b"hostname", "id", b"id", "instance_id", b"instance_id", "last_report_at", b"last_report_at", "models", b"models", "pid", b"pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "engine_url", b"engine_url", "host_agent", b"host_agent", "hosted_instances", b"hosted_instances", "hostname", b"hostname", "id", b"id", "instance_id", b"instance_id", "last_report_at", b"last_report_at", "memory_bytes", b"memory_bytes", "models", b"models", "pid", b"pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
