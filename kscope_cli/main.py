@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -64,9 +65,14 @@ def serve(
     controller_port: Annotated[int, typer.Option(help="controller gRPC port (0: any)")] = 50051,
     state_dir: Annotated[Path, typer.Option(help="SQLite and logs")] = Path("~/.kscope/serve"),
     require_key: Annotated[
-        bool,
-        typer.Option(help="every /v1 request needs a key (the printed admin key, or --api-key)"),
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--require-key/--no-require-key",
+            help="every /v1 request needs a key (the printed admin key, or --api-key); "
+            "default: on when --api-key is given or --host is not a loopback address, "
+            "off otherwise, as with `vllm serve`",
+        ),
+    ] = None,
 ) -> None:
     """Run controller, facade and one agent for one model, on this machine."""
     from kscope_cli.serve import QueueOptions, build_catalog
@@ -84,11 +90,23 @@ def serve(
         )  # fmt: skip
     except (ValidationError, CatalogError) as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if require_key is None:
+        require_key = bool(api_key) or not is_loopback(host)
     run(
         run_serve(
             catalog, host, port, api_key, controller_port, state_dir.expanduser(), require_key
         )
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (then keys are optional)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command("slurm-script")

@@ -470,7 +470,6 @@ def test_kscope_serve_answers_the_original_readme_examples(
             "300",
             "--queue-size",
             "100",
-            "--no-require-key",  # the original server had no keys; its clients send none
             "--port",
             "0",
             "--controller-port",

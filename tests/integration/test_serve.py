@@ -66,3 +66,11 @@ def test_model_type_is_a_synonym_of_engine(tmp_path: Path, flag: str) -> None:
     proc = Proc([PYTHON, "-m", "kscope_cli.main", "serve", flag, "openai"], tmp_path / "x.log")
     assert proc.popen.wait(30) != 0
     assert "needs --upstream-url" in proc.log()
+
+
+def test_serve_requires_keys_only_off_loopback() -> None:
+    from kscope_cli.main import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    assert not is_loopback("gpu-node.example.org")
