@@ -7,17 +7,11 @@ worker thread behind one lock.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from controller.keys import KeyRecord, KeyRole
-
-T = TypeVar("T")
+from controller.store.base import SqliteFile
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -53,26 +47,11 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
     )
 
 
-class KeyStore:
+class KeyStore(SqliteFile):
     """API keys in the controller's SQLite file."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return fn()
-
-        return await asyncio.to_thread(locked)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA)
 
     async def insert(self, key: KeyRecord) -> None:
         row = (

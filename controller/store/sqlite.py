@@ -6,19 +6,13 @@ them on the single connection.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from controller.catalog import Catalog, ModelSpec
 from controller.lifecycle import InstanceState
 from controller.records import AgentRecord, InstanceRecord
-
-T = TypeVar("T")
+from controller.store.base import SqliteFile
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -67,27 +61,11 @@ _AGENT_COLUMNS = (
 ).split()
 
 
-class SqliteStore:
+class SqliteStore(SqliteFile):
     """The controller's durable state in one SQLite file."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return fn()
-
-        return await asyncio.to_thread(locked)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA)
 
     # --- catalog -----------------------------------------------------------------------------
 
