@@ -132,6 +132,14 @@ class ModelSpec(BaseModel):
     idle_timeout_s: float | None = Field(default=None, gt=0)
     """Without requests this long, instances above min_replicas are drained (a
     host agent unloads the model); unset: they stay once launched."""
+    target_in_flight: float | None = Field(default=None, gt=0)
+    """Requests (in flight and queued) one instance should carry; the reconciler
+    launches more instances, up to max_replicas, while the model carries more per
+    instance, and drains them when it carries less. Unset: no scaling by load."""
+    scale_up_window_s: float = Field(default=30.0, ge=0)
+    """Load must call for more instances this long before any is launched."""
+    scale_down_window_s: float = Field(default=300.0, ge=0)
+    """Load must call for fewer instances this long before any is drained."""
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     """Job resources and setup for the slurm launcher."""
 

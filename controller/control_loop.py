@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from controller.executor import Executor
@@ -57,6 +58,7 @@ class ControlLoop:
             self._drain_timeout_s,
             held_back=self._fleet.held_back(),
             rotation_lead_s=self._rotation_lead_s,
+            by_load=self._fleet.scale_by_load(time.time()),
         )
         if decisions:
             await self._executor.execute(decisions)

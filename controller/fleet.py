@@ -24,7 +24,13 @@ from controller.lifecycle import (
     LauncherPhase,
     derive_state,
 )
-from controller.reconciler import InstanceView, launch_backoff_s
+from controller.reconciler import (
+    InstanceView,
+    Scale,
+    launch_backoff_s,
+    load_recommendation,
+    stabilised,
+)
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
@@ -115,6 +121,8 @@ class Fleet:
         self.route_version = 0
         self._route_signature: object = None
         self._routes_changed = asyncio.Condition()
+        self._load_samples: dict[str, list[tuple[float, int]]] = {}
+        """Per model with a target_in_flight: (time, instances its load called for)."""
         self.wake = asyncio.Event()
         """Set when something happened that the control loop should act on now."""
 
@@ -446,8 +454,35 @@ class Fleet:
                     else None,
                     # READY since before this controller started: long settled.
                     ready_for_s=now - inst.ready_at if inst.ready_at else math.inf,
+                    load=agent.in_flight + agent.queued if agent is not None else 0,
                 )
             )
+        return out
+
+    def scale_by_load(self, now: float) -> dict[str, Scale]:
+        """Sample each scaled model's load and return what it calls for once
+        stabilised over the model's windows (see reconciler.stabilised)."""
+        out: dict[str, Scale] = {}
+        for spec in self.catalog.models:
+            if spec.target_in_flight is None:
+                continue
+            live = [
+                i
+                for i in self._instances_of(spec.name)
+                if not i.state.ended and not i.stop_requested
+            ]
+            load = 0
+            for inst in live:
+                agent = self.agents.get(inst.agent_id)
+                if agent is not None and agent.connected:
+                    load += agent.in_flight + agent.queued
+            samples = self._load_samples.setdefault(spec.name, [])
+            samples.append((now, load_recommendation(spec, load)))
+            keep = max(spec.scale_up_window_s, spec.scale_down_window_s) + 5.0
+            # Keep one sample older than the longest window: it shows the window is covered.
+            while len(samples) > 1 and samples[1][0] <= now - keep:
+                samples.pop(0)
+            out[spec.name] = stabilised(samples, now, len(live), spec)
         return out
 
     def held_back(self) -> list[str]:

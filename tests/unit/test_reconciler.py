@@ -8,9 +8,12 @@ from controller.reconciler import (
     Drain,
     InstanceView,
     Launch,
+    Scale,
     Stop,
     decide,
+    load_recommendation,
     rotation_lead,
+    stabilised,
     wanted_replicas,
 )
 
@@ -265,3 +268,100 @@ def test_rotation_lead_is_at_most_half_the_time_limit() -> None:
     fresh = inst("a", S.READY, ends_in_s=119)
     assert rot({"m": two_minutes}, [fresh], lead_s=600) == []
     assert rot({"m": two_minutes}, [inst("a", S.READY, ends_in_s=59)], lead_s=600) != []
+
+
+# --- scaling by load ------------------------------------------------------------------------
+
+
+def scaled(
+    max_replicas: int = 3, up_s: float = 10, down_s: float = 60, min_replicas: int = 0
+) -> ModelSpec:
+    return ModelSpec(
+        name="m", model_path="/w", min_replicas=min_replicas, max_replicas=max_replicas,
+        target_in_flight=4, scale_up_window_s=up_s, scale_down_window_s=down_s,
+    )  # fmt: skip
+
+
+def test_load_recommendation_divides_by_the_target_and_caps_at_max() -> None:
+    assert load_recommendation(scaled(), 0) == 0
+    assert load_recommendation(scaled(), 1) == 1
+    assert load_recommendation(scaled(), 8) == 2
+    assert load_recommendation(scaled(), 9) == 3
+    assert load_recommendation(scaled(max_replicas=3), 100) == 3
+    assert load_recommendation(spec(), 100) == 0  # no target: no scaling by load
+
+
+def test_scale_up_only_after_the_whole_up_window_called_for_it() -> None:
+    s = scaled(up_s=10)
+    assert stabilised([(95.0, 3), (100.0, 3)], 100.0, 1, s).replicas == 1  # window not covered
+    assert stabilised([(89.0, 1), (95.0, 3), (100.0, 3)], 100.0, 1, s).replicas == 3
+    # One dip inside the window: only as far as the smallest call.
+    assert stabilised([(90.0, 3), (95.0, 2), (100.0, 3)], 100.0, 1, s).replicas == 2
+    assert stabilised([(90.0, 3), (95.0, 1), (100.0, 3)], 100.0, 1, s).replicas == 1
+    assert stabilised([], 100.0, 1, s) == Scale(1)
+
+
+def test_scale_down_only_after_the_whole_down_window_called_for_it() -> None:
+    s = scaled(up_s=10, down_s=60)
+    assert stabilised([(50.0, 1), (100.0, 0)], 100.0, 3, s).replicas == 3  # not covered
+    assert stabilised([(40.0, 1), (70.0, 0), (100.0, 0)], 100.0, 3, s).replicas == 1
+    assert stabilised([(40.0, 1), (70.0, 3), (100.0, 0)], 100.0, 3, s).replicas == 3
+    down = stabilised([(40.0, 0), (100.0, 0)], 100.0, 2, s)
+    assert down.replicas == 0
+    assert "at most 0 instances for 60s" in down.reason
+
+
+def test_load_launches_up_to_what_it_calls_for_with_its_reason() -> None:
+    instances = [inst("a", S.READY, load=12)]
+    scale = Scale(3, "load called for 3 instances for 10s (target 4 in flight each)")
+    decisions = decide({"m": scaled()}, instances, ["m"], 60, by_load={"m": scale})
+    assert decisions == [Launch("m", f"1 of 3 wanted instances: {scale.reason}")] * 2
+
+
+def test_load_never_scales_above_max_replicas() -> None:
+    instances = [inst("a", S.READY), inst("b", S.READY, seq=2)]
+    decisions = decide({"m": scaled(max_replicas=2)}, instances, ["m"], 60,
+                       by_load={"m": Scale(5, "x")})  # fmt: skip
+    assert decisions == []
+
+
+def test_pending_instances_count_as_capacity_for_load() -> None:
+    instances = [inst("a", S.READY, load=12), inst("b", S.PENDING, seq=2),
+                 inst("c", S.STARTING, seq=3)]  # fmt: skip
+    assert decide({"m": scaled()}, instances, ["m"], 60, by_load={"m": Scale(3, "x")}) == []
+
+
+def test_instances_the_load_keeps_are_not_drained_while_demanded() -> None:
+    instances = [inst("a", S.READY), inst("b", S.READY, seq=2), inst("c", S.READY, seq=3)]
+    assert decide({"m": scaled()}, instances, ["m"], 60, by_load={"m": Scale(3)}) == []
+
+
+def test_scale_down_drains_ready_instances_least_loaded_first() -> None:
+    instances = [inst("a", S.READY, load=3), inst("b", S.READY, seq=2, load=0),
+                 inst("c", S.READY, seq=3, load=1)]  # fmt: skip
+    decisions = decide({"m": scaled()}, instances, ["m"], 60, by_load={"m": Scale(1, "low")})
+    assert decisions == [Drain("b", "3 instances, 1 wanted: low"),
+                         Drain("c", "3 instances, 1 wanted: low")]  # fmt: skip
+
+
+def test_idle_policy_never_cancels_a_pending_job() -> None:
+    instances = [inst("ready", S.READY, seq=1), inst("pending", S.PENDING, seq=2)]
+    decisions = decide({"m": scaled()}, instances, demanded=[], drain_timeout_s=60,
+                       by_load={"m": Scale(0, "idle")})  # fmt: skip
+    assert decisions == [Drain("ready", "2 instances, 0 wanted: idle")]
+    only_pending = [inst("pending", S.PENDING)]
+    assert decide({"m": scaled()}, only_pending, demanded=[], drain_timeout_s=60) == []
+
+
+def test_scale_to_zero_drains_the_last_instance_without_demand() -> None:
+    decisions = decide({"m": scaled()}, [inst("a", S.READY)], demanded=[], drain_timeout_s=60,
+                       by_load={"m": Scale(0)})  # fmt: skip
+    assert decisions == [Drain("a", "1 instances, 0 wanted")]
+    # Demand (within idle_timeout) keeps one even when load calls for none.
+    assert decide({"m": scaled()}, [inst("a", S.READY)], ["m"], 60, by_load={"m": Scale(0)}) == []
+
+
+def test_scale_down_keeps_min_replicas() -> None:
+    instances = [inst("a", S.READY), inst("b", S.READY, seq=2)]
+    decisions = decide({"m": scaled(min_replicas=2)}, instances, [], 60, by_load={"m": Scale(0)})
+    assert decisions == []

@@ -1,0 +1,160 @@
+"""Scaling by load with real processes: a controller, a facade and agents (the
+`openai` engine) in front of a paced bench/upstream.py, loaded by concurrent
+OpenAI SDK streams."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from kscope.v1 import control_pb2
+from tests.procs import (
+    Controller,
+    Facade,
+    start_controller,
+    start_facade,
+    start_upstream,
+    stop_instances_left_behind,
+    wait_until,
+)
+
+pytestmark = pytest.mark.autoscale
+
+READY = control_pb2.INSTANCE_STATE_READY
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller, Facade]]:
+    tmp: Path = tmp_path_factory.mktemp("autoscale")
+    paced = start_upstream(tmp, "--token-interval-ms", "20", name="paced")
+    catalog = f"""
+[[models]]
+name = "scaled"
+engine = "openai"
+upstream_url = "{paced.url}"
+max_replicas = 3
+target_in_flight = 2
+scale_up_window_s = 1
+scale_down_window_s = 3
+idle_timeout_s = 3
+expected_startup_s = 3
+"""
+    controller = start_controller(tmp, catalog, env={"KSCOPE_RECONCILE_INTERVAL_S": "0.5"})
+    facade = start_facade(tmp, controller.port)
+    try:
+        yield controller, facade
+    finally:
+        facade.proc.stop()
+        controller.proc.stop()
+        stop_instances_left_behind(controller.state_dir)
+        paced.proc.stop()
+
+
+def _live(controller: Controller) -> list[control_pb2.Instance]:
+    return controller.list_instances(model="scaled")
+
+
+def _ready(controller: Controller) -> int:
+    return sum(1 for i in _live(controller) if i.state == READY)
+
+
+class Load:
+    """Workers that each run one SDK stream after another until told to stop."""
+
+    def __init__(self, facade: Facade):
+        self._client = openai.OpenAI(
+            base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0, timeout=30
+        )
+        self._pool = ThreadPoolExecutor(max_workers=16)
+        self._stops: list[threading.Event] = []
+        self.done = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, workers: int) -> None:
+        for _ in range(workers):
+            stop = threading.Event()
+            self._stops.append(stop)
+            self._pool.submit(self._work, stop)
+
+    def remove(self, workers: int) -> None:
+        for _ in range(workers):
+            self._stops.pop().set()
+
+    def _work(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                stream = self._client.chat.completions.create(
+                    model="scaled", messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=25, stream=True,
+                )  # fmt: skip
+                chunks = sum(1 for _ in stream)
+                with self._lock:
+                    if chunks == 27:
+                        self.done += 1
+                    else:
+                        self.errors.append(f"{chunks} chunks")
+            except Exception as exc:
+                with self._lock:
+                    self.errors.append(repr(exc))
+
+    def close(self) -> None:
+        self.remove(len(self._stops))
+        self._pool.shutdown(wait=True)
+
+
+def test_scales_from_zero_to_max_under_load_and_back_to_zero(
+    system: tuple[Controller, Facade],
+) -> None:
+    controller, facade = system
+    client = openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0)
+    # From zero: the first request is refused (503) and causes exactly one launch.
+    with pytest.raises(openai.APIStatusError) as cold:
+        client.chat.completions.create(model="scaled", messages=[{"role": "user", "content": "x"}])
+    assert cold.value.status_code == 503
+    wait_until(lambda: _ready(controller) == 1, 30, what="first instance ready")
+    assert len(controller.list_instances(model="scaled", include_ended=True)) == 1
+
+    load = Load(facade)
+    try:
+        # 8 streams at a time with a target of 2 each call for 4 instances: max is 3.
+        load.add(8)
+        most = 0
+
+        def three_ready() -> bool:
+            nonlocal most
+            live = _live(controller)
+            most = max(most, len(live))
+            return sum(1 for i in live if i.state == READY) == 3
+
+        wait_until(three_ready, 40, what="scaled up to max_replicas")
+        for _ in range(10):  # it stays at max while the load stays above it
+            most = max(most, len(_live(controller)))
+            time.sleep(0.2)
+        assert most == 3, f"{most} instances at once; max_replicas is 3"
+        spread = [i.in_flight for i in _live(controller)]
+        assert len(spread) == 3 and min(spread) >= 1, f"load not spread: {spread}"
+        assert "decision: Launch(model='scaled', reason='1 of 3 wanted instances: load called" in (
+            controller.proc.log()
+        )
+
+        # The load drops to one stream at a time: drained down to one, every request served.
+        load.remove(7)
+        wait_until(lambda: len(_live(controller)) == 1, 30, what="scaled down to one")
+        time.sleep(1.0)
+        load.remove(1)
+        # No requests: after idle_timeout_s the last one is drained and stopped.
+        wait_until(lambda: not _live(controller), 30, what="scaled to zero")
+    finally:
+        load.close()
+    assert not load.errors, load.errors[:5]
+    assert load.done > 20
+    ended = controller.list_instances(model="scaled", include_ended=True)
+    assert len(ended) == 3
+    assert all(i.state == control_pb2.INSTANCE_STATE_STOPPED for i in ended), ended
