@@ -165,6 +165,8 @@ class InferenceProxy:
         self._table = table
         self._watcher = watcher
         self._ensuring: dict[str, asyncio.Future[control_pb2.EnsureModelResponse | None]] = {}
+        self._waiting: dict[str, int] = {}
+        """Requests held for each cold model now (X-KScope-Wait)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
         try:
@@ -175,7 +177,12 @@ class InferenceProxy:
             grant: Grant | None = scope.get(GRANT_SCOPE_KEY)
             if grant is not None and not grant.allows(model):
                 raise model_forbidden(model)
-            target = await self._target(model)
+            started = False
+            target = self._table.pick(model)
+            if target is None:
+                target, started = await self._cold(scope, receive, send, model, stream)
+                if target is None:
+                    return
         except ApiError as error:
             await send_error(send, error)
             return
@@ -188,20 +195,111 @@ class InferenceProxy:
             ),
             body=body,
         )
-        await self._forward(target, kind, request, model, stream, receive, send)
+        await self._forward(target, kind, request, model, stream, receive, send, started)
 
-    async def _target(self, model: str) -> Target:
-        target = self._table.pick(model)
-        if target is not None:
-            return target
+    async def _cold(
+        self, scope: Scope, receive: Receive, send: Send, model: str, stream: bool
+    ) -> tuple[Target | None, bool]:
+        """No READY instance: answer 503 + Retry-After at once, or hold the request
+        while the client (X-KScope-Wait: seconds) or the server (cold_wait_s) is
+        willing to wait. Returns the target and whether an SSE response already
+        started (progress comments); (None, _) when the request was answered."""
         if not self._table.received.is_set():
             # Just started: give the first route table a moment to arrive.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._table.received.wait(), 2.0)
             target = self._table.pick(model)
             if target is not None:
-                return target
-        raise await self._no_capacity(model)
+                return target, False
+        wait_s = self._wait_seconds(scope)
+        if wait_s <= 0 or model not in self._table.models:
+            raise await self._no_capacity(model)
+        waiting = self._waiting.get(model, 0)
+        if waiting >= self._settings.max_waiting_per_model:
+            raise ApiError(
+                429,
+                f"Too many requests are waiting for the model '{model}' to start; retry later.",
+                "rate_limit_error",
+                code="too_many_waiting",
+                retry_after_s=max(1, self._table.models[model].retry_after_s),
+            )
+        self._waiting[model] = waiting + 1
+        try:
+            return await self._wait_for_target(receive, send, model, stream, wait_s)
+        finally:
+            self._waiting[model] -= 1
+
+    def _wait_seconds(self, scope: Scope) -> float:
+        for name, value in scope["headers"]:
+            if name == b"x-kscope-wait":
+                try:
+                    wait_s = float(value)
+                except ValueError:
+                    raise ApiError(400, "X-KScope-Wait must be a number of seconds") from None
+                return max(0.0, min(wait_s, self._settings.max_wait_s))
+        return self._settings.cold_wait_s
+
+    async def _wait_for_target(
+        self, receive: Receive, send: Send, model: str, stream: bool, wait_s: float
+    ) -> tuple[Target | None, bool]:
+        loop = asyncio.get_running_loop()
+        asked = asyncio.ensure_future(self._ensure(model))  # the controller learns of the demand
+        gone = asyncio.ensure_future(_disconnected(receive))
+        started = False
+        start = loop.time()
+        deadline = start + wait_s
+        next_note = start  # the first comment at once: the client sees the response begin
+        try:
+            while True:
+                target = self._table.pick(model)
+                if target is not None:
+                    return target, started
+                now = loop.time()
+                if now >= deadline:
+                    break
+                if stream and now >= next_note:
+                    if not started:
+                        await send(
+                            {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
+                        )
+                        started = True
+                    await send(
+                        {"type": "http.response.body", "more_body": True,
+                         "body": self._progress(model, now - start)}
+                    )  # fmt: skip
+                    next_note = now + self._settings.wait_progress_interval_s
+                until = min(deadline, next_note) if stream else deadline
+                updated = asyncio.ensure_future(self._table.updated.wait())
+                try:
+                    await asyncio.wait({updated, gone}, timeout=max(0.0, until - now),
+                                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                finally:
+                    updated.cancel()
+                if gone.done():
+                    return None, started  # the client left
+        finally:
+            gone.cancel()
+            asked.cancel()
+        entry = self._table.models.get(model)
+        message = entry.info.state_message if entry is not None else "unknown"
+        error = ApiError(
+            503,
+            f"The model '{model}' did not become ready within {wait_s:.0f} s ({message}).",
+            "service_unavailable_error",
+            code="model_not_ready",
+            retry_after_s=max(1, entry.retry_after_s if entry is not None else 1),
+        )
+        if started:
+            await _send_stream_error(send, error)
+        else:
+            await send_error(send, error)
+        return None, started
+
+    def _progress(self, model: str, waited_s: float) -> bytes:
+        entry = self._table.models.get(model)
+        what = entry.info.state_message if entry is not None else ""
+        line = f": waiting for model '{model}' to become ready ({what}); {waited_s:.0f} s so far"
+        return line.replace("\n", " ").encode() + b"\n\n"
 
     async def _ensure(self, model: str) -> control_pb2.EnsureModelResponse | None:
         """Ask the controller for capacity. The call itself gets seconds to reach
@@ -263,7 +361,9 @@ class InferenceProxy:
         stream: bool,
         receive: Receive,
         send: Send,
+        started: bool = False,
     ) -> None:
+        """`started`: the SSE response already began (a waiting request's comments)."""
         for attempt in range(2):
             target.outstanding += 1
             exchange = self._open(target, kind, request, model)
@@ -271,7 +371,7 @@ class InferenceProxy:
             try:
                 async with asyncio.timeout(self._settings.request_timeout_s):
                     if stream:
-                        await self._stream(exchange, send, model)
+                        await self._stream(exchange, send, model, started)
                     else:
                         await self._unary(exchange, send)
                 return
@@ -290,8 +390,9 @@ class InferenceProxy:
                 await send_error(send, failure.error)
                 return
             except TimeoutError:
-                await send_error(send, ApiError(504, f"request to {model!r} timed out",
-                                                "timeout_error", code="timeout"))  # fmt: skip
+                error = ApiError(504, f"request to {model!r} timed out", "timeout_error",
+                                 code="timeout")  # fmt: skip
+                await (_send_stream_error(send, error) if started else send_error(send, error))
                 return
             finally:
                 watcher.cancel()
@@ -306,11 +407,12 @@ class InferenceProxy:
         await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
         await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, exchange: Exchange, send: Send, model: str) -> None:
+    async def _stream(
+        self, exchange: Exchange, send: Send, model: str, started: bool = False
+    ) -> None:
         """Forward an event stream. The response starts with the first message,
         so an error before it is still a proper HTTP error; one after it is an
-        SSE error event followed by [DONE]."""
-        started = False
+        SSE error event followed by [DONE]. `started`: it already began."""
         try:
             async for chunks in exchange.chunks():
                 if not started:
@@ -336,6 +438,12 @@ async def _send_stream_error(send: Send, error: ApiError) -> None:
     event = b"data: " + error.body() + b"\n\n" + _DONE
     with contextlib.suppress(Exception):
         await send({"type": "http.response.body", "body": event})
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client goes away (ASGI http.disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _cancel_on_disconnect(receive: Receive, exchange: Exchange) -> None:

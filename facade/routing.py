@@ -60,6 +60,9 @@ class RouteTable:
         self.models: dict[str, ModelEntry] = {}
         self.version = -1
         self.received = asyncio.Event()
+        self.updated = asyncio.Event()
+        """Set (and replaced by a fresh one) on every update: requests waiting for
+        a cold model wait on the current one."""
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._targets: dict[str, Target] = {}
 
@@ -78,6 +81,8 @@ class RouteTable:
             if instance_id not in live:
                 self._drop(instance_id)
         self.received.set()
+        updated, self.updated = self.updated, asyncio.Event()
+        updated.set()
 
     def _target(self, instance_id: str, address: str) -> Target:
         target = self._targets.get(instance_id)

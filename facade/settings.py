@@ -48,6 +48,15 @@ class FacadeSettings(BaseSettings):
     false: one gRPC call per request (what grpcurl users see)."""
     ensure_timeout_s: float = Field(default=0.05, gt=0)
     """How long a cold request waits for the controller's EnsureModel answer."""
+    cold_wait_s: float = Field(default=0.0, ge=0)
+    """How long a request for a model without a READY instance is held for one
+    when it sends no X-KScope-Wait header; 0: answered 503 + Retry-After at once."""
+    max_wait_s: float = Field(default=600.0, ge=0)
+    """The longest wait an X-KScope-Wait header may ask for."""
+    max_waiting_per_model: int = Field(default=100, ge=0)
+    """Requests that may wait for one cold model at once; more get 429."""
+    wait_progress_interval_s: float = Field(default=5.0, gt=0)
+    """How often a waiting streaming request gets an SSE comment saying what is happening."""
     default_model: str = ""
     """When set, requests that name no model, or one the catalog does not have,
     go to this model (`kscope serve --model-type mlx_vlm` sets it, as the

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
+import orjson
 import pytest
 
 from kscope.v1 import control_pb2
@@ -44,9 +46,29 @@ scale_up_window_s = 1
 scale_down_window_s = 3
 idle_timeout_s = 3
 expected_startup_s = 3
+
+[[models]]
+name = "waited"
+engine = "openai"
+upstream_url = "{paced.url}"
+expected_startup_s = 3
+
+[[models]]
+name = "waited-stream"
+engine = "openai"
+upstream_url = "{paced.url}"
+expected_startup_s = 3
+
+[[models]]
+name = "never"
+engine = "openai"
+upstream_url = "http://127.0.0.1:1/v1"
+expected_startup_s = 3
 """
     controller = start_controller(tmp, catalog, env={"KSCOPE_RECONCILE_INTERVAL_S": "0.5"})
-    facade = start_facade(tmp, controller.port)
+    facade = start_facade(tmp, controller.port, env={
+        "KSCOPE_WAIT_PROGRESS_INTERVAL_S": "0.3", "KSCOPE_MAX_WAITING_PER_MODEL": "2",
+    })  # fmt: skip
     try:
         yield controller, facade
     finally:
@@ -158,3 +180,73 @@ def test_scales_from_zero_to_max_under_load_and_back_to_zero(
     ended = controller.list_instances(model="scaled", include_ended=True)
     assert len(ended) == 3
     assert all(i.state == control_pb2.INSTANCE_STATE_STOPPED for i in ended), ended
+
+
+def _chat(model: str, stream: bool = False) -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 5, "stream": stream})  # fmt: skip
+
+
+def test_waiting_stream_gets_progress_comments_then_its_completion(
+    system: tuple[Controller, Facade],
+) -> None:
+    controller, facade = system
+    lines: list[str] = []
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{facade.base_url}/v1/chat/completions", content=_chat("waited-stream", True),
+        headers={"X-KScope-Wait": "60", "content-type": "application/json"}, timeout=70,
+    ) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    comments = [line for line in lines if line.startswith(":")]
+    data = [line for line in lines if line.startswith("data: ")]
+    assert comments, lines
+    assert "waiting for model 'waited-stream'" in comments[0]
+    assert data[-1] == "data: [DONE]"
+    assert all(not orjson.loads(d[6:]).get("error") for d in data[:-1])
+    assert len(data) == 8  # role, 5 tokens, finish, [DONE]
+    assert all(lines.index(c) < lines.index(data[0]) for c in comments)
+    assert time.monotonic() - started < 30
+    assert len(controller.list_instances(model="waited-stream", include_ended=True)) == 1
+
+
+def test_waiting_with_the_sdk_simply_completes(system: tuple[Controller, Facade]) -> None:
+    _, facade = system
+    client = openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(
+        model="waited", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        extra_headers={"X-KScope-Wait": "60"},
+    )  # fmt: skip
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_waiting_is_bounded_per_model_and_ends_with_503(
+    system: tuple[Controller, Facade],
+) -> None:
+    _, facade = system
+    url = f"{facade.base_url}/v1/chat/completions"
+    wait = {"X-KScope-Wait": "2", "content-type": "application/json"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        held = [pool.submit(httpx.post, url, content=_chat("never"), headers=wait, timeout=10)
+                for _ in range(2)]  # fmt: skip
+        time.sleep(0.5)
+        refused = httpx.post(url, content=_chat("never"), headers=wait, timeout=10)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "too_many_waiting"
+        assert int(refused.headers["retry-after"]) >= 1
+        for future in held:
+            ended = future.result()
+            assert ended.status_code == 503
+            assert ended.json()["error"]["code"] == "model_not_ready"
+    # A waiting stream that runs out of time ends with an SSE error and [DONE].
+    with httpx.stream("POST", url, content=_chat("never", True),
+                      headers={**wait, "X-KScope-Wait": "1"}, timeout=10) as reply:  # fmt: skip
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[0].startswith(":") and lines[-1] == "data: [DONE]"
+    assert orjson.loads(lines[-2][6:])["error"]["code"] == "model_not_ready"
+    # Without the header: 503 + Retry-After at once, as before.
+    bad = httpx.post(url, content=_chat("never"), headers={"X-KScope-Wait": "soon"}, timeout=10)
+    assert bad.status_code == 400
+    quick = httpx.post(url, content=_chat("never"), timeout=10)
+    assert quick.status_code == 503 and int(quick.headers["retry-after"]) >= 1
