@@ -9,7 +9,7 @@ PROTO_FILES := $(wildcard proto/kscope/v1/*.proto)
 .PHONY: run test install install-vllm proto proto-check lint check bench clean slurm-up slurm-down
 
 TINY_MODEL := .cache/tiny-qwen2
-CPU_VLLM_ARGS := --max-model-len 2048 --enforce-eager --kv-cache-memory-bytes 64M
+CPU_VLLM_ARGS := --max-model-len 2048 --enforce-eager --kv-cache-memory-bytes 64M --dtype float32
 
 run: install install-vllm ## start controller, facade and one vLLM agent on a tiny local model
 	$(PY) tools/tiny_model.py $(TINY_MODEL)

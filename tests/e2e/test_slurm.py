@@ -446,7 +446,15 @@ time_limit = "1"
 
 # --- a real vLLM inside a job, from a cold start -------------------------------------------
 
-VLLM_ARGS = ["--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", "64M"]
+VLLM_ARGS = [
+    "--max-model-len",
+    "512",
+    "--enforce-eager",
+    "--kv-cache-memory-bytes",
+    "64M",
+    "--dtype",
+    "float32",
+]
 
 
 @pytest.mark.vllm
