@@ -29,17 +29,29 @@ class Executor:
         self._launchers = launchers
         self._controller_address = controller_address
         self._token = registration_token
+        self.decisions: dict[tuple[str, ...], int] = {}
+        """(model, Launch|Drain|Stop): decisions carried out, for /metrics."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def execute(self, decisions: Sequence[Decision]) -> None:
         for decision in decisions:
             log.info("decision: %s", decision)
+            self._count(decision)
             if isinstance(decision, Launch):
                 await self._launch(decision)
             elif isinstance(decision, Drain):
                 await self._fleet.request_stop(decision.instance_id)
             elif isinstance(decision, Stop):
                 await self._stop(decision)
+
+    def _count(self, decision: Decision) -> None:
+        if isinstance(decision, Launch):
+            model = decision.model
+        else:
+            inst = self._fleet.instances.get(decision.instance_id)
+            model = inst.model if inst is not None else ""
+        key = (model, type(decision).__name__.lower())
+        self.decisions[key] = self.decisions.get(key, 0) + 1
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -23,10 +23,12 @@ from controller.launchers.base import Launcher
 from controller.launchers.host import HostLauncher
 from controller.launchers.local import LocalLauncher
 from controller.launchers.slurm import build_slurm_launcher
+from controller.metrics import controller_metrics
 from controller.servicers import AgentServicer, ControlServicer
 from controller.settings import ControllerSettings
 from controller.store.keys import KeyStore
 from controller.store.sqlite import SqliteStore
+from controller.telemetry import Telemetry, TelemetryStore
 from kscope.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -42,6 +44,7 @@ from kscope_common.grpc_server import (
     mark_serving,
     write_port_file,
 )
+from kscope_common.metrics import MetricsServer, maybe_serve
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class Controller:
     keys: KeyRegistry | None = None
     admin_key: str | None = None
     """The bootstrap admin key (state_dir/admin-key) while it is usable."""
+    metrics: MetricsServer | None = None
+    telemetry: TelemetryStore | None = None
 
     @property
     def address(self) -> str:
@@ -81,6 +86,10 @@ class Controller:
         for launcher in self.launchers.values():
             await launcher.close(self.settings.stop_instances_on_exit)
         await self.server.stop(grace_s)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
         self.store.close()
         if self.keys is not None:
             self.keys.close()
@@ -137,9 +146,17 @@ async def start_controller(
     )
     admin_key = await keys.bootstrap_admin(settings.admin_key_path)
 
+    telemetry_store = TelemetryStore(settings.database_path)
+    telemetry = Telemetry(
+        fleet, telemetry_store, settings.min_update_interval_seconds,
+        settings.max_num_historic_records, settings.telemetry_callback_url,
+    )  # fmt: skip
+
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(fleet), server)
-    control_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(fleet), server)
+    control_pb2_grpc.add_ControlServiceServicer_to_server(
+        ControlServicer(fleet, telemetry_store), server
+    )
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.host, settings.port)
@@ -164,12 +181,21 @@ async def start_controller(
     # Matching SLURM's queue with the stored instances runs beside the loop (it
     # waits for SSH if need be); cancelling the loop task cancels both.
     adoption = adopt_jobs_when_reachable(fleet, slurm, stored=set(fleet.instances))
-    loop_task = asyncio.create_task(_gather(control.run(), adoption), name="control-loop")
+    loop_task = asyncio.create_task(
+        _gather(control.run(), adoption, telemetry.run()), name="control-loop"
+    )
+    metrics = maybe_serve(
+        lambda: controller_metrics(fleet, executor),
+        settings.metrics_host,
+        settings.metrics_port,
+        settings.metrics_port_file,
+    )
     write_port_file(settings.port_file, port)
     log.info(
         "controller serving on %s:%d with %d models (%s)",
         settings.host, port, len(fleet.catalog.models), ", ".join(fleet.catalog.names),
     )  # fmt: skip
     return Controller(
-        server, port, fleet, store, launchers, executor, loop_task, settings, keys, admin_key
-    )
+        server, port, fleet, store, launchers, executor, loop_task, settings, keys, admin_key,
+        metrics, telemetry_store,
+    )  # fmt: skip

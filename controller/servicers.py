@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 import grpc
 
@@ -26,6 +27,7 @@ from controller.fleet import (
 )
 from controller.lifecycle import AgentPhase
 from controller.records import AgentRecord
+from controller.telemetry import TelemetryStore
 from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):
-    def __init__(self, fleet: Fleet):
+    def __init__(self, fleet: Fleet, telemetry: TelemetryStore | None = None):
         self._fleet = fleet
+        self._telemetry = telemetry
+
+    async def GetTelemetry(
+        self,
+        request: control_pb2.GetTelemetryRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> control_pb2.GetTelemetryResponse:
+        if self._telemetry is None:
+            return control_pb2.GetTelemetryResponse()
+        records = await self._telemetry.load(request.model, request.include_instances)
+        return control_pb2.GetTelemetryResponse(
+            records=[control_pb2.TelemetryRecord(**asdict(r)) for r in records]
+        )
 
     async def ListModels(
         self,

@@ -22,6 +22,34 @@ class ControllerSettings(BaseSettings):
     """gRPC port; 0 picks a free one (see port_file)."""
     port_file: Path | None = None
     """When set, the bound port is written here once the server listens."""
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        validation_alias=AliasChoices("kscope_controller_metrics_port", "metrics_port"),
+    )  # fmt: skip
+    """Serve Prometheus /metrics on this HTTP port (KSCOPE_CONTROLLER_METRICS_PORT,
+    not inherited by agents); 0 picks a free one; unset: off."""
+    metrics_host: str = "127.0.0.1"
+    """Address the /metrics server binds."""
+    metrics_port_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("kscope_controller_metrics_port_file", "metrics_port_file"),
+    )
+    """When set, the bound /metrics port is written here."""
+    min_update_interval_seconds: float = Field(
+        default=10.0, gt=0,
+        validation_alias=AliasChoices("min_update_interval_seconds", "kscope_min_update_interval"),
+    )  # fmt: skip
+    """Telemetry is sampled at most this often (MIN_UPDATE_INTERVAL_SECONDS)."""
+    max_num_historic_records: int = Field(
+        default=1000, ge=1,
+        validation_alias=AliasChoices("max_num_historic_records", "kscope_max_historic_records"),
+    )  # fmt: skip
+    """Telemetry records kept per model and per instance (MAX_NUM_HISTORIC_RECORDS)."""
+    telemetry_callback_url: str = Field(
+        default="",
+        validation_alias=AliasChoices("telemetry_callback_url", "kscope_telemetry_callback_url"),
+    )
+    """Each telemetry sample is POSTed here as JSON when set (TELEMETRY_CALLBACK_URL)."""
     advertise_address: str = ""
     """host:port agents dial; defaults to host:port (the hostname for 0.0.0.0)."""
     state_dir: Path = Path("~/.kscope")

@@ -14,11 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facade.auth import GRANT_SCOPE_KEY, KeyChecker, PendingCheck
 from facade.errors import ApiError
+from facade.metrics import facade_metrics
 from facade.models_api import models_router
 from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send, send_error
 from facade.queue_api import queue_router
 from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
+from kscope_common.metrics import CONTENT_TYPE_LATEST, registry, render
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,12 @@ class FacadeApp:
             from facade.portal.routes import create_portal
 
             api.mount("/portal", create_portal(self.settings, self.table, lambda: self.keys))
+
+        metrics = registry(lambda: facade_metrics(self.table, lambda: self.proxy))
+
+        @api.get("/metrics", include_in_schema=False)
+        async def prometheus() -> Response:
+            return Response(render(metrics), media_type=CONTENT_TYPE_LATEST)
 
         @api.get("/health")
         async def health() -> dict[str, object]:

@@ -92,7 +92,12 @@ KINDS = {
 }
 
 
+ERRORS: dict[int, int] = {}
+"""Error answers sent, by HTTP status (for /metrics)."""
+
+
 async def send_error(send: Send, error: ApiError) -> None:
+    ERRORS[error.status] = ERRORS.get(error.status, 0) + 1
     headers = list(_JSON_HEADERS)
     if error.retry_after_s is not None:
         headers.append((b"retry-after", str(error.retry_after_s).encode()))
@@ -167,6 +172,13 @@ class InferenceProxy:
         self._ensuring: dict[str, asyncio.Future[control_pb2.EnsureModelResponse | None]] = {}
         self._waiting: dict[str, int] = {}
         """Requests held for each cold model now (X-KScope-Wait)."""
+        # For /metrics: plain counters, read when it is scraped.
+        self.requests: dict[str, int] = {}
+        """Requests forwarded to an instance, by model."""
+        self.stream_chunks = 0
+        """SSE events forwarded to clients."""
+        self.cold_waits: dict[tuple[str, ...], int] = {}
+        """Requests that waited for a cold model, by (model, outcome)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
         try:
@@ -188,6 +200,7 @@ class InferenceProxy:
             return
         except ClientGone:
             return
+        self.requests[model] = self.requests.get(model, 0) + 1
         request_id = f"req-{uuid.uuid4().hex[:16]}"
         request = kind.request_cls(
             envelope=inference_pb2.RequestEnvelope(
@@ -216,6 +229,7 @@ class InferenceProxy:
             raise await self._no_capacity(model)
         waiting = self._waiting.get(model, 0)
         if waiting >= self._settings.max_waiting_per_model:
+            self._count_wait(model, "refused")
             raise ApiError(
                 429,
                 f"Too many requests are waiting for the model '{model}' to start; retry later.",
@@ -224,10 +238,21 @@ class InferenceProxy:
                 retry_after_s=max(1, self._table.models[model].retry_after_s),
             )
         self._waiting[model] = waiting + 1
+        outcome = "gone"
         try:
-            return await self._wait_for_target(receive, send, model, stream, wait_s)
+            target, started = await self._wait_for_target(receive, send, model, stream, wait_s)
+            outcome = "served" if target is not None else "timed_out"
+            return target, started
         finally:
             self._waiting[model] -= 1
+            self._count_wait(model, outcome)
+
+    def _count_wait(self, model: str, outcome: str) -> None:
+        key = (model, outcome)
+        self.cold_waits[key] = self.cold_waits.get(key, 0) + 1
+
+    def waiting(self) -> dict[str, int]:
+        return dict(self._waiting)
 
     def _wait_seconds(self, scope: Scope) -> float:
         for name, value in scope["headers"]:
@@ -276,7 +301,7 @@ class InferenceProxy:
                 finally:
                     updated.cancel()
                 if gone.done():
-                    return None, started  # the client left
+                    raise ClientGone  # nobody to answer
         finally:
             gone.cancel()
             asked.cancel()
@@ -413,6 +438,7 @@ class InferenceProxy:
         """Forward an event stream. The response starts with the first message,
         so an error before it is still a proper HTTP error; one after it is an
         SSE error event followed by [DONE]. `started`: it already began."""
+        events = 0
         try:
             async for chunks in exchange.chunks():
                 if not started:
@@ -420,6 +446,7 @@ class InferenceProxy:
                         {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
                     )
                     started = True
+                events += len(chunks)
                 payload = b"".join([b"data: " + c + b"\n\n" for c in chunks])
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
         except AgentFailure as failure:
@@ -429,6 +456,8 @@ class InferenceProxy:
                 log.warning("stream for %s broke after it started: %s", model, failure)
                 await _send_stream_error(send, failure.error)
             return
+        finally:
+            self.stream_chunks += events
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         await send({"type": "http.response.body", "body": _DONE})

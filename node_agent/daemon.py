@@ -13,11 +13,14 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Iterable
 
 import grpc
+from prometheus_client.core import Metric
 
 from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
+from kscope_common.metrics import counter, gauge, maybe_serve
 from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
 from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_engine
@@ -55,6 +58,19 @@ class Agent:
             max_queue_size=0 if limits.unlimited else limits.max_queue_size,
             served=self.load.served,
         )  # fmt: skip
+
+    def _metrics(self) -> Iterable[Metric]:
+        """/metrics, on the metrics server's thread: plain values read, nothing locked."""
+        model = (self.settings.served_model,)
+        load = self.load
+        yield counter("kscope_agent_requests", "Requests finished.", ("model",),
+                      {model: load.served})  # fmt: skip
+        yield gauge("kscope_agent_in_flight_requests", "Requests the engine works on.",
+                    ("model",), {model: load.in_flight})  # fmt: skip
+        yield gauge("kscope_agent_queued_requests", "Requests waiting for the engine.",
+                    ("model",), {model: load.queued})  # fmt: skip
+        yield gauge("kscope_agent_draining", "1 while the agent drains.", ("model",),
+                    {model: 1 if load.draining else 0})  # fmt: skip
 
     def _set_phase(self, phase: agent_pb2.AgentPhase.ValueType, detail: str) -> None:
         if (phase, detail) != (self.phase, self.detail):
@@ -137,6 +153,10 @@ class Agent:
             self.request_drain,
         )
         log.info("serving InferenceService on %s", self.advertised_address())
+        metrics = maybe_serve(
+            self._metrics, self.settings.host, self.settings.metrics_port,
+            self.settings.metrics_port_file,
+        )  # fmt: skip
         link_task = asyncio.create_task(self.link.run(), name="controller-link")
         watch_task = asyncio.create_task(self._watch_engine(), name="engine-watch")
         drain_wait = asyncio.create_task(self._drain_requested.wait())
@@ -156,6 +176,8 @@ class Agent:
             await asyncio.wait_for(link_task, 5)
         await self.engine.stop()
         await self.server.stop(1)
+        if metrics is not None:
+            metrics.close()
         log.info("agent stopped")
         return exit_code
 

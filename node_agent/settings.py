@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from node_agent.queue import QueueLimits
@@ -45,6 +45,17 @@ class AgentSettings(BaseSettings):
     """Host the facades dial; defaults to host (the hostname for 0.0.0.0)."""
     port: int = Field(default=0, ge=0, le=65535)
     """InferenceService port; 0 picks a free one."""
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        validation_alias=AliasChoices("kscope_agent_metrics_port", "metrics_port"),
+    )  # fmt: skip
+    """Serve Prometheus /metrics on this HTTP port (KSCOPE_AGENT_METRICS_PORT);
+    0 picks a free one; unset: off."""
+    metrics_port_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("kscope_agent_metrics_port_file", "metrics_port_file"),
+    )
+    """When set, the bound /metrics port is written here."""
     vllm_python: str = (
         str(_DEFAULT_VLLM_PYTHON) if _DEFAULT_VLLM_PYTHON.exists() else sys.executable
     )

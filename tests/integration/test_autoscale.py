@@ -14,6 +14,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2
 from tests.procs import (
@@ -52,6 +53,9 @@ name = "waited"
 engine = "openai"
 upstream_url = "{paced.url}"
 expected_startup_s = 3
+[models.env]
+KSCOPE_AGENT_METRICS_PORT = "0"
+KSCOPE_AGENT_METRICS_PORT_FILE = "{tmp / "agent-metrics.port"}"
 
 [[models]]
 name = "waited-stream"
@@ -65,7 +69,10 @@ engine = "openai"
 upstream_url = "http://127.0.0.1:1/v1"
 expected_startup_s = 3
 """
-    controller = start_controller(tmp, catalog, env={"KSCOPE_RECONCILE_INTERVAL_S": "0.5"})
+    controller = start_controller(tmp, catalog, env={
+        "KSCOPE_RECONCILE_INTERVAL_S": "0.5", "KSCOPE_CONTROLLER_METRICS_PORT": "0",
+        "KSCOPE_CONTROLLER_METRICS_PORT_FILE": str(tmp / "controller-metrics.port"),
+    })  # fmt: skip
     facade = start_facade(tmp, controller.port, env={
         "KSCOPE_WAIT_PROGRESS_INTERVAL_S": "0.3", "KSCOPE_MAX_WAITING_PER_MODEL": "2",
     })  # fmt: skip
@@ -156,12 +163,15 @@ def test_scales_from_zero_to_max_under_load_and_back_to_zero(
             return sum(1 for i in live if i.state == READY) == 3
 
         wait_until(three_ready, 40, what="scaled up to max_replicas")
+        busiest: dict[str, int] = {}
         for _ in range(10):  # it stays at max while the load stays above it
-            most = max(most, len(_live(controller)))
+            live = _live(controller)
+            most = max(most, len(live))
+            for i in live:
+                busiest[i.id] = max(busiest.get(i.id, 0), i.in_flight)
             time.sleep(0.2)
         assert most == 3, f"{most} instances at once; max_replicas is 3"
-        spread = [i.in_flight for i in _live(controller)]
-        assert len(spread) == 3 and min(spread) >= 1, f"load not spread: {spread}"
+        assert len(busiest) == 3 and min(busiest.values()) >= 1, f"not spread: {busiest}"
         assert "decision: Launch(model='scaled', reason='1 of 3 wanted instances: load called" in (
             controller.proc.log()
         )
@@ -250,3 +260,59 @@ def test_waiting_is_bounded_per_model_and_ends_with_503(
     assert bad.status_code == 400
     quick = httpx.post(url, content=_chat("never"), timeout=10)
     assert quick.status_code == 503 and int(quick.headers["retry-after"]) >= 1
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    reply = httpx.get(url, timeout=5)
+    reply.raise_for_status()
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_parse_and_counters_move(system: tuple[Controller, Facade]) -> None:
+    controller, facade = system
+    tmp = controller.state_dir.parent
+    client = openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0)
+
+    def once() -> None:
+        stream = client.chat.completions.create(
+            model="waited", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            stream=True, extra_headers={"X-KScope-Wait": "60"},
+        )  # fmt: skip
+        assert sum(1 for _ in stream) == 5
+
+    once()  # the instance is READY (and its agent serves /metrics)
+    agent_port = int((tmp / "agent-metrics.port").read_text())
+    controller_port = int((tmp / "controller-metrics.port").read_text())
+    urls = {
+        "facade": f"{facade.base_url}/metrics",
+        "controller": f"http://127.0.0.1:{controller_port}/metrics",
+        "agent": f"http://127.0.0.1:{agent_port}/metrics",
+    }
+    before = {name: _scrape(url) for name, url in urls.items()}
+    for _ in range(3):
+        once()
+    httpx.post(f"{facade.base_url}/v1/chat/completions", content=_chat("never"), timeout=10)
+    time.sleep(1.2)  # the agent reports its load to the controller
+    after = {name: _scrape(url) for name, url in urls.items()}
+    model = (("model", "waited"),)
+
+    def moved(process: str, name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+        return after[process][(name, labels)] - before[process].get((name, labels), 0.0)
+
+    assert moved("facade", "kscope_facade_requests_total", model) == 3
+    assert moved("facade", "kscope_facade_stream_chunks_total") == 3 * 5  # role, 3, finish
+    assert moved("facade", "kscope_facade_error_responses_total", (("status", "503"),)) >= 1
+    assert after["facade"][("kscope_facade_ready_instances", model)] == 1
+    assert moved("agent", "kscope_agent_requests_total", model) == 3
+    assert after["agent"][("kscope_agent_in_flight_requests", model)] == 0
+    assert after["controller"][
+        ("kscope_controller_instances", (("model", "waited"), ("state", "ready")))
+    ] == 1  # fmt: skip
+    launches = ("kscope_controller_decisions_total", (("action", "launch"), ("model", "waited")))
+    assert after["controller"][launches] >= 1
+    assert "process_cpu_seconds_total" in {name for name, _ in after["controller"]}

@@ -551,3 +551,91 @@ class WatchRoutesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRoutesResponse: _TypeAlias = WatchRoutesResponse  # noqa: Y015
+
+@_typing.final
+class GetTelemetryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INCLUDE_INSTANCES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Empty: every model."""
+    include_instances: _builtins.bool
+    """Also the records of each instance, not only each model's."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        include_instances: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_instances", b"include_instances", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTelemetryRequest: _TypeAlias = GetTelemetryRequest  # noqa: Y015
+
+@_typing.final
+class TelemetryRecord(_message.Message):
+    """TelemetryRecord is one sample of a model (instance_id empty) or an instance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_SECONDS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    READY_REPLICAS_FIELD_NUMBER: _builtins.int
+    LIVE_REPLICAS_FIELD_NUMBER: _builtins.int
+    SERVED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    instance_id: _builtins.str
+    time_unix_seconds: _builtins.float
+    in_flight: _builtins.int
+    queued: _builtins.int
+    ready_replicas: _builtins.int
+    """For a model record: its READY and live instances; for an instance: 1 or 0."""
+    live_replicas: _builtins.int
+    served: _builtins.int
+    """Requests finished, as the agents last reported (summed for a model)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        time_unix_seconds: _builtins.float = ...,
+        in_flight: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        ready_replicas: _builtins.int = ...,
+        live_replicas: _builtins.int = ...,
+        served: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "instance_id", b"instance_id", "live_replicas", b"live_replicas", "model", b"model", "queued", b"queued", "ready_replicas", b"ready_replicas", "served", b"served", "time_unix_seconds", b"time_unix_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TelemetryRecord: _TypeAlias = TelemetryRecord  # noqa: Y015
+
+@_typing.final
+class GetTelemetryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___TelemetryRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___TelemetryRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTelemetryResponse: _TypeAlias = GetTelemetryResponse  # noqa: Y015

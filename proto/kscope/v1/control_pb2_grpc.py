@@ -66,6 +66,11 @@ class ControlServiceStub:
                 request_serializer=kscope_dot_v1_dot_control__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=kscope_dot_v1_dot_control__pb2.WatchRoutesResponse.FromString,
                 _registered_method=True)
+        self.GetTelemetry = channel.unary_unary(
+                '/kscope.v1.ControlService/GetTelemetry',
+                request_serializer=kscope_dot_v1_dot_control__pb2.GetTelemetryRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_control__pb2.GetTelemetryResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -116,6 +121,16 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTelemetry(self, request, context):
+        """GetTelemetry returns the sampled load history, oldest first: one record
+        per model (instance_id empty) and per instance every
+        MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
+        each; it survives a controller restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +163,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=kscope_dot_v1_dot_control__pb2.WatchRoutesRequest.FromString,
                     response_serializer=kscope_dot_v1_dot_control__pb2.WatchRoutesResponse.SerializeToString,
+            ),
+            'GetTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTelemetry,
+                    request_deserializer=kscope_dot_v1_dot_control__pb2.GetTelemetryRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_control__pb2.GetTelemetryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +334,33 @@ class ControlService:
             '/kscope.v1.ControlService/WatchRoutes',
             kscope_dot_v1_dot_control__pb2.WatchRoutesRequest.SerializeToString,
             kscope_dot_v1_dot_control__pb2.WatchRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kscope.v1.ControlService/GetTelemetry',
+            kscope_dot_v1_dot_control__pb2.GetTelemetryRequest.SerializeToString,
+            kscope_dot_v1_dot_control__pb2.GetTelemetryResponse.FromString,
             options,
             channel_credentials,
             insecure,

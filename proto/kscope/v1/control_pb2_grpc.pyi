@@ -49,6 +49,12 @@ class ControlServiceStub:
     """WatchRoutes streams the route table: the whole table now, then again on
     every change.
     """
+    GetTelemetry: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetTelemetryRequest, _control_pb2.GetTelemetryResponse]
+    """GetTelemetry returns the sampled load history, oldest first: one record
+    per model (instance_id empty) and per instance every
+    MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
+    each; it survives a controller restart.
+    """
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -70,6 +76,12 @@ class ControlServiceAsyncStub(ControlServiceStub):
     WatchRoutes: _aio.UnaryStreamMultiCallable[_control_pb2.WatchRoutesRequest, _control_pb2.WatchRoutesResponse]  # type: ignore[assignment]
     """WatchRoutes streams the route table: the whole table now, then again on
     every change.
+    """
+    GetTelemetry: _aio.UnaryUnaryMultiCallable[_control_pb2.GetTelemetryRequest, _control_pb2.GetTelemetryResponse]  # type: ignore[assignment]
+    """GetTelemetry returns the sampled load history, oldest first: one record
+    per model (instance_id empty) and per instance every
+    MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
+    each; it survives a controller restart.
     """
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +137,18 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_control_pb2.WatchRoutesResponse], _abc.AsyncIterator[_control_pb2.WatchRoutesResponse]]:
         """WatchRoutes streams the route table: the whole table now, then again on
         every change.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTelemetry(
+        self,
+        request: _control_pb2.GetTelemetryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.GetTelemetryResponse, _abc.Awaitable[_control_pb2.GetTelemetryResponse]]:
+        """GetTelemetry returns the sampled load history, oldest first: one record
+        per model (instance_id empty) and per instance every
+        MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
+        each; it survives a controller restart.
         """
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,63 @@
+"""The facade's /metrics: the proxy's plain counters and the route table, read
+only when scraped (the token path never touches prometheus_client)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client.core import Metric
+
+from facade import proxy as proxy_module
+from facade.proxy import InferenceProxy
+from facade.routing import RouteTable
+from kscope_common.metrics import counter, gauge
+
+
+def facade_metrics(
+    table: RouteTable, get_proxy: Callable[[], InferenceProxy | None]
+) -> Iterable[Metric]:
+    proxy = get_proxy()
+    models = dict(table.models)
+    requests = dict(proxy.requests) if proxy else {}
+    yield counter(
+        "kscope_facade_requests",
+        "Requests forwarded to an instance, by model.",
+        ("model",),
+        {(m,): n for m, n in requests.items()},
+    )
+    yield counter(
+        "kscope_facade_stream_chunks",
+        "SSE events forwarded to clients.",
+        (),
+        {(): proxy.stream_chunks if proxy else 0},
+    )
+    yield counter(
+        "kscope_facade_error_responses",
+        "Error answers sent, by HTTP status.",
+        ("status",),
+        {(str(s),): n for s, n in dict(proxy_module.ERRORS).items()},
+    )
+    yield counter(
+        "kscope_facade_cold_waits",
+        "Requests that waited for a cold model (X-KScope-Wait), by outcome.",
+        ("model", "outcome"),
+        dict(proxy.cold_waits) if proxy else {},
+    )
+    yield gauge(
+        "kscope_facade_waiting_requests",
+        "Requests waiting for a cold model now.",
+        ("model",),
+        {(m,): n for m, n in (proxy.waiting() if proxy else {}).items()},
+    )
+    yield gauge(
+        "kscope_facade_ready_instances",
+        "READY instances in the route table.",
+        ("model",),
+        {(m,): len(e.targets) for m, e in models.items()},
+    )
+    yield gauge(
+        "kscope_facade_outstanding_requests",
+        "Requests this facade has outstanding on each model's instances.",
+        ("model",),
+        {(m,): sum(t.outstanding for t in e.targets) for m, e in models.items()},
+    )
