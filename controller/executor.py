@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from controller.fleet import Fleet
@@ -12,6 +15,18 @@ from controller.launchers.base import Launcher, LaunchError, LaunchSpec
 from controller.reconciler import Decision, Drain, Launch, Stop
 
 log = logging.getLogger(__name__)
+
+
+RECENT = 500
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    time_unix_seconds: float
+    action: str
+    model: str
+    instance_id: str
+    reason: str
 
 
 class Executor:
@@ -30,7 +45,9 @@ class Executor:
         self._controller_address = controller_address
         self._token = registration_token
         self.decisions: dict[tuple[str, ...], int] = {}
-        """(model, Launch|Drain|Stop): decisions carried out, for /metrics."""
+        """(model, launch|drain|stop): decisions carried out, for /metrics."""
+        self.recent: collections.deque[DecisionRecord] = collections.deque(maxlen=RECENT)
+        """The last RECENT decisions, for ControlService.ListDecisions."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def execute(self, decisions: Sequence[Decision]) -> None:
@@ -52,6 +69,8 @@ class Executor:
             model = inst.model if inst is not None else ""
         key = (model, type(decision).__name__.lower())
         self.decisions[key] = self.decisions.get(key, 0) + 1
+        instance_id = "" if isinstance(decision, Launch) else decision.instance_id
+        self.recent.append(DecisionRecord(time.time(), key[1], model, instance_id, decision.reason))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

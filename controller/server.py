@@ -154,9 +154,11 @@ async def start_controller(
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(fleet), server)
-    control_pb2_grpc.add_ControlServiceServicer_to_server(
-        ControlServicer(fleet, telemetry_store), server
+    executors: list[Executor] = []  # the executor needs the bound port: made below
+    control_servicer = ControlServicer(
+        fleet, telemetry_store, lambda: list(executors[0].recent) if executors else []
     )
+    control_pb2_grpc.add_ControlServiceServicer_to_server(control_servicer, server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.host, settings.port)
@@ -170,6 +172,7 @@ async def start_controller(
         "host": HostLauncher(fleet),
     }
     executor = Executor(fleet, launchers, _advertise_address(settings, port), token)
+    executors.append(executor)
     control = ControlLoop(
         fleet,
         launchers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict
 
 import grpc
@@ -18,6 +18,7 @@ from controller.convert import (
     model_to_proto,
     route_to_proto,
 )
+from controller.executor import DecisionRecord
 from controller.fleet import (
     Fleet,
     FleetError,
@@ -130,9 +131,28 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 class ControlServicer(control_pb2_grpc.ControlServiceServicer):
-    def __init__(self, fleet: Fleet, telemetry: TelemetryStore | None = None):
+    def __init__(
+        self,
+        fleet: Fleet,
+        telemetry: TelemetryStore | None = None,
+        decisions: Callable[[], Iterable[DecisionRecord]] = tuple,
+    ):
         self._fleet = fleet
         self._telemetry = telemetry
+        self._decisions = decisions
+
+    async def ListDecisions(
+        self,
+        request: control_pb2.ListDecisionsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> control_pb2.ListDecisionsResponse:
+        return control_pb2.ListDecisionsResponse(
+            decisions=[
+                control_pb2.Decision(**asdict(d))
+                for d in reversed(list(self._decisions()))
+                if not request.model or d.model == request.model
+            ]
+        )
 
     async def GetTelemetry(
         self,

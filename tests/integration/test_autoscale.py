@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import orjson
@@ -187,6 +188,17 @@ def test_scales_from_zero_to_max_under_load_and_back_to_zero(
         load.close()
     assert not load.errors, load.errors[:5]
     assert load.done > 20
+    with grpc.insecure_channel(controller.address) as channel:
+        decided = (
+            controller.stub(channel)
+            .ListDecisions(control_pb2.ListDecisionsRequest(model="scaled"), timeout=5)
+            .decisions
+        )
+    reasons = [(d.action, d.reason) for d in reversed(decided)]  # oldest first
+    assert [a for a, _ in reasons].count("launch") == 3, reasons
+    assert any(a == "launch" and "load called for 3 instances" in r for a, r in reasons)
+    assert any(a == "drain" and "load called for at most 1" in r for a, r in reasons), reasons
+    assert any(a == "drain" and "1 instances, 0 wanted" in r for a, r in reasons), reasons
     ended = controller.list_instances(model="scaled", include_ended=True)
     assert len(ended) == 3
     assert all(i.state == control_pb2.INSTANCE_STATE_STOPPED for i in ended), ended

@@ -71,6 +71,11 @@ class ControlServiceStub:
                 request_serializer=kscope_dot_v1_dot_control__pb2.GetTelemetryRequest.SerializeToString,
                 response_deserializer=kscope_dot_v1_dot_control__pb2.GetTelemetryResponse.FromString,
                 _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/kscope.v1.ControlService/ListDecisions',
+                request_serializer=kscope_dot_v1_dot_control__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_control__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -131,6 +136,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDecisions(self, request, context):
+        """ListDecisions returns the reconciler's recent decisions (launch, drain,
+        stop) with their reasons, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +181,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.GetTelemetry,
                     request_deserializer=kscope_dot_v1_dot_control__pb2.GetTelemetryRequest.FromString,
                     response_serializer=kscope_dot_v1_dot_control__pb2.GetTelemetryResponse.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=kscope_dot_v1_dot_control__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_control__pb2.ListDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +379,33 @@ class ControlService:
             '/kscope.v1.ControlService/GetTelemetry',
             kscope_dot_v1_dot_control__pb2.GetTelemetryRequest.SerializeToString,
             kscope_dot_v1_dot_control__pb2.GetTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kscope.v1.ControlService/ListDecisions',
+            kscope_dot_v1_dot_control__pb2.ListDecisionsRequest.SerializeToString,
+            kscope_dot_v1_dot_control__pb2.ListDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class ControlServiceStub:
     MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
     each; it survives a controller restart.
     """
+    ListDecisions: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListDecisionsRequest, _control_pb2.ListDecisionsResponse]
+    """ListDecisions returns the reconciler's recent decisions (launch, drain,
+    stop) with their reasons, newest first.
+    """
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -82,6 +86,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     per model (instance_id empty) and per instance every
     MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
     each; it survives a controller restart.
+    """
+    ListDecisions: _aio.UnaryUnaryMultiCallable[_control_pb2.ListDecisionsRequest, _control_pb2.ListDecisionsResponse]  # type: ignore[assignment]
+    """ListDecisions returns the reconciler's recent decisions (launch, drain,
+    stop) with their reasons, newest first.
     """
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -149,6 +157,16 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         per model (instance_id empty) and per instance every
         MIN_UPDATE_INTERVAL_SECONDS at most, the last MAX_NUM_HISTORIC_RECORDS of
         each; it survives a controller restart.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDecisions(
+        self,
+        request: _control_pb2.ListDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListDecisionsResponse, _abc.Awaitable[_control_pb2.ListDecisionsResponse]]:
+        """ListDecisions returns the reconciler's recent decisions (launch, drain,
+        stop) with their reasons, newest first.
         """
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
