@@ -17,7 +17,7 @@ import grpc
 
 from kscope.v1 import inference_pb2
 from kscope_common.errors import grpc_code_for_http
-from node_agent.engines.base import Endpoint, Engine, EngineError
+from node_agent.engines.base import Endpoint, Engine, EngineError, copy_usage
 from node_agent.load import Load
 from node_agent.queue import RequestQueue
 
@@ -95,11 +95,7 @@ class MultiplexSession:
                     endpoint, opened.body, opened.envelope.stream
                 ):
                     frame = Frame(stream_id=sid, chunks=output.chunks)
-                    if output.usage is not None:
-                        u = output.usage
-                        frame.usage.prompt_tokens = u.prompt_tokens
-                        frame.usage.completion_tokens = u.completion_tokens
-                        frame.usage.total_tokens = u.total_tokens
+                    copy_usage(output, frame.usage)
                     self._out.put_nowait(frame)
             self._out.put_nowait(Frame(stream_id=sid, end=True))
         except EngineError as exc:

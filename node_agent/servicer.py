@@ -11,7 +11,7 @@ import grpc
 
 from kscope.v1 import inference_pb2, inference_pb2_grpc
 from kscope_common.errors import grpc_code_for_http
-from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput
+from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput, copy_usage
 from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
 from node_agent.queue import QueueLimits, RequestQueue
@@ -48,11 +48,7 @@ def _handler(
                     endpoint, request.body, request.envelope.stream
                 ):
                     message = response_cls(chunks=output.chunks)
-                    if output.usage is not None:
-                        u = output.usage
-                        message.usage.prompt_tokens = u.prompt_tokens
-                        message.usage.completion_tokens = u.completion_tokens
-                        message.usage.total_tokens = u.total_tokens
+                    copy_usage(output, message.usage)
                     yield message
         except EngineError as exc:
             log.info(

@@ -9,6 +9,8 @@ from typing import Protocol
 
 import orjson
 
+from kscope.v1 import inference_pb2
+
 
 class Endpoint(StrEnum):
     """OpenAI API paths, relative to the engine's /v1."""
@@ -32,6 +34,14 @@ class EngineOutput:
 
     chunks: list[bytes]
     usage: Usage | None = None
+
+
+def copy_usage(output: EngineOutput, target: inference_pb2.Usage) -> None:
+    """Put an output's usage (if it carries one) into a response's typed Usage."""
+    if output.usage is not None:
+        target.prompt_tokens = output.usage.prompt_tokens
+        target.completion_tokens = output.usage.completion_tokens
+        target.total_tokens = output.usage.total_tokens
 
 
 class EngineError(Exception):
