@@ -590,6 +590,13 @@ class TelemetryRecord(_message.Message):
     READY_REPLICAS_FIELD_NUMBER: _builtins.int
     LIVE_REPLICAS_FIELD_NUMBER: _builtins.int
     SERVED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ERRORS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    TTFT_SECONDS_FIELD_NUMBER: _builtins.int
+    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     instance_id: _builtins.str
     time_unix_seconds: _builtins.float
@@ -600,6 +607,21 @@ class TelemetryRecord(_message.Message):
     live_replicas: _builtins.int
     served: _builtins.int
     """Requests finished, as the agents last reported (summed for a model)."""
+    state: _builtins.str
+    """The instance's state (READY, LOADING, ...); for a model its state as
+    ListModels reports it.
+    """
+    requests_per_second: _builtins.float
+    """Rates over the time since the previous sample."""
+    tokens_per_second: _builtins.float
+    errors_per_second: _builtins.float
+    ttft_seconds: _builtins.float
+    """Mean time to first token and mean request duration of the requests that
+    started streaming / finished since the previous sample; 0 when none did.
+    """
+    latency_seconds: _builtins.float
+    errors: _builtins.int
+    """Requests that ended in an error, as the agents last reported."""
     def __init__(
         self,
         *,
@@ -611,10 +633,17 @@ class TelemetryRecord(_message.Message):
         ready_replicas: _builtins.int = ...,
         live_replicas: _builtins.int = ...,
         served: _builtins.int = ...,
+        state: _builtins.str = ...,
+        requests_per_second: _builtins.float = ...,
+        tokens_per_second: _builtins.float = ...,
+        errors_per_second: _builtins.float = ...,
+        ttft_seconds: _builtins.float = ...,
+        latency_seconds: _builtins.float = ...,
+        errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "instance_id", b"instance_id", "live_replicas", b"live_replicas", "model", b"model", "queued", b"queued", "ready_replicas", b"ready_replicas", "served", b"served", "time_unix_seconds", b"time_unix_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "errors_per_second", b"errors_per_second", "in_flight", b"in_flight", "instance_id", b"instance_id", "latency_seconds", b"latency_seconds", "live_replicas", b"live_replicas", "model", b"model", "queued", b"queued", "ready_replicas", b"ready_replicas", "requests_per_second", b"requests_per_second", "served", b"served", "state", b"state", "time_unix_seconds", b"time_unix_seconds", "tokens_per_second", b"tokens_per_second", "ttft_seconds", b"ttft_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
