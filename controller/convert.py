@@ -10,7 +10,9 @@ from controller.fleet import AgentCommand, DrainCommand, LoadModelCommand
 from controller.lifecycle import AgentPhase, InstanceState
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
+from controller.store.telemetry import Record
 from kscope.v1 import agent_pb2, control_pb2
+from kscope_common.request_stats import RequestTotals
 
 INSTANCE_STATE_TO_PROTO = {
     InstanceState.REQUESTED: control_pb2.INSTANCE_STATE_REQUESTED,
@@ -111,6 +113,27 @@ def hosted_from_proto(
     hosted: Iterable[agent_pb2.HostedInstance],
 ) -> dict[str, HostedState]:
     return {h.instance_id: HostedState(h.running, h.detail) for h in hosted}
+
+
+_TELEMETRY_FIELDS = frozenset(control_pb2.TelemetryRecord.DESCRIPTOR.fields_by_name)
+
+
+def telemetry_to_proto(record: Record) -> control_pb2.TelemetryRecord:
+    """The record without the running sums its rates are computed from."""
+    return control_pb2.TelemetryRecord(
+        **{k: v for k, v in record.flat().items() if k in _TELEMETRY_FIELDS}  # type: ignore[arg-type]
+    )
+
+
+def totals_from_proto(report: agent_pb2.LoadReport) -> RequestTotals:
+    return RequestTotals(
+        served=report.served,
+        errors=report.errors,
+        generation_tokens=report.generation_tokens,
+        ttft_seconds_sum=report.ttft_seconds_sum,
+        ttft_count=report.ttft_count,
+        latency_seconds_sum=report.latency_seconds_sum,
+    )
 
 
 def command_to_proto(command: AgentCommand) -> agent_pb2.SessionResponse:

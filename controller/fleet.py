@@ -34,6 +34,7 @@ from controller.reconciler import (
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
+from kscope_common.request_stats import RequestTotals
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class Fleet:
         self._routes_changed = asyncio.Condition()
         self._load_samples: dict[str, list[tuple[float, int]]] = {}
         """Per model with a target_in_flight: (time, instances its load called for)."""
+        self.failures: dict[str, int] = {}
+        """Instances that failed since this controller started, by model (/metrics)."""
         self.wake = asyncio.Event()
         """Set when something happened that the control loop should act on now."""
 
@@ -280,7 +283,7 @@ class Fleet:
         detail: str,
         max_concurrency: int = 0,
         max_queue_size: int = 0,
-        served: int = 0,
+        totals: RequestTotals | None = None,
         hosted: Mapping[str, HostedState] | None = None,
     ) -> None:
         agent = self.agents.get(agent_id)
@@ -288,11 +291,12 @@ class Fleet:
             return
         changed = agent.phase is not phase
         now = time.time()
-        if in_flight or queued or served != agent.served or not agent.last_busy_at:
+        totals = totals or agent.totals
+        if in_flight or queued or totals.served != agent.totals.served or not agent.last_busy_at:
             agent.last_busy_at = now
         agent.phase, agent.in_flight, agent.queued, agent.detail = phase, in_flight, queued, detail
         agent.max_concurrency, agent.max_queue_size = max_concurrency, max_queue_size
-        agent.served = served
+        agent.totals = totals
         if hosted is not None:
             changed = changed or dict(hosted) != agent.hosted
             agent.hosted = dict(hosted)
@@ -379,6 +383,8 @@ class Fleet:
                 continue
             if state is InstanceState.READY and inst.state is not InstanceState.READY:
                 inst.ready_at = now
+            if state is InstanceState.FAILED and inst.state is not InstanceState.FAILED:
+                self.failures[inst.model] = self.failures.get(inst.model, 0) + 1
             if state is not inst.state:
                 log.info(
                     "instance %s (%s): %s -> %s: %s",

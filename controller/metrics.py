@@ -58,6 +58,12 @@ def controller_metrics(fleet: Fleet, executor: Executor) -> Iterable[Metric]:
         {(): sum(1 for a in agents.values() if a.connected)},
     )
     yield counter(
+        "kscope_controller_instance_failures",
+        "Instances that failed (launch error, engine exit, lost agent), by model.",
+        ("model",),
+        {(m,): n for m, n in dict(fleet.failures).items()},
+    )
+    yield counter(
         "kscope_controller_decisions",
         "Reconciler decisions carried out.",
         ("model", "action"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
+from kscope_common.request_stats import RequestTotals
 
 
 @dataclass
@@ -65,8 +66,8 @@ class AgentRecord:
     """The agent's queue limits (0: no limit)."""
     max_queue_size: int = 0
     connected: bool = False
-    served: int = 0
-    """Requests finished since the agent started (from its reports)."""
+    totals: RequestTotals = field(default_factory=RequestTotals)
+    """The requests that ended since the agent started (from its reports)."""
     last_busy_at: float = 0.0
     """When a report last showed requests in flight, queued or newly served."""
     host_agent: bool = False

@@ -17,6 +17,8 @@ from controller.convert import (
     instance_to_proto,
     model_to_proto,
     route_to_proto,
+    telemetry_to_proto,
+    totals_from_proto,
 )
 from controller.executor import DecisionRecord
 from controller.fleet import (
@@ -28,7 +30,7 @@ from controller.fleet import (
 )
 from controller.lifecycle import AgentPhase
 from controller.records import AgentRecord
-from controller.telemetry import TelemetryStore
+from controller.store.telemetry import TelemetryStore
 from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 report.detail,
                 max_concurrency=report.max_concurrency,
                 max_queue_size=report.max_queue_size,
-                served=report.served,
+                totals=totals_from_proto(report),
                 hosted=hosted_from_proto(report.hosted) if report.hosted else None,
             )
 
@@ -162,9 +164,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         if self._telemetry is None:
             return control_pb2.GetTelemetryResponse()
         records = await self._telemetry.load(request.model, request.include_instances)
-        return control_pb2.GetTelemetryResponse(
-            records=[control_pb2.TelemetryRecord(**asdict(r)) for r in records]
-        )
+        return control_pb2.GetTelemetryResponse(records=[telemetry_to_proto(r) for r in records])
 
     async def ListModels(
         self,

@@ -1,117 +1,102 @@
 """Telemetry: each model's and instance's load, sampled at most every
 MIN_UPDATE_INTERVAL_SECONDS, the last MAX_NUM_HISTORIC_RECORDS of each kept in
-SQLite (so the history survives a restart), served by ControlService.GetTelemetry
-and POSTed as JSON to TELEMETRY_CALLBACK_URL when one is set."""
+SQLite (controller/store/telemetry.py), served by ControlService.GetTelemetry
+and POSTed as JSON to TELEMETRY_CALLBACK_URL when one is set.
+
+Agents report totals since they started (requests, errors, tokens, sums of
+TTFT and latency); a record's rates and means are the change since the series'
+previous record, over the time between them."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import aiohttp
 
 from controller.fleet import Fleet
 from controller.lifecycle import InstanceState
-from controller.store.base import SqliteFile
+from controller.store.telemetry import Rates, Record, TelemetryStore
+from kscope_common.request_stats import RequestTotals
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS telemetry (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    model TEXT NOT NULL,
-    instance_id TEXT NOT NULL,
-    time_unix_seconds REAL NOT NULL,
-    in_flight INTEGER NOT NULL,
-    queued INTEGER NOT NULL,
-    ready_replicas INTEGER NOT NULL,
-    live_replicas INTEGER NOT NULL,
-    served INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS telemetry_series ON telemetry (model, instance_id, id);
-"""
-_COLUMNS = (
-    "model instance_id time_unix_seconds in_flight queued ready_replicas live_replicas served"
-).split()
+__all__ = ["Record", "Telemetry", "TelemetryStore", "change", "rates", "sample"]
 
 
-@dataclass(frozen=True)
-class Record:
-    model: str
-    instance_id: str
-    """Empty for the model's own record."""
-    time_unix_seconds: float
-    in_flight: int
-    queued: int
-    ready_replicas: int
-    live_replicas: int
-    served: int
+def change(before: Record | None, now: RequestTotals) -> RequestTotals:
+    """What a series did since its previous record. Counters that went down
+    belong to a restarted agent: they count from zero."""
+    if before is None or now.served < before.totals.served:
+        return now
+    return now - before.totals
 
 
-class TelemetryStore(SqliteFile):
-    def __init__(self, path: Path):
-        super().__init__(path, _SCHEMA)
-
-    async def add(self, records: list[Record], keep: int) -> None:
-        """Append records, then keep only the last `keep` of each series."""
-        rows = [tuple(asdict(r).values()) for r in records]
-        series = {(r.model, r.instance_id) for r in records}
-        sql = f"INSERT INTO telemetry ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 8)})"
-
-        def write() -> None:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany(sql, rows)
-                for model, instance_id in series:
-                    self._db.execute(
-                        "DELETE FROM telemetry WHERE model = ? AND instance_id = ? AND id NOT IN"
-                        " (SELECT id FROM telemetry WHERE model = ? AND instance_id = ?"
-                        " ORDER BY id DESC LIMIT ?)",
-                        (model, instance_id, model, instance_id, keep),
-                    )
-
-        await self._run(write)
-
-    async def newest_time(self) -> float:
-        row = await self._run(
-            lambda: self._db.execute("SELECT MAX(time_unix_seconds) FROM telemetry").fetchone()
-        )
-        return float(row[0]) if row and row[0] is not None else 0.0
-
-    async def load(self, model: str = "", include_instances: bool = False) -> list[Record]:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM telemetry WHERE (? = '' OR model = ?)"
-        if not include_instances:
-            sql += " AND instance_id = ''"
-        sql += " ORDER BY id"
-        rows = await self._run(lambda: self._db.execute(sql, (model, model)).fetchall())
-        return [Record(*row) for row in rows]
+def rates(delta: RequestTotals, seconds: float) -> Rates:
+    """Rates and means of a change over `seconds`."""
+    per_s = 1 / seconds if seconds > 0 else 0.0
+    return Rates(
+        requests_per_second=delta.served * per_s,
+        tokens_per_second=delta.generation_tokens * per_s,
+        errors_per_second=delta.errors * per_s,
+        ttft_seconds=delta.ttft_seconds_sum / delta.ttft_count if delta.ttft_count else 0.0,
+        latency_seconds=delta.latency_seconds_sum / delta.served if delta.served else 0.0,
+    )
 
 
-def sample(fleet: Fleet, now: float) -> list[Record]:
-    """One record per catalog model and one per live instance."""
+def sample(
+    fleet: Fleet, now: float, previous: dict[tuple[str, str], Record], interval_s: float
+) -> list[Record]:
+    """One record per catalog model and one per live instance. `previous`: each
+    series' last record; a series without one counts from zero over one interval."""
+
+    def seconds_since(before: Record | None) -> float:
+        return now - before.time_unix_seconds if before is not None else interval_s
+
     out: list[Record] = []
+    summaries = {route.summary.spec.name: route.summary for route in fleet.routes()}
     for spec in fleet.catalog.models:
-        insts = [i for i in fleet.instances.values() if i.model == spec.name]
         per_instance: list[Record] = []
-        for inst in insts:
-            if inst.state.ended:
+        model_change = RequestTotals()
+        for inst in fleet.instances.values():
+            if inst.model != spec.name or inst.state.ended:
                 continue
             agent = fleet.agents.get(inst.agent_id)
-            ready = int(inst.state is InstanceState.READY)
+            totals = agent.totals if agent else RequestTotals()
+            before = previous.get((spec.name, inst.id))
+            delta = change(before, totals)
+            model_change += delta
             per_instance.append(
-                Record(spec.name, inst.id, now, agent.in_flight if agent else 0,
-                       agent.queued if agent else 0, ready, 1, agent.served if agent else 0)
-            )  # fmt: skip
+                Record(
+                    model=spec.name,
+                    instance_id=inst.id,
+                    time_unix_seconds=now,
+                    state=inst.state.value,
+                    in_flight=agent.in_flight if agent else 0,
+                    queued=agent.queued if agent else 0,
+                    ready_replicas=int(inst.state is InstanceState.READY),
+                    live_replicas=1,
+                    totals=totals,
+                    rates=rates(delta, seconds_since(before)),
+                )
+            )
+        summary = summaries.get(spec.name)
+        model_seconds = seconds_since(previous.get((spec.name, "")))
         out.append(
             Record(
-                spec.name, "", now, sum(r.in_flight for r in per_instance),
-                sum(r.queued for r in per_instance), sum(r.ready_replicas for r in per_instance),
-                len(per_instance), sum(r.served for r in per_instance),
+                model=spec.name,
+                instance_id="",
+                time_unix_seconds=now,
+                state=summary.state.value if summary else "",
+                in_flight=sum(r.in_flight for r in per_instance),
+                queued=sum(r.queued for r in per_instance),
+                ready_replicas=sum(r.ready_replicas for r in per_instance),
+                live_replicas=len(per_instance),
+                totals=sum((r.totals for r in per_instance), RequestTotals()),
+                rates=rates(model_change, model_seconds),
             )
-        )  # fmt: skip
+        )
         out.extend(per_instance)
     return out
 
@@ -134,7 +119,8 @@ class Telemetry:
         self._callback_url = callback_url
 
     async def run(self) -> None:
-        last = await self.store.newest_time()
+        previous = {(r.model, r.instance_id): r for r in await self.store.newest()}
+        last = max((r.time_unix_seconds for r in previous.values()), default=0.0)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             while True:
                 # Never more often than the interval, across restarts too.
@@ -145,8 +131,9 @@ class Telemetry:
                     now = time.time()
                 last = now
                 try:
-                    records = sample(self._fleet, now)
+                    records = sample(self._fleet, now, previous, self._interval_s)
                     await self.store.add(records, self._keep)
+                    previous = {(r.model, r.instance_id): r for r in records}
                     if self._callback_url:
                         await self._post(http, records)
                 except Exception:
@@ -155,7 +142,7 @@ class Telemetry:
     async def _post(self, http: aiohttp.ClientSession, records: list[Record]) -> None:
         try:
             async with http.post(
-                self._callback_url, json={"records": [asdict(r) for r in records]}
+                self._callback_url, json={"records": [r.flat() for r in records]}
             ) as reply:
                 if reply.status >= 400:
                     log.warning("telemetry callback answered %d", reply.status)

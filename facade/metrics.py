@@ -18,13 +18,13 @@ def facade_metrics(
 ) -> Iterable[Metric]:
     proxy = get_proxy()
     models = dict(table.models)
-    requests = dict(proxy.requests) if proxy else {}
-    yield counter(
-        "kscope_facade_requests",
-        "Requests forwarded to an instance, by model.",
-        ("model",),
-        {(m,): n for m, n in requests.items()},
-    )
+    if proxy is not None:
+        yield from proxy.stats.families(
+            "kscope_facade",
+            "measured by the facade, from a request's arrival to its answer's last byte"
+            " (a request for no catalog model has model=\"\")",
+            tokens=False,
+        )
     yield counter(
         "kscope_facade_stream_chunks",
         "SSE events forwarded to clients.",

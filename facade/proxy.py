@@ -25,6 +25,7 @@ from facade.exchange import AgentFailure, MultiplexExchange, PerCallExchange
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
 from kscope.v1 import control_pb2, inference_pb2
+from kscope_common.request_stats import CANCELLED, RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,29 @@ def parse_request(body: bytes, kind: _Kind, default_model: str = "") -> tuple[st
     return model, stream
 
 
+class Observed:
+    """One request's ASGI send, noting for the metrics the status it sent and
+    when its first SSE data event (its first token) left. Until then it looks
+    at each message; after, it only passes them on."""
+
+    __slots__ = ("_send", "first_token_at", "start", "status")
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.start = time.monotonic()
+        self.status = CANCELLED
+        """Until a response starts, the request counts as one its client left."""
+        self.first_token_at = 0.0
+
+    async def __call__(self, message: Message) -> None:
+        if not self.first_token_at:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            elif message.get("body", b"").startswith(b"data: "):
+                self.first_token_at = time.monotonic()
+        await self._send(message)
+
+
 class InferenceProxy:
     """Handles the three inference endpoints from start to end."""
 
@@ -173,14 +197,28 @@ class InferenceProxy:
         self._waiting: dict[str, int] = {}
         """Requests held for each cold model now (X-KScope-Wait)."""
         # For /metrics: plain counters, read when it is scraped.
-        self.requests: dict[str, int] = {}
-        """Requests forwarded to an instance, by model."""
+        self.stats = RequestStats()
+        """Every inference request, by model, as it ended."""
         self.stream_chunks = 0
         """SSE events forwarded to clients."""
         self.cold_waits: dict[tuple[str, ...], int] = {}
         """Requests that waited for a cold model, by (model, outcome)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
+        observed = Observed(send)
+        model = ""
+        try:
+            model = await self._handle(scope, receive, observed, kind)
+        finally:
+            # Labelled by model only for catalog models: a client's typo is no new series.
+            stats = self.stats.of(model if model in self._table.models else "")
+            stats.ended(observed.status, time.monotonic() - observed.start)
+            if observed.first_token_at and observed.status == 200:
+                stats.ttft.observe(observed.first_token_at - observed.start)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Observed, kind: _Kind) -> str:
+        """Answer one request; returns its model ('' when it had none)."""
+        model = ""
         try:
             body = await read_body(scope, receive, self._settings.max_body_bytes)
             model, stream = parse_request(body, kind, self._settings.default_model)
@@ -194,13 +232,12 @@ class InferenceProxy:
             if target is None:
                 target, started = await self._cold(scope, receive, send, model, stream)
                 if target is None:
-                    return
+                    return model
         except ApiError as error:
             await send_error(send, error)
-            return
+            return model
         except ClientGone:
-            return
-        self.requests[model] = self.requests.get(model, 0) + 1
+            return model
         request_id = f"req-{uuid.uuid4().hex[:16]}"
         request = kind.request_cls(
             envelope=inference_pb2.RequestEnvelope(
@@ -209,9 +246,10 @@ class InferenceProxy:
             body=body,
         )
         await self._forward(target, kind, request, model, stream, receive, send, started)
+        return model
 
     async def _cold(
-        self, scope: Scope, receive: Receive, send: Send, model: str, stream: bool
+        self, scope: Scope, receive: Receive, send: Observed, model: str, stream: bool
     ) -> tuple[Target | None, bool]:
         """No READY instance: answer 503 + Retry-After at once, or hold the request
         while the client (X-KScope-Wait: seconds) or the server (cold_wait_s) is
@@ -265,7 +303,7 @@ class InferenceProxy:
         return self._settings.cold_wait_s
 
     async def _wait_for_target(
-        self, receive: Receive, send: Send, model: str, stream: bool, wait_s: float
+        self, receive: Receive, send: Observed, model: str, stream: bool, wait_s: float
     ) -> tuple[Target | None, bool]:
         loop = asyncio.get_running_loop()
         asked = asyncio.ensure_future(self._ensure(model))  # the controller learns of the demand
@@ -385,7 +423,7 @@ class InferenceProxy:
         model: str,
         stream: bool,
         receive: Receive,
-        send: Send,
+        send: Observed,
         started: bool = False,
     ) -> None:
         """`started`: the SSE response already began (a waiting request's comments)."""
@@ -402,6 +440,7 @@ class InferenceProxy:
                 return
             except AgentFailure as failure:
                 if failure.code is grpc.StatusCode.CANCELLED and watcher.done():
+                    send.status = CANCELLED
                     return  # the client left; nobody to answer
                 if attempt == 0 and failure.transport:
                     # Nothing reached the client yet: try another READY instance.
@@ -424,7 +463,7 @@ class InferenceProxy:
                 exchange.cancel()
                 target.outstanding -= 1
 
-    async def _unary(self, exchange: Exchange, send: Send) -> None:
+    async def _unary(self, exchange: Exchange, send: Observed) -> None:
         parts: list[bytes] = []
         async for chunks in exchange.chunks():
             parts.extend(chunks)
@@ -433,7 +472,7 @@ class InferenceProxy:
         await send({"type": "http.response.body", "body": body})
 
     async def _stream(
-        self, exchange: Exchange, send: Send, model: str, started: bool = False
+        self, exchange: Exchange, send: Observed, model: str, started: bool = False
     ) -> None:
         """Forward an event stream. The response starts with the first message,
         so an error before it is still a proper HTTP error; one after it is an
@@ -463,7 +502,8 @@ class InferenceProxy:
         await send({"type": "http.response.body", "body": _DONE})
 
 
-async def _send_stream_error(send: Send, error: ApiError) -> None:
+async def _send_stream_error(send: Observed, error: ApiError) -> None:
+    send.status = error.status  # what the request ended with, though the HTTP status was 200
     event = b"data: " + error.body() + b"\n\n" + _DONE
     with contextlib.suppress(Exception):
         await send({"type": "http.response.body", "body": event})

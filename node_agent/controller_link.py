@@ -12,12 +12,13 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
 from kscope.v1 import agent_pb2, agent_pb2_grpc
 from kscope_common.grpc_server import CHANNEL_OPTIONS
+from kscope_common.request_stats import RequestTotals
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class Report:
     max_concurrency: int = 0
     """0: no limit."""
     max_queue_size: int = 0
-    served: int = 0
+    totals: RequestTotals = field(default_factory=RequestTotals)
+    """The requests that ended since the agent started."""
     hosted: tuple[agent_pb2.HostedInstance, ...] = ()
     """A host agent's instances."""
 
@@ -63,7 +65,7 @@ class Report:
         return agent_pb2.LoadReport(
             phase=self.phase, in_flight=self.in_flight, queued=self.queued, detail=self.detail,
             max_concurrency=self.max_concurrency, max_queue_size=self.max_queue_size,
-            served=self.served, hosted=self.hosted,
+            hosted=self.hosted, **asdict(self.totals),
         )  # fmt: skip
 
 

@@ -20,7 +20,8 @@ from prometheus_client.core import Metric
 
 from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
-from kscope_common.metrics import counter, gauge, maybe_serve
+from kscope_common.metrics import gauge, maybe_serve
+from kscope_common.request_stats import RequestStats
 from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
 from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_engine
@@ -41,6 +42,8 @@ class Agent:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self.load = Load()
+        self.requests = RequestStats()
+        self.requests.models[settings.served_model] = self.load.stats
         self.queue = RequestQueue(settings.queue_limits(), self.load)
         self.phase: agent_pb2.AgentPhase.ValueType = agent_pb2.AGENT_PHASE_STARTING
         self.detail = "engine starting"
@@ -56,15 +59,16 @@ class Agent:
             self.phase, self.load.in_flight, self.load.queued, self.detail,
             max_concurrency=max(limits.max_concurrency, 0),
             max_queue_size=0 if limits.unlimited else limits.max_queue_size,
-            served=self.load.served,
+            totals=self.requests.totals(),
         )  # fmt: skip
 
     def _metrics(self) -> Iterable[Metric]:
         """/metrics, on the metrics server's thread: plain values read, nothing locked."""
         model = (self.settings.served_model,)
         load = self.load
-        yield counter("kscope_agent_requests", "Requests finished.", ("model",),
-                      {model: load.served})  # fmt: skip
+        yield from self.requests.families(
+            "kscope_agent", "measured by the agent, from a request's arrival to the engine's end"
+        )
         yield gauge("kscope_agent_in_flight_requests", "Requests the engine works on.",
                     ("model",), {model: load.in_flight})  # fmt: skip
         yield gauge("kscope_agent_queued_requests", "Requests waiting for the engine.",

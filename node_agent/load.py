@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+from kscope_common.request_stats import ModelStats
+from node_agent.engines.base import EngineOutput, Usage
 
 
 @dataclass
@@ -13,5 +17,43 @@ class Load:
     """Requests waiting in the queue for the engine."""
     draining: bool = False
     """New requests are refused."""
-    served: int = 0
-    """Requests finished since start."""
+    stats: ModelStats = field(default_factory=ModelStats)
+    """The requests that ended since start (the agent serves one model)."""
+
+    @property
+    def served(self) -> int:
+        """Requests finished since start."""
+        return self.stats.latency.count
+
+
+class RequestClock:
+    """One request's figures while it runs; `end` adds them to the agent's stats.
+    `saw` runs for every engine output, so it only counts."""
+
+    __slots__ = ("_chunks", "_first", "_start", "_stats", "_stream", "_usage")
+
+    def __init__(self, stats: ModelStats, stream: bool):
+        self._stats = stats
+        self._stream = stream
+        self._start = time.monotonic()
+        self._first = 0.0
+        self._chunks = 0
+        self._usage: Usage | None = None
+
+    def saw(self, output: EngineOutput) -> None:
+        if not self._first:
+            self._first = time.monotonic()
+        self._chunks += len(output.chunks)
+        if output.usage is not None:
+            self._usage = output.usage
+
+    def end(self, status: int) -> None:
+        stats = self._stats
+        stats.ended(status, time.monotonic() - self._start)
+        if self._stream and self._first:
+            stats.ttft.observe(self._first - self._start)
+        if self._usage is not None:
+            stats.generation_tokens += self._usage.completion_tokens
+            stats.prompt_tokens += self._usage.prompt_tokens
+        elif self._stream:
+            stats.generation_tokens += self._chunks  # vLLM and MLX-VLM: a token per chunk

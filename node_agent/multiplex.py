@@ -17,8 +17,9 @@ import grpc
 
 from kscope.v1 import inference_pb2
 from kscope_common.errors import grpc_code_for_http
+from kscope_common.request_stats import CANCELLED
 from node_agent.engines.base import Endpoint, Engine, EngineError, copy_usage
-from node_agent.load import Load
+from node_agent.load import Load, RequestClock
 from node_agent.queue import RequestQueue
 
 log = logging.getLogger(__name__)
@@ -89,16 +90,21 @@ class MultiplexSession:
             self._fail(sid, grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {opened.kind}")
             self._tasks.pop(sid, None)
             return
+        clock = RequestClock(load.stats, opened.envelope.stream)
+        status = CANCELLED
         try:
             async with self._queue.slot():
                 async for output in self._engine.generate(
                     endpoint, opened.body, opened.envelope.stream
                 ):
+                    clock.saw(output)
                     frame = Frame(stream_id=sid, chunks=output.chunks)
                     copy_usage(output, frame.usage)
                     self._out.put_nowait(frame)
             self._out.put_nowait(Frame(stream_id=sid, end=True))
+            status = 200
         except EngineError as exc:
+            status = exc.http_status
             log.info("request %s failed in the engine: %s", opened.envelope.request_id, exc.message)
             self._out.put_nowait(
                 Frame(
@@ -111,10 +117,11 @@ class MultiplexSession:
                 )
             )
         except Exception:  # an engine bug fails its request; it must not hang it
+            status = 500
             log.exception("request %s failed unexpectedly", opened.envelope.request_id)
             self._fail(sid, grpc.StatusCode.INTERNAL, "the engine failed unexpectedly")
         finally:
-            load.served += 1
+            clock.end(status)
             self._tasks.pop(sid, None)
 
     def _fail(self, sid: int, code: grpc.StatusCode, message: str) -> None:

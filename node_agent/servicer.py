@@ -11,8 +11,9 @@ import grpc
 
 from kscope.v1 import inference_pb2, inference_pb2_grpc
 from kscope_common.errors import grpc_code_for_http
+from kscope_common.request_stats import CANCELLED
 from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput, copy_usage
-from node_agent.load import Load
+from node_agent.load import Load, RequestClock
 from node_agent.multiplex import MultiplexSession
 from node_agent.queue import QueueLimits, RequestQueue
 
@@ -37,9 +38,10 @@ def _handler(
     async def handle(
         self: InferenceServicer, request: _Request, context: Context
     ) -> AsyncIterator[Any]:
-        load = self.load
-        if load.draining:
+        if self.load.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is draining")
+        clock = RequestClock(self.load.stats, request.envelope.stream)
+        status = CANCELLED
         try:
             # The queue counts this request as queued, then in flight.
             async with self.queue.slot():
@@ -47,17 +49,23 @@ def _handler(
                 async for output in self.engine.generate(
                     endpoint, request.body, request.envelope.stream
                 ):
+                    clock.saw(output)
                     message = response_cls(chunks=output.chunks)
                     copy_usage(output, message.usage)
                     yield message
+            status = 200
         except EngineError as exc:
+            status = exc.http_status
             log.info(
                 "request %s failed in the engine: %s", request.envelope.request_id, exc.message
             )
             context.set_trailing_metadata(_error_metadata(exc))
             await context.abort(grpc_code_for_http(exc.http_status), exc.message)
+        except Exception:
+            status = 500
+            raise
         finally:
-            load.served += 1
+            clock.end(status)
 
     return handle
 

@@ -316,15 +316,27 @@ def test_metrics_parse_and_counters_move(system: tuple[Controller, Facade]) -> N
     def moved(process: str, name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
         return after[process][(name, labels)] - before[process].get((name, labels), 0.0)
 
-    assert moved("facade", "kscope_facade_requests_total", model) == 3
+    ok = (("model", "waited"), ("status", "200"))
+    assert moved("facade", "kscope_facade_requests_total", ok) == 3
+    never = (("model", "never"), ("status", "503"))
+    assert moved("facade", "kscope_facade_requests_total", never) == 1
+    for histogram in ("request_duration_seconds", "time_to_first_token_seconds"):
+        assert moved("facade", f"kscope_facade_{histogram}_count", model) == 3
+        assert moved("facade", f"kscope_facade_{histogram}_sum", model) > 0
+        assert moved("agent", f"kscope_agent_{histogram}_count", model) == 3
+        inf = (("le", "+Inf"), ("model", "waited"))
+        assert moved("agent", f"kscope_agent_{histogram}_bucket", inf) == 3
     assert moved("facade", "kscope_facade_stream_chunks_total") == 3 * 5  # role, 3, finish
     assert moved("facade", "kscope_facade_error_responses_total", (("status", "503"),)) >= 1
     assert after["facade"][("kscope_facade_ready_instances", model)] == 1
-    assert moved("agent", "kscope_agent_requests_total", model) == 3
+    assert moved("agent", "kscope_agent_requests_total", ok) == 3
+    # No usage in these streams: a token per chunk.
+    assert moved("agent", "kscope_agent_generation_tokens_total", model) == 3 * 5
     assert after["agent"][("kscope_agent_in_flight_requests", model)] == 0
     assert after["controller"][
         ("kscope_controller_instances", (("model", "waited"), ("state", "ready")))
     ] == 1  # fmt: skip
     launches = ("kscope_controller_decisions_total", (("action", "launch"), ("model", "waited")))
     assert after["controller"][launches] >= 1
+    assert ("kscope_controller_instance_failures_total", model) not in after["controller"]
     assert "process_cpu_seconds_total" in {name for name, _ in after["controller"]}

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
 from kscope.v1 import control_pb2
@@ -18,6 +19,7 @@ from tests.procs import (
     Controller,
     restart_controller,
     start_controller,
+    start_facade,
     start_upstream,
     stop_instances_left_behind,
     wait_until,
@@ -32,6 +34,56 @@ def _records(ctl: Controller, instances: bool = False) -> list[control_pb2.Telem
             control_pb2.GetTelemetryRequest(model="t", include_instances=instances), timeout=5
         )
     return list(reply.records)
+
+
+def test_traffic_shows_as_rates_and_means_per_model_and_instance(tmp_path: Path) -> None:
+    upstream = start_upstream(tmp_path)
+    catalog = f"""
+[[models]]
+name = "t"
+engine = "openai"
+upstream_url = "{upstream.url}"
+min_replicas = 1
+expected_startup_s = 3
+"""
+    env = {"MIN_UPDATE_INTERVAL_SECONDS": "0.5", "MAX_NUM_HISTORIC_RECORDS": "500"}
+    ctl = start_controller(tmp_path, catalog, env=env)
+    facade = start_facade(tmp_path, ctl.port)
+    try:
+        wait_until(lambda: _records(ctl) and _records(ctl)[-1].ready_replicas == 1, 20,
+                   what="instance ready")  # fmt: skip
+        client = openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0)
+        start = _records(ctl)[-1].time_unix_seconds
+        for _ in range(4):
+            stream = client.chat.completions.create(
+                model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+            )
+            assert sum(1 for _ in stream) == 5  # role, 3 tokens, finish
+        client.completions.create(model="t", prompt="hi", max_tokens=2)  # usage: 2 tokens
+        # The agent reports within a second; then a sample or two later the window shows it.
+        wait_until(lambda: _records(ctl)[-1].served == 5, 20, what="5 requests served")
+        after = [r for r in _records(ctl, instances=True) if r.time_unix_seconds > start]
+        (instance_id,) = {r.instance_id for r in after} - {""}
+        for series in ("", instance_id):
+            records = [r for r in after if r.instance_id == series]
+            assert records[-1].state == "ready"
+            assert records[-1].errors == 0
+            # Each record's rate covers the time since the one before: they add up.
+            spans = [b - a for a, b in itertools.pairwise(
+                [start, *(r.time_unix_seconds for r in records)])]  # fmt: skip
+            requests = sum(r.requests_per_second * t for r, t in zip(records, spans, strict=True))
+            tokens = sum(r.tokens_per_second * t for r, t in zip(records, spans, strict=True))
+            assert requests == pytest.approx(5, rel=0.02), records
+            assert tokens == pytest.approx(4 * 5 + 2, rel=0.02), records
+            busy = [r for r in records if r.requests_per_second > 0]
+            assert all(r.latency_seconds > 0 for r in busy)
+            assert any(r.ttft_seconds > 0 for r in busy)
+            assert all(r.ttft_seconds <= r.latency_seconds for r in busy)
+    finally:
+        facade.proc.stop()
+        ctl.proc.stop()
+        stop_instances_left_behind(ctl.state_dir)
+        upstream.proc.stop()
 
 
 def test_telemetry_respects_interval_and_count_and_survives_a_restart(tmp_path: Path) -> None:
