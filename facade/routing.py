@@ -183,5 +183,20 @@ class RouteWatcher:
             return None
         return list(reply.instances)
 
+    async def telemetry(
+        self, model: str, timeout_s: float
+    ) -> list[control_pb2.TelemetryRecord] | None:
+        """The model's own telemetry records (not its instances'), oldest first;
+        None when the controller does not answer in time."""
+        try:
+            reply = await self._stub.GetTelemetry(
+                control_pb2.GetTelemetryRequest(model=model, include_instances=False),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("GetTelemetry(%s) failed: %s %s", model, exc.code().name, exc.details())
+            return None
+        return list(reply.records)
+
     async def close(self) -> None:
         await self._channel.close(None)

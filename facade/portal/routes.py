@@ -3,7 +3,8 @@
 Server-rendered Jinja2; a signed session cookie (Starlette's SessionMiddleware,
 itself plain ASGI); a CSRF token in every form. Keys are created, listed and
 revoked through the controller's KeyService with the portal's admin service
-key, always for the logged-in user only.
+key, always for the logged-in user only. A model's page charts the controller's
+telemetry (ControlService.GetTelemetry) as inline SVG.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from facade.auth import KeyChecker
+from facade.portal.charts import model_charts
 from facade.portal.login import check_login
 from facade.portal.security import (
     CSRF_FIELD,
@@ -35,7 +37,7 @@ from facade.portal.security import (
     checked_form,
     csrf_token,
 )
-from facade.routing import RouteTable
+from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
 from kscope.v1 import keys_pb2
 
@@ -63,6 +65,10 @@ def _day(ts: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts.ToNanoseconds() / 1e9))
 
 
+def _clock(unix_seconds: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(unix_seconds))
+
+
 def _row(key: keys_pb2.ApiKey) -> KeyRow:
     expired = key.expires_at.ToNanoseconds() / 1e9 <= time.time()
     status = "revoked" if key.revoked else "expired" if expired else "active"
@@ -80,11 +86,14 @@ class Portal:
         settings: FacadeSettings,
         table: RouteTable,
         keys: Callable[[], KeyChecker | None],
+        watcher: Callable[[], RouteWatcher | None] | None = None,
     ):
         self.settings = settings
         self.portal = settings.portal
         self.table = table
         self._keys = keys
+        self._watcher = watcher
+        self._own_watcher: RouteWatcher | None = None
         self.templates = Jinja2Templates(directory=str(_HERE / "templates"))
 
     # --- helpers -----------------------------------------------------------------------------
@@ -113,6 +122,15 @@ class Portal:
         if checker is None or self.portal.service_key is None:
             return None
         return checker.stub
+
+    def _telemetry_source(self) -> RouteWatcher | None:
+        if self._watcher is not None:
+            return self._watcher()
+        # Not handed the facade's watcher: a channel of our own, made on first use
+        # (inside the running loop), used only for GetTelemetry.
+        if self._own_watcher is None:
+            self._own_watcher = RouteWatcher(self.settings.controller, self.table)
+        return self._own_watcher
 
     async def _user_keys(self, user: str) -> tuple[list[keys_pb2.ApiKey], str]:
         stub = self._stub()
@@ -247,6 +265,32 @@ class Portal:
         ]
         return self.render(request, "models.html", models=models)
 
+    async def model_page(self, request: Request) -> Response:
+        if not request.session.get("user"):
+            return RedirectResponse("/portal/login", status_code=303)
+        name = request.path_params["name"]
+        entry = self.table.models.get(name)
+        if entry is None:
+            return self.render(
+                request, "model.html", status=404, model_name=name, model=None,
+                controller_connected=self.table.received.is_set(),
+            )  # fmt: skip
+        source = self._telemetry_source()
+        records = await source.telemetry(name, _RPC_TIMEOUT_S) if source is not None else None
+        latest = records[-1] if records else None
+        return self.render(
+            request, "model.html", model_name=name,
+            model={
+                "state": entry.state, "message": entry.info.state_message,
+                "ready": entry.info.ready_replicas, "live": entry.info.live_replicas,
+                "engine": entry.info.engine,
+            },
+            telemetry_unavailable=records is None,
+            charts=model_charts(records) if records else [],
+            latest=latest,
+            latest_time=_clock(latest.time_unix_seconds) if latest else "",
+        )  # fmt: skip
+
     async def connect_page(self, request: Request) -> Response:
         if not request.session.get("user"):
             return RedirectResponse("/portal/login", status_code=303)
@@ -265,10 +309,15 @@ async def _csrf_refused(request: Request, exc: Exception) -> Response:
 
 
 def create_portal(
-    settings: FacadeSettings, table: RouteTable, keys: Callable[[], KeyChecker | None]
+    settings: FacadeSettings,
+    table: RouteTable,
+    keys: Callable[[], KeyChecker | None],
+    watcher: Callable[[], RouteWatcher | None] | None = None,
 ) -> Starlette:
-    """The portal as an ASGI app, for the facade to mount at /portal."""
-    portal = Portal(settings, table, keys)
+    """The portal as an ASGI app, for the facade to mount at /portal. `watcher`
+    gives the facade's RouteWatcher (its controller channel) for telemetry;
+    without it the portal opens a channel of its own on first use."""
+    portal = Portal(settings, table, keys, watcher)
     secret = settings.portal.session_secret
     secure = settings.portal.secure_cookie
     if secure is None:
@@ -282,6 +331,7 @@ def create_portal(
         Route("/keys", portal.create_key, methods=["POST"]),
         Route("/keys/{key_id}/revoke", portal.revoke_key, methods=["POST"]),
         Route("/models", portal.models_page),
+        Route("/models/{name:path}", portal.model_page),
         Route("/connect", portal.connect_page),
         Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
     ]

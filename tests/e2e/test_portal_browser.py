@@ -5,6 +5,7 @@ Screenshots of the keys and models pages go to test-artifacts/."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ upstream_url = "{upstream.url}"
 min_replicas = 0
 expected_startup_s = 3
 """,
+        env={"MIN_UPDATE_INTERVAL_SECONDS": "0.5"},
     )
     facade = start_facade(
         tmp,
@@ -130,6 +132,16 @@ def test_log_in_create_key_chat_revoke(site: Site) -> None:
             assert "READY" in row.inner_text()
             assert "COLD" in page.locator("tr", has_text="gamma-cold").inner_text()
             page.screenshot(path=str(ARTIFACTS / "portal-models.png"), full_page=True)
+
+            # The model page: three charts of the telemetry, drawn as inline SVG.
+            page.get_by_role("link", name="alpha").click()
+            page.wait_for_url(f"{base}/portal/models/alpha")
+            for title in ("Requests per second", "Latency", "Instances"):
+                chart = page.get_by_role("img", name=re.compile(f"^{title}, "))
+                assert chart.is_visible() and chart.bounding_box()["width"] > 200  # type: ignore[index]
+            ready = page.locator("#chart-instances polyline[data-series=ready]")
+            assert ready.count() == 1 and len(ready.get_attribute("points").split()) >= 2  # type: ignore[union-attr]
+            page.screenshot(path=str(ARTIFACTS / "portal-model.png"), full_page=True)
 
             page.get_by_role("navigation").get_by_role("link", name="Connect").click()
             snippet = page.locator("#python").inner_text()
