@@ -22,7 +22,7 @@ def facade_metrics(
         yield from proxy.stats.families(
             "kscope_facade",
             "measured by the facade, from a request's arrival to its answer's last byte"
-            " (a request for no catalog model has model=\"\")",
+            ' (a request for no catalog model has model="")',
             tokens=False,
         )
     yield counter(

@@ -25,18 +25,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.core import Metric
+
 from kscope.v1 import agent_pb2
+from kscope_common.metrics import gauge, maybe_serve
 from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
+from node_agent.host_metrics import merge, scrape_instance
 from node_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
 ENDED_KEPT_S = 300.0
 """How long an ended instance stays in the reports, so the controller sees why."""
-_HOST_ONLY = ("KSCOPE_HOST_AGENT", "KSCOPE_HOST_MODELS", "KSCOPE_TOKEN_FILE")
+_HOST_ONLY = (
+    "KSCOPE_HOST_AGENT", "KSCOPE_HOST_MODELS", "KSCOPE_TOKEN_FILE",
+    "KSCOPE_AGENT_METRICS_PORT", "KSCOPE_AGENT_METRICS_PORT_FILE",
+)  # fmt: skip
 """Settings of the host agent that its instances must not inherit."""
 
 
@@ -157,6 +165,14 @@ class HostAgent:
             "KSCOPE_INSTANCE_ID": load.instance_id,
             "KSCOPE_REGISTRATION_TOKEN": self._token,
         }
+        if self.settings.metrics_port is not None:
+            # Any free port; the host's /metrics reads it from the file and passes it on.
+            port_file = self._metrics_port_file(load.instance_id)
+            port_file.parent.mkdir(parents=True, exist_ok=True)
+            env |= {
+                "KSCOPE_AGENT_METRICS_PORT": "0",
+                "KSCOPE_AGENT_METRICS_PORT_FILE": str(port_file),
+            }
         argv = _tied_to_us(instance_argv(load, path))
         with (log_dir / f"{load.instance_id}.log").open("ab") as out:
             proc = subprocess.Popen(
@@ -165,6 +181,30 @@ class HostAgent:
             )  # fmt: skip
         log.info("loading %s as instance %s (pid %d)", load.model, load.instance_id, proc.pid)
         self._instances[load.instance_id] = _Instance(load.instance_id, load.model, proc)
+
+    def _metrics_port_file(self, instance_id: str) -> Path:
+        return self.settings.host_state_dir.expanduser() / "metrics" / f"{instance_id}.port"
+
+    def _metrics(self) -> Iterable[Metric]:
+        """/metrics, on the metrics server's thread."""
+        instances = list(self._instances.values())
+        running: dict[tuple[str, ...], float] = {(m, "true"): 0 for m in self.offers}
+        for inst in instances:
+            key = (inst.model, "false" if inst.ended_at else "true")
+            running[key] = running.get(key, 0) + 1
+        yield gauge("kscope_host_instances", "Instances this host started, by model and"
+                    " whether their agent process runs (ended ones are kept a while).",
+                    ("model", "running"), running)  # fmt: skip
+        yield gauge("kscope_host_offered_models", "Models this host offers from its disk.",
+                    ("model",), {(m,): 1 for m in self.offers})  # fmt: skip
+        yield from merge(
+            family
+            for inst in instances
+            if not inst.ended_at
+            for family in scrape_instance(
+                self._metrics_port_file(inst.instance_id), self.settings.host, inst.instance_id
+            )
+        )
 
     def _unload(self, instance_id: str, why: str) -> None:
         inst = self._instances.get(instance_id)
@@ -235,6 +275,8 @@ class HostAgent:
         )
         log.info("host agent offering %s to %s", ", ".join(sorted(self.offers)) or "nothing",
                  self.settings.controller)  # fmt: skip
+        metrics = maybe_serve(self._metrics, self.settings.host, self.settings.metrics_port,
+                              self.settings.metrics_port_file)  # fmt: skip
         link_task = asyncio.create_task(self.link.run(), name="controller-link")
         watch_task = asyncio.create_task(self._watch_loop(), name="instance-watch")
         stop_wait = asyncio.create_task(self._stop.wait())
@@ -250,5 +292,7 @@ class HostAgent:
         self.link.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(link_task, 5)
+        if metrics is not None:
+            metrics.close()
         log.info("host agent stopped")
         return code

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2
 from tests.procs import (
@@ -91,8 +92,20 @@ def _host_agent(fleet: Fleet, name: str) -> Proc:
         [PYTHON, "-m", "node_agent.main", "--host-agent", "--controller", fleet.controller.address,
          "--token-file", str(fleet.token_file), "--models", f"{MODEL}={fleet.tiny_vlm}"],
         fleet.tmp / "logs" / f"{name}.log",
-        env={"KSCOPE_HOST_STATE_DIR": str(fleet.tmp / name)},
+        env={"KSCOPE_HOST_STATE_DIR": str(fleet.tmp / name), "KSCOPE_AGENT_METRICS_PORT": "0",
+             "KSCOPE_AGENT_METRICS_PORT_FILE": str(fleet.tmp / f"{name}.metrics-port")},
     )  # fmt: skip
+
+
+def _host_metrics(fleet: Fleet, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    port = int((fleet.tmp / f"{name}.metrics-port").read_text())
+    reply = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    reply.raise_for_status()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
 
 
 def _ask(fleet: Fleet) -> str:
@@ -124,6 +137,11 @@ def test_host_agent_loads_on_demand_and_unloads_when_idle(fleet: Fleet) -> None:
             assert live.launcher == "host" and live.launcher_ref == f"{agent.id}/{live.id}"
             (agent,) = fleet.host_agents()
             assert list(agent.hosted_instances) == [live.id]
+            # One scrape target per host: its instances, and each instance agent's figures.
+            scraped = _host_metrics(fleet, "host-agent")
+            assert scraped[("kscope_host_instances", (("model", MODEL), ("running", "true")))] == 1
+            ok = (("instance_id", live.id), ("model", MODEL), ("status", "200"))
+            assert scraped[("kscope_agent_requests_total", ok)] >= 1
 
             # Busy for longer than the idle timeout: it stays loaded while used.
             until = time.monotonic() + IDLE_S + 1
