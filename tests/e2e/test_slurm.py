@@ -28,7 +28,7 @@ import httpx
 import openai
 import pytest
 
-from controller.catalog import ModelSpec
+from controller.catalog import EngineKind, ModelSpec
 from controller.launchers.base import LaunchSpec
 from controller.launchers.slurm import SlurmLauncher, SlurmOptions
 from controller.launchers.ssh import LocalRunner, RemoteRefused, SshRunner, SshTarget
@@ -329,7 +329,7 @@ async def test_on_a_login_node_jobs_are_submitted_with_local_sbatch(
         SlurmOptions(agent_python=sys.executable, job_prefix=local_prefix, poll_interval_s=0.5,
                      log_dir=str(tmp_path / "job-logs")),
     )  # fmt: skip
-    spec = ModelSpec(name="m", engine="openai", upstream_url="http://127.0.0.1:1/v1",
+    spec = ModelSpec(name="m", engine=EngineKind.OPENAI, upstream_url="http://127.0.0.1:1/v1",
                      launcher="slurm")  # fmt: skip
     try:
         # The agent finds no controller at 127.0.0.1:1; the job runs all the same.
@@ -444,6 +444,141 @@ time_limit = "1"
         system.shut_down()
 
 
+# --- the idle policy and a job that waits for the cluster ---------------------------------
+
+IDLE_TIMEOUT_S = 2.0
+PENDING = control_pb2.INSTANCE_STATE_PENDING
+
+
+def job_state_and_reason(cluster: Cluster, job_id: str) -> tuple[str, str]:
+    """squeue's state and reason for one job ("" once squeue forgot it)."""
+    out = cluster.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r").strip()
+    state, _, reason = out.partition("|")
+    return state, reason
+
+
+def occupy_the_node(cluster: Cluster, prefix: str) -> tuple[str, int]:
+    """Submit a job (PREFIX-blocker) holding every idle CPU of the node; once it
+    runs, return its id and CPU count: jobs submitted after it wait for Resources."""
+    # sinfo %C: allocated/idle/other/total CPUs (another job, the echo fixture's, may run).
+    idle = int(cluster.run("sinfo", "-h", "-N", "-o", "%C").split("/")[1])
+    assert idle > 0, "no idle CPU on the test node"
+    blocker = cluster.run("sbatch", "--parsable", f"--job-name={prefix}-blocker", "--ntasks=1",
+                          f"--cpus-per-task={idle}", "--time=10", "--output=/dev/null",
+                          "--wrap", "sleep 300").strip()  # fmt: skip
+    wait_until(lambda: job_state_and_reason(cluster, blocker)[0] == "RUNNING", 30, 0.2,
+               what=f"blocker job {blocker} RUNNING")  # fmt: skip
+    return blocker, idle
+
+
+def decisions_for(controller: Controller, model: str) -> list[control_pb2.Decision]:
+    """The reconciler's decisions about `model`, oldest first."""
+    with grpc.insecure_channel(controller.address) as channel:
+        reply = controller.stub(channel).ListDecisions(
+            control_pb2.ListDecisionsRequest(model=model), timeout=5
+        )
+    return list(reversed(reply.decisions))
+
+
+@pytest.mark.autoscale
+def test_idle_policy_keeps_a_pending_job_and_scales_to_zero_once_it_served(
+    cluster: Cluster, prefix: str, tmp_path: Path
+) -> None:
+    """A job that waits for the cluster is capacity on the way: the idle policy
+    leaves it alone however long it pends, and nothing is submitted beside it.
+    Once it runs and has served, no traffic for idle_timeout_s takes the model
+    to zero instances and its job leaves the queue."""
+    idle_prefix, blocker_prefix = prefix + "i", prefix + "b"
+    upstream = start_upstream(tmp_path)
+    system: System | None = None
+    try:
+        blocker, cpus = occupy_the_node(cluster, blocker_prefix)
+        # The model's job asks for exactly what the blocker holds: only the
+        # blocker's end lets it start, not another job of the cluster ending.
+        catalog = f"""
+[[models]]
+name = "idler"
+engine = "openai"
+upstream_url = "{upstream.url}"
+launcher = "slurm"
+min_replicas = 0
+idle_timeout_s = {IDLE_TIMEOUT_S}
+expected_startup_s = 3
+
+[models.slurm]
+time_limit = "10"
+cpus = {cpus}
+"""
+        env = controller_env(cluster, tmp_path, idle_prefix, cluster.ssh_port,
+                             cluster.known_hosts)  # fmt: skip
+        controller = start_controller(tmp_path, catalog, env=env)
+        facade = start_facade(tmp_path, controller.port, api_key=API_KEY)
+        system = System(tmp_path, cluster, idle_prefix, controller, facade, [upstream])
+
+        # Demand: the first request finds no instance and is answered 503.
+        with pytest.raises(openai.APIStatusError) as refused:
+            system.ask("idler")
+        assert refused.value.status_code == 503, refused.value
+        wait_until(lambda: [i.state for i in system.instances("idler")] == [PENDING], 20, 0.2,
+                   what="one instance PENDING")  # fmt: skip
+        [inst] = system.instances("idler")
+        assert cluster.active_jobs(idle_prefix) == {inst.launcher_ref: f"{idle_prefix}-{inst.id}"}
+        # Just submitted, its reason is None until the scheduler has looked at it.
+        seen: list[tuple[str, str]] = []
+
+        def waits_for_the_blocker() -> bool:
+            seen.append(job_state_and_reason(cluster, inst.launcher_ref))
+            return seen[-1][0] == "PENDING" and seen[-1][1] in ("Resources", "Priority")
+
+        wait_until(waits_for_the_blocker, 20, 0.2, what="job PENDING for Resources")
+        reason = seen[-1][1]
+        waiting = f"SLURM job {inst.launcher_ref} is PENDING ({reason})"
+        wait_until(lambda: waiting in system.instance(inst.id).reason, 10, 0.2, what=waiting)
+
+        # Three idle timeouts and a few reconcile passes later, without any traffic:
+        # the same instance, still PENDING, its job still waiting, nothing drained.
+        watch_until = time.monotonic() + 3 * IDLE_TIMEOUT_S + 4
+        while time.monotonic() < watch_until:
+            listed = system.instances("idler", include_ended=True)
+            assert [(i.id, i.state) for i in listed] == [(inst.id, PENDING)], listed
+            assert job_state_and_reason(cluster, inst.launcher_ref)[0] == "PENDING"
+            time.sleep(0.5)
+        decided = [(d.action, d.reason) for d in decisions_for(controller, "idler")]
+        assert decided == [("launch", "0 of 1 wanted instances")], decided
+        assert cluster.active_jobs(idle_prefix) == {inst.launcher_ref: f"{idle_prefix}-{inst.id}"}
+
+        # The cluster frees up: the job that waited starts and serves.
+        cluster.run("scancel", blocker)
+        freed_at = time.time()
+        ready = system.wait_ready("idler", timeout_s=30)
+        assert (ready.id, ready.launcher_ref) == (inst.id, inst.launcher_ref)
+        assert job_state_and_reason(cluster, inst.launcher_ref)[0] == "RUNNING"
+        system.ask("idler")
+
+        # No traffic: after idle_timeout_s the model is at zero instances.
+        wait_until(job_gone(system, inst.launcher_ref), 30, 0.2, what="idle job left the queue")
+        wait_until(lambda: system.instance(inst.id).state == STOPPED, 10, 0.2,
+                   what="instance STOPPED")  # fmt: skip
+        assert system.instances("idler") == []
+        time.sleep(2)  # a few passes: nothing is launched again without demand
+        assert cluster.active_jobs(idle_prefix) == {}
+        assert len(system.instances("idler", include_ended=True)) == 1
+        decisions = decisions_for(controller, "idler")
+        assert [d.action for d in decisions].count("launch") == 1, decisions
+        drains = [d for d in decisions if d.action in ("drain", "stop")]
+        assert drains and drains[0].action == "drain", decisions
+        assert drains[0].reason == "1 instances, 0 wanted", decisions
+        assert all(d.time_unix_seconds > freed_at for d in drains), decisions
+        assert "model idler idle for" in controller.proc.log()
+    finally:
+        if system is not None:
+            system.shut_down()
+        else:
+            upstream.proc.stop()
+        cluster.cancel_all(blocker_prefix)  # the blocker, whatever became of the test
+        cluster.cancel_all(idle_prefix)
+
+
 # --- a real vLLM inside a job, from a cold start -------------------------------------------
 
 VLLM_ARGS = [
@@ -507,7 +642,9 @@ cpus = 2
 
         ready = system.wait_ready("tiny", timeout_s=240)
         assert ready.id == inst.id
-        answer = system.client().chat.completions.create(**body)  # the openai SDK
+        answer = system.client().chat.completions.create(  # the openai SDK
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+        )
         assert answer.choices[0].message.content
         assert answer.usage is not None and answer.usage.completion_tokens == 4
         engine_pids = processes_of(inst.id)
