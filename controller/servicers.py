@@ -163,7 +163,11 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     ) -> control_pb2.GetTelemetryResponse:
         if self._telemetry is None:
             return control_pb2.GetTelemetryResponse()
-        records = await self._telemetry.load(request.model, request.include_instances)
+        if request.limit < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be 0 or more")
+        records = await self._telemetry.load(
+            request.model, request.include_instances, request.limit
+        )
         return control_pb2.GetTelemetryResponse(records=[telemetry_to_proto(r) for r in records])
 
     async def ListModels(

@@ -80,7 +80,10 @@ class FacadeApp:
             # Imported here: the portal (Jinja2, sessions) stays off the /v1 path.
             from facade.portal.routes import create_portal
 
-            api.mount("/portal", create_portal(self.settings, self.table, lambda: self.keys))
+            portal = create_portal(
+                self.settings, self.table, lambda: self.keys, lambda: self.watcher
+            )
+            api.mount("/portal", portal)
 
         metrics = registry(lambda: facade_metrics(self.table, lambda: self.proxy))
 

@@ -184,13 +184,13 @@ class RouteWatcher:
         return list(reply.instances)
 
     async def telemetry(
-        self, model: str, timeout_s: float
+        self, model: str, timeout_s: float, limit: int = 0
     ) -> list[control_pb2.TelemetryRecord] | None:
-        """The model's own telemetry records (not its instances'), oldest first;
-        None when the controller does not answer in time."""
+        """The model's own telemetry records (not its instances'), oldest first,
+        the newest `limit` (0: all); None when the controller does not answer in time."""
         try:
             reply = await self._stub.GetTelemetry(
-                control_pb2.GetTelemetryRequest(model=model, include_instances=False),
+                control_pb2.GetTelemetryRequest(model=model, limit=limit),
                 timeout=timeout_s,
             )
         except grpc.aio.AioRpcError as exc:

@@ -102,13 +102,18 @@ class TelemetryStore(SqliteFile):
 
         await self._run(write)
 
-    async def load(self, model: str = "", include_instances: bool = False) -> list[Record]:
-        """Oldest first."""
-        sql = f"SELECT {', '.join(COLUMNS)} FROM telemetry WHERE (? = '' OR model = ?)"
-        if not include_instances:
-            sql += " AND instance_id = ''"
-        sql += " ORDER BY id"
-        rows = await self._run(lambda: self._db.execute(sql, (model, model)).fetchall())
+    async def load(
+        self, model: str = "", include_instances: bool = False, limit: int = 0
+    ) -> list[Record]:
+        """Oldest first; with `limit`, only the newest `limit` of each series."""
+        where = "(? = '' OR model = ?)" + ("" if include_instances else " AND instance_id = ''")
+        sql = (
+            f"SELECT {', '.join(COLUMNS)} FROM (SELECT *, ROW_NUMBER() OVER"
+            f" (PARTITION BY model, instance_id ORDER BY id DESC) AS age"
+            f" FROM telemetry WHERE {where}) WHERE (? <= 0 OR age <= ?) ORDER BY id"
+        )
+        args = (model, model, limit, limit)
+        rows = await self._run(lambda: self._db.execute(sql, args).fetchall())
         return [Record.from_row(row) for row in rows]
 
     async def newest(self) -> list[Record]:

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _RPC_TIMEOUT_S = 5.0
 _MAX_KEY_DAYS = 3650
+_CHART_RECORDS = 180
+"""Samples drawn per chart: 30 minutes at the default interval of 10 s."""
 
 
 @dataclass
@@ -86,14 +88,14 @@ class Portal:
         settings: FacadeSettings,
         table: RouteTable,
         keys: Callable[[], KeyChecker | None],
-        watcher: Callable[[], RouteWatcher | None] | None = None,
+        watcher: Callable[[], RouteWatcher | None],
     ):
         self.settings = settings
         self.portal = settings.portal
         self.table = table
         self._keys = keys
         self._watcher = watcher
-        self._own_watcher: RouteWatcher | None = None
+        """The facade's controller channel (None until the facade has started)."""
         self.templates = Jinja2Templates(directory=str(_HERE / "templates"))
 
     # --- helpers -----------------------------------------------------------------------------
@@ -122,15 +124,6 @@ class Portal:
         if checker is None or self.portal.service_key is None:
             return None
         return checker.stub
-
-    def _telemetry_source(self) -> RouteWatcher | None:
-        if self._watcher is not None:
-            return self._watcher()
-        # Not handed the facade's watcher: a channel of our own, made on first use
-        # (inside the running loop), used only for GetTelemetry.
-        if self._own_watcher is None:
-            self._own_watcher = RouteWatcher(self.settings.controller, self.table)
-        return self._own_watcher
 
     async def _user_keys(self, user: str) -> tuple[list[keys_pb2.ApiKey], str]:
         stub = self._stub()
@@ -275,8 +268,8 @@ class Portal:
                 request, "model.html", status=404, model_name=name, model=None,
                 controller_connected=self.table.received.is_set(),
             )  # fmt: skip
-        source = self._telemetry_source()
-        records = await source.telemetry(name, _RPC_TIMEOUT_S) if source is not None else None
+        source = self._watcher()
+        records = await source.telemetry(name, _RPC_TIMEOUT_S, _CHART_RECORDS) if source else None
         latest = records[-1] if records else None
         return self.render(
             request, "model.html", model_name=name,
@@ -312,11 +305,10 @@ def create_portal(
     settings: FacadeSettings,
     table: RouteTable,
     keys: Callable[[], KeyChecker | None],
-    watcher: Callable[[], RouteWatcher | None] | None = None,
+    watcher: Callable[[], RouteWatcher | None],
 ) -> Starlette:
     """The portal as an ASGI app, for the facade to mount at /portal. `watcher`
-    gives the facade's RouteWatcher (its controller channel) for telemetry;
-    without it the portal opens a channel of its own on first use."""
+    gives the facade's RouteWatcher (its controller channel) for telemetry."""
     portal = Portal(settings, table, keys, watcher)
     secret = settings.portal.session_secret
     secure = settings.portal.secure_cookie

@@ -81,3 +81,19 @@ async def test_only_the_last_records_of_each_series_are_kept(tmp_path: Path, kee
         assert [r.time_unix_seconds for r in kept] == [float(t) for t in range(5 - keep, 5)]
     finally:
         store.close()
+
+
+async def test_a_limit_gives_the_newest_of_each_series(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "t.db")
+    try:
+        for at in range(5):
+            model = Record("m", "", float(at), "ready", 0, 0, 1, 1, RequestTotals(), Rates())
+            await store.add([model, _record(RequestTotals(at), at=float(at))], keep=10)
+        newest = await store.load("m", include_instances=True, limit=2)
+        assert [(r.instance_id, r.time_unix_seconds) for r in newest] == [
+            ("", 3.0), ("i-1", 3.0), ("", 4.0), ("i-1", 4.0)
+        ]  # fmt: skip
+        assert len(await store.load("m", limit=0)) == 5
+        assert len(await store.load("other")) == 0
+    finally:
+        store.close()

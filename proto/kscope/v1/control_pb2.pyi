@@ -558,19 +558,23 @@ class GetTelemetryRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     INCLUDE_INSTANCES_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Empty: every model."""
     include_instances: _builtins.bool
     """Also the records of each instance, not only each model's."""
+    limit: _builtins.int
+    """Only the newest this many records of each series; 0: all kept."""
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         include_instances: _builtins.bool = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_instances", b"include_instances", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_instances", b"include_instances", "limit", b"limit", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
