@@ -17,6 +17,7 @@ import pytest
 from kscope.v1 import control_pb2
 from tests.procs import (
     Controller,
+    Upstream,
     restart_controller,
     start_controller,
     start_facade,
@@ -36,9 +37,9 @@ def _records(ctl: Controller, instances: bool = False) -> list[control_pb2.Telem
     return list(reply.records)
 
 
-def test_traffic_shows_as_rates_and_means_per_model_and_instance(tmp_path: Path) -> None:
-    upstream = start_upstream(tmp_path)
-    catalog = f"""
+def _catalog(upstream: Upstream) -> str:
+    """One model, always running, in front of bench/upstream.py."""
+    return f"""
 [[models]]
 name = "t"
 engine = "openai"
@@ -46,8 +47,12 @@ upstream_url = "{upstream.url}"
 min_replicas = 1
 expected_startup_s = 3
 """
+
+
+def test_traffic_shows_as_rates_and_means_per_model_and_instance(tmp_path: Path) -> None:
+    upstream = start_upstream(tmp_path)
     env = {"MIN_UPDATE_INTERVAL_SECONDS": "0.5", "MAX_NUM_HISTORIC_RECORDS": "500"}
-    ctl = start_controller(tmp_path, catalog, env=env)
+    ctl = start_controller(tmp_path, _catalog(upstream), env=env)
     facade = start_facade(tmp_path, ctl.port)
     try:
         wait_until(lambda: _records(ctl) and _records(ctl)[-1].ready_replicas == 1, 20,
@@ -101,20 +106,12 @@ def test_telemetry_respects_interval_and_count_and_survives_a_restart(tmp_path: 
     callback = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Callback)
     threading.Thread(target=callback.serve_forever, daemon=True).start()
     upstream = start_upstream(tmp_path)
-    catalog = f"""
-[[models]]
-name = "t"
-engine = "openai"
-upstream_url = "{upstream.url}"
-min_replicas = 1
-expected_startup_s = 3
-"""
     env = {
         "MIN_UPDATE_INTERVAL_SECONDS": "0.4",
         "MAX_NUM_HISTORIC_RECORDS": "4",
         "TELEMETRY_CALLBACK_URL": f"http://127.0.0.1:{callback.server_port}/telemetry",
     }
-    ctl = start_controller(tmp_path, catalog, env=env)
+    ctl = start_controller(tmp_path, _catalog(upstream), env=env)
     try:
         wait_until(lambda: len(_records(ctl)) == 4, 20, what="4 records")
         wait_until(lambda: _records(ctl)[-1].ready_replicas == 1, 20, what="instance ready")
