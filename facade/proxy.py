@@ -312,24 +312,29 @@ class InferenceProxy:
         start = loop.time()
         deadline = start + wait_s
         next_note = start  # the first comment at once: the client sees the response begin
+        said = ""
         try:
             while True:
                 target = self._table.pick(model)
-                if target is not None:
-                    return target, started
                 now = loop.time()
+                if target is not None:
+                    if started:
+                        await send(_comment(f"model '{model}' is ready after"
+                                            f" {now - start:.0f} s; generating"))  # fmt: skip
+                    return target, started
                 if now >= deadline:
                     break
-                if stream and now >= next_note:
+                what = self._state_message(model)
+                # A comment every interval, and at once when the state changes.
+                if stream and (now >= next_note or what != said):
                     if not started:
                         await send(
                             {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
                         )
                         started = True
-                    await send(
-                        {"type": "http.response.body", "more_body": True,
-                         "body": self._progress(model, now - start)}
-                    )  # fmt: skip
+                    await send(_comment(f"waiting for model '{model}' to become ready"
+                                        f" ({what}); {now - start:.0f} s so far"))  # fmt: skip
+                    said = what
                     next_note = now + self._settings.wait_progress_interval_s
                 until = min(deadline, next_note) if stream else deadline
                 updated = asyncio.ensure_future(self._table.updated.wait())
@@ -358,11 +363,9 @@ class InferenceProxy:
             await send_error(send, error)
         return None, started
 
-    def _progress(self, model: str, waited_s: float) -> bytes:
+    def _state_message(self, model: str) -> str:
         entry = self._table.models.get(model)
-        what = entry.info.state_message if entry is not None else ""
-        line = f": waiting for model '{model}' to become ready ({what}); {waited_s:.0f} s so far"
-        return line.replace("\n", " ").encode() + b"\n\n"
+        return entry.info.state_message if entry is not None else ""
 
     async def _ensure(self, model: str) -> control_pb2.EnsureModelResponse | None:
         """Ask the controller for capacity. The call itself gets seconds to reach
@@ -500,6 +503,12 @@ class InferenceProxy:
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         await send({"type": "http.response.body", "body": _DONE})
+
+
+def _comment(text: str) -> Message:
+    """An SSE comment line: clients ignore it, proxies see the connection live."""
+    line = ": " + text.replace("\r", " ").replace("\n", " ") + "\n\n"
+    return {"type": "http.response.body", "more_body": True, "body": line.encode()}
 
 
 async def _send_stream_error(send: Observed, error: ApiError) -> None:

@@ -225,6 +225,9 @@ def test_waiting_stream_gets_progress_comments_then_its_completion(
     data = [line for line in lines if line.startswith("data: ")]
     assert comments, lines
     assert "waiting for model 'waited-stream'" in comments[0]
+    assert "is ready after" in comments[-1]
+    # A comment when the state changes, not only every interval.
+    assert len({c.rsplit(";", 1)[0] for c in comments[:-1]}) >= 2, comments
     assert data[-1] == "data: [DONE]"
     assert all(not orjson.loads(d[6:]).get("error") for d in data[:-1])
     assert len(data) == 8  # role, 5 tokens, finish, [DONE]
