@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2
 from tests.procs import (
@@ -92,6 +93,8 @@ def system(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, vllm_python: Path
 ) -> Iterator[System]:
     tmp = tmp_path_factory.mktemp("vllm")
+    port_file = tmp / "agent-metrics.port"
+    metrics = f'KSCOPE_AGENT_METRICS_PORT = "0", KSCOPE_AGENT_METRICS_PORT_FILE = "{port_file}"'
     catalog = f"""
 [[models]]
 name = "{MODEL}"
@@ -101,7 +104,7 @@ min_replicas = 0
 max_replicas = 1
 expected_startup_s = 60
 engine_args = {json.dumps(ENGINE_ARGS)}
-env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}" }}
+env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}", {metrics} }}
 
 [[models]]
 name = "{EMBED_MODEL}"
@@ -250,6 +253,36 @@ def test_streaming_completion(ready: System) -> None:
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.choices[0].text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def _agent_metric(ready: System, name: str) -> float:
+    port = int((ready.tmp / "agent-metrics.port").read_text())
+    reply = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    reply.raise_for_status()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("model") == MODEL
+    )
+
+
+def test_the_agent_counts_what_vllm_generated(ready: System) -> None:
+    """Tokens from vLLM's usage when it reports one, else a token per streamed
+    chunk: vLLM's role and finish chunks make that overcount by at most two."""
+    tokens = "kscope_agent_generation_tokens_total"
+    streams = "kscope_agent_time_to_first_token_seconds_count"
+    before = (_agent_metric(ready, tokens), _agent_metric(ready, streams))
+    params: dict[str, Any] = {"max_tokens": 20, "extra_body": {"ignore_eos": True}}
+    list(ready.client().chat.completions.create(
+        model=MODEL, messages=CHAT, stream=True, stream_options={"include_usage": True}, **params
+    ))  # fmt: skip
+    with_usage = _agent_metric(ready, tokens)
+    assert with_usage - before[0] == 20
+    list(ready.client().chat.completions.create(model=MODEL, messages=CHAT, stream=True, **params))
+    without_usage = _agent_metric(ready, tokens) - with_usage
+    assert 20 <= without_usage <= 22
+    assert _agent_metric(ready, streams) - before[1] == 2
 
 
 @pytest.mark.parametrize(
