@@ -534,6 +534,15 @@ cpus = {cpus}
         reason = seen[-1][1]
         waiting = f"SLURM job {inst.launcher_ref} is PENDING ({reason})"
         wait_until(lambda: waiting in system.instance(inst.id).reason, 10, 0.2, what=waiting)
+        # A client that waits is told why, in SSE comments, until its wait runs out.
+        body = {"model": "idler", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        headers = {"Authorization": f"Bearer {API_KEY}", "X-KScope-Wait": "2"}
+        with httpx.stream("POST", f"{facade.base_url}/v1/chat/completions", json=body,
+                          headers=headers, timeout=20) as held:  # fmt: skip
+            lines = [line for line in held.iter_lines() if line]
+        assert held.status_code == 200 and lines[0].startswith(": waiting for model 'idler'")
+        assert f"PENDING ({reason})" in lines[0], lines
+        assert '"model_not_ready"' in lines[-2] and lines[-1] == "data: [DONE]", lines
 
         # Three idle timeouts and a few reconcile passes later, without any traffic:
         # the same instance, still PENDING, its job still waiting, nothing drained.
