@@ -281,9 +281,9 @@ class Fleet:
         in_flight: int,
         queued: int,
         detail: str,
+        totals: RequestTotals,
         max_concurrency: int = 0,
         max_queue_size: int = 0,
-        totals: RequestTotals | None = None,
         hosted: Mapping[str, HostedState] | None = None,
     ) -> None:
         agent = self.agents.get(agent_id)
@@ -291,7 +291,6 @@ class Fleet:
             return
         changed = agent.phase is not phase
         now = time.time()
-        totals = totals or agent.totals
         if in_flight or queued or totals.served != agent.totals.served or not agent.last_busy_at:
             agent.last_busy_at = now
         agent.phase, agent.in_flight, agent.queued, agent.detail = phase, in_flight, queued, detail

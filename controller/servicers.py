@@ -125,9 +125,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 report.in_flight,
                 report.queued,
                 report.detail,
+                totals_from_proto(report),
                 max_concurrency=report.max_concurrency,
                 max_queue_size=report.max_queue_size,
-                totals=totals_from_proto(report),
                 hosted=hosted_from_proto(report.hosted) if report.hosted else None,
             )
 

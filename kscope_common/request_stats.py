@@ -64,6 +64,16 @@ class ModelStats:
         if status >= 400 and status != CANCELLED:
             self.errors += 1
 
+    def totals(self) -> RequestTotals:
+        return RequestTotals(
+            served=self.latency.count,
+            errors=self.errors,
+            generation_tokens=self.generation_tokens,
+            ttft_seconds_sum=self.ttft.sum,
+            ttft_count=self.ttft.count,
+            latency_seconds_sum=self.latency.sum,
+        )
+
 
 @dataclass(frozen=True)
 class RequestTotals:
@@ -96,15 +106,7 @@ class RequestStats:
         return stats
 
     def totals(self) -> RequestTotals:
-        models = list(self.models.values())
-        return RequestTotals(
-            served=sum(m.latency.count for m in models),
-            errors=sum(m.errors for m in models),
-            generation_tokens=sum(m.generation_tokens for m in models),
-            ttft_seconds_sum=sum(m.ttft.sum for m in models),
-            ttft_count=sum(m.ttft.count for m in models),
-            latency_seconds_sum=sum(m.latency.sum for m in models),
-        )
+        return sum((m.totals() for m in list(self.models.values())), RequestTotals())
 
     def families(self, prefix: str, what: str, tokens: bool = True) -> Iterable[Metric]:
         """`prefix`_requests_total{model,status}, _request_duration_seconds and

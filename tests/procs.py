@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2, control_pb2_grpc
 
@@ -247,3 +249,24 @@ def wait_until(
             return
         time.sleep(interval_s)
     raise TimeoutError(f"not true within {timeout_s}s: {what}")
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Prometheus samples by (name, sorted labels)."""
+
+
+def parse_metrics(text: str) -> Samples:
+    """Prometheus text as prometheus_client's own parser reads it."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape_metrics(url: str) -> Samples:
+    """GET a /metrics endpoint (it must answer in Prometheus text format) and parse it."""
+    reply = httpx.get(url, timeout=10)
+    reply.raise_for_status()
+    assert reply.headers["content-type"].startswith("text/plain")
+    return parse_metrics(reply.text)

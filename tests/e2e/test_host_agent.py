@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2
 from tests.procs import (
@@ -31,6 +30,8 @@ from tests.procs import (
     Controller,
     Facade,
     Proc,
+    Samples,
+    scrape_metrics,
     start_controller,
     start_facade,
     stop_instances_left_behind,
@@ -97,15 +98,9 @@ def _host_agent(fleet: Fleet, name: str) -> Proc:
     )  # fmt: skip
 
 
-def _host_metrics(fleet: Fleet, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _host_metrics(fleet: Fleet, name: str) -> Samples:
     port = int((fleet.tmp / f"{name}.metrics-port").read_text())
-    reply = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-    reply.raise_for_status()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-    }
+    return scrape_metrics(f"http://127.0.0.1:{port}/metrics")
 
 
 def _ask(fleet: Fleet) -> str:

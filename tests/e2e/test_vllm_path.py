@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2
 from tests.procs import (
     Controller,
     Facade,
     restart_controller,
+    scrape_metrics,
     start_controller,
     start_facade,
     stop_instances_left_behind,
@@ -257,14 +257,8 @@ def test_streaming_completion(ready: System) -> None:
 
 def _agent_metric(ready: System, name: str) -> float:
     port = int((ready.tmp / "agent-metrics.port").read_text())
-    reply = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-    reply.raise_for_status()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-        if sample.name == name and sample.labels.get("model") == MODEL
-    )
+    scraped = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
+    return sum(v for (n, labels), v in scraped.items() if n == name and ("model", MODEL) in labels)
 
 
 def test_the_agent_counts_what_vllm_generated(ready: System) -> None:

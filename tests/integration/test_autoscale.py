@@ -15,12 +15,12 @@ import httpx
 import openai
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kscope.v1 import control_pb2
 from tests.procs import (
     Controller,
     Facade,
+    scrape_metrics,
     start_controller,
     start_facade,
     start_upstream,
@@ -277,17 +277,6 @@ def test_waiting_is_bounded_per_model_and_ends_with_503(
     assert quick.status_code == 503 and int(quick.headers["retry-after"]) >= 1
 
 
-def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    reply = httpx.get(url, timeout=5)
-    reply.raise_for_status()
-    assert reply.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-    }
-
-
 def test_metrics_parse_and_counters_move(system: tuple[Controller, Facade]) -> None:
     controller, facade = system
     tmp = controller.state_dir.parent
@@ -308,12 +297,12 @@ def test_metrics_parse_and_counters_move(system: tuple[Controller, Facade]) -> N
         "controller": f"http://127.0.0.1:{controller_port}/metrics",
         "agent": f"http://127.0.0.1:{agent_port}/metrics",
     }
-    before = {name: _scrape(url) for name, url in urls.items()}
+    before = {name: scrape_metrics(url) for name, url in urls.items()}
     for _ in range(3):
         once()
     httpx.post(f"{facade.base_url}/v1/chat/completions", content=_chat("never"), timeout=10)
     time.sleep(1.2)  # the agent reports its load to the controller
-    after = {name: _scrape(url) for name, url in urls.items()}
+    after = {name: scrape_metrics(url) for name, url in urls.items()}
     model = (("model", "waited"),)
 
     def moved(process: str, name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from kscope_common.request_stats import CANCELLED, Histogram, RequestStats, RequestTotals
+from tests.procs import parse_metrics
 
 
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive() -> None:
@@ -47,11 +47,7 @@ def test_families_parse_with_prometheus_client() -> None:
 
     registry = CollectorRegistry()
     registry.register(Families())
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(generate_latest(registry).decode())
-        for s in family.samples
-    }
+    samples = parse_metrics(generate_latest(registry).decode())
     assert samples[("kscope_test_requests_total", (("model", "m"), ("status", "200")))] == 1
     assert samples[("kscope_test_request_duration_seconds_bucket",
                     (("le", "0.25"), ("model", "m")))] == 0  # fmt: skip
