@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controller.fleet import AgentCommand, DrainCommand, LoadModelCommand
+from controller.fleet import AgentCommand, DrainCommand, LoadModelCommand, RevokedCommand
 from controller.lifecycle import AgentPhase, InstanceState
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
@@ -144,7 +144,7 @@ def command_to_proto(command: AgentCommand) -> agent_pb2.SessionResponse:
         spec = command.spec
         load = agent_pb2.LoadModelCommand(
             instance_id=command.instance_id, model=spec.name, engine=spec.engine.value,
-            engine_args=list(spec.engine_args),
+            engine_args=list(spec.engine_args), enroll_token=command.enroll_token,
         )  # fmt: skip
         if spec.max_concurrency is not None:
             load.max_concurrency = spec.max_concurrency
@@ -153,6 +153,10 @@ def command_to_proto(command: AgentCommand) -> agent_pb2.SessionResponse:
         if spec.queue_timeout_s is not None:
             load.queue_timeout_s = spec.queue_timeout_s
         return agent_pb2.SessionResponse(load_model=load)
+    if isinstance(command, RevokedCommand):
+        return agent_pb2.SessionResponse(
+            revoked=agent_pb2.RevokedEnrollments(enrollment_ids=sorted(command.enrollment_ids))
+        )
     return agent_pb2.SessionResponse(
         unload_model=agent_pb2.UnloadModelCommand(instance_id=command.instance_id)
     )

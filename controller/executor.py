@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from controller.enrollment import EnrollmentRegistry
 from controller.fleet import Fleet
 from controller.launchers.base import Launcher, LaunchError, LaunchSpec
 from controller.reconciler import Decision, Drain, Launch, Stop
@@ -38,12 +39,15 @@ class Executor:
         fleet: Fleet,
         launchers: Mapping[str, Launcher],
         controller_address: str,
-        registration_token: str,
+        enrollment: EnrollmentRegistry | None,
+        ca_pem: bytes | None,
     ):
+        """`enrollment` and `ca_pem` are None in plaintext mode."""
         self._fleet = fleet
         self._launchers = launchers
         self._controller_address = controller_address
-        self._token = registration_token
+        self._enrollment = enrollment
+        self._ca_pem = ca_pem
         self.decisions: dict[tuple[str, ...], int] = {}
         """(model, launch|drain|stop): decisions carried out, for /metrics."""
         self.recent: collections.deque[DecisionRecord] = collections.deque(maxlen=RECENT)
@@ -87,7 +91,11 @@ class Executor:
             inst.launch_error = f"no launcher named {spec.launcher!r} is configured"
             await self._fleet.save(inst)
             return
-        launch_spec = LaunchSpec(inst.id, spec, self._controller_address, self._token)
+        token = await self._enrollment.mint_for_instance(inst.id) if self._enrollment else ""
+        launch_spec = LaunchSpec(
+            inst.id, spec, self._controller_address, token,
+            self._ca_pem.decode() if self._ca_pem else "",
+        )  # fmt: skip
         try:
             inst.launcher_ref = await launcher.launch(launch_spec)
         except LaunchError as exc:

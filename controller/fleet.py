@@ -8,7 +8,6 @@ route watchers when the route table changes.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from controller.reconciler import (
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
+from kscope_common.pki import Identity
 from kscope_common.request_stats import RequestTotals
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,26 @@ class FleetError(Exception):
 
 
 class NotAuthenticated(FleetError):
-    """A bad or missing registration token."""
+    """The caller's identity is not the one this needs."""
+
+
+class Forbidden(FleetError):
+    """The caller is known but may not do this (an agent acting for another instance)."""
+
+
+def check_agent_identity(identity: Identity | None, instance_id: str, host_agent: bool) -> None:
+    """An agent registers only as what its certificate names: the agent of
+    that one instance, or that one host's host agent. None: plaintext mode."""
+    if identity is None:
+        return
+    if identity.instance_id:
+        if host_agent or identity.instance_id != instance_id:
+            raise Forbidden(f"{identity} may not register for instance {instance_id or '(none)'}")
+    elif identity.host:
+        if not host_agent or instance_id:
+            raise Forbidden(f"{identity} may register only as its host's host agent")
+    else:
+        raise Forbidden(f"{identity} is not an agent")
 
 
 class UnknownEntity(FleetError):
@@ -68,6 +87,8 @@ class LoadModelCommand:
 
     instance_id: str
     spec: ModelSpec
+    enroll_token: str = ""
+    """The instance agent's one-time enrollment token (empty in plaintext mode)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,15 @@ class UnloadModelCommand:
     instance_id: str
 
 
-AgentCommand = DrainCommand | LoadModelCommand | UnloadModelCommand
+@dataclass(frozen=True)
+class RevokedCommand:
+    """The whole list of revoked facade and host enrollments: the agent refuses
+    their certificates and closes their streams."""
+
+    enrollment_ids: frozenset[str]
+
+
+AgentCommand = DrainCommand | LoadModelCommand | UnloadModelCommand | RevokedCommand
 
 
 @dataclass
@@ -104,12 +133,10 @@ class Fleet:
         self,
         store: SqliteStore,
         catalog: Catalog,
-        registration_token: str,
         timings: FleetTimings | None = None,
     ):
         self._store = store
         self.catalog = catalog
-        self._token = registration_token.encode()
         self.timings = timings or FleetTimings()
         self.instances: dict[str, InstanceRecord] = {}
         self.agents: dict[str, AgentRecord] = {}
@@ -126,6 +153,8 @@ class Fleet:
         """Per model with a target_in_flight: (time, instances its load called for)."""
         self.failures: dict[str, int] = {}
         """Instances that failed since this controller started, by model (/metrics)."""
+        self.revoked_enrollments: frozenset[str] = frozenset()
+        """Revoked facade and host enrollments, which every agent is told."""
         self.wake = asyncio.Event()
         """Set when something happened that the control loop should act on now."""
 
@@ -140,12 +169,27 @@ class Fleet:
             self.agents[agent.id] = agent
         log.info("loaded %d instances and %d agents", len(self.instances), len(self.agents))
 
-    # --- authentication ----------------------------------------------------------------------
+    # --- identities --------------------------------------------------------------------------
 
-    def check_token(self, token: str) -> None:
-        """Raise NotAuthenticated unless `token` is the registration token."""
-        if not hmac.compare_digest(token.encode(), self._token):
-            raise NotAuthenticated("bad registration token")
+    def instance_waiting(self, instance_id: str, renewal: bool) -> str | None:
+        """None while `instance_id` may take an agent's enrollment (it lives and
+        none enrolled yet; for a renewal, while it lives), else why not."""
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return "no such instance"
+        if inst.state.ended:
+            return f"it is {inst.state.value}"
+        if not renewal and (inst.ever_registered or inst.stop_requested):
+            return "its agent already enrolled" if inst.ever_registered else "it is stopping"
+        return None
+
+    def set_revoked(self, enrollment_ids: frozenset[str]) -> None:
+        """Tell every connected agent the new revoked list."""
+        if enrollment_ids == self.revoked_enrollments:
+            return
+        self.revoked_enrollments = enrollment_ids
+        for session in self._sessions.values():
+            session.commands.put_nowait(RevokedCommand(enrollment_ids))
 
     # --- instances ---------------------------------------------------------------------------
 
@@ -248,7 +292,10 @@ class Fleet:
         reconnects keeps its id (and the instances the host launcher placed on it)."""
         if not agent.host_agent:
             raise Refused("an agent without an instance id must register as a host agent")
-        known = [a for a in self.agents.values() if a.host_agent and a.address == agent.address]
+        known = [
+            a for a in self.agents.values()
+            if a.host_agent and (a.identity == agent.identity if agent.identity else a.address == agent.address)
+        ]  # fmt: skip
         agent.id = known[0].id if known else f"host-{uuid.uuid4().hex[:10]}"
         agent.registered_at = agent.last_report_at = time.time()
         self.agents[agent.id] = agent
@@ -258,13 +305,17 @@ class Fleet:
         self.wake.set()
         return agent
 
-    def open_session(self, agent_id: str, token: str) -> asyncio.Queue[AgentCommand]:
-        """The agent's Session stream opened; returns the queue of its commands."""
-        self.check_token(token)
+    def open_session(self, agent_id: str, identity: str | None) -> asyncio.Queue[AgentCommand]:
+        """The agent's Session stream opened; returns the queue of its commands.
+        `identity` is the caller's certificate identity (None: plaintext mode),
+        which must be the one that registered `agent_id`."""
         agent = self.agents.get(agent_id)
         if agent is None:
             raise UnknownEntity(f"agent {agent_id!r} is not registered")
+        if identity is not None and agent.identity != identity:
+            raise NotAuthenticated(f"agent {agent_id} is not {identity}")
         session = _Session()
+        session.commands.put_nowait(RevokedCommand(self.revoked_enrollments))
         self._sessions[agent_id] = session
         agent.connected = True
         agent.last_report_at = time.time()

@@ -6,6 +6,11 @@ brute-force 256 bits), and it lets facades and the controller find a key by
 its hash in one lookup. Comparisons of hashes use hmac.compare_digest, so the
 time a check takes does not depend on how much of a guess matches.
 
+A key can only make keys narrower than itself: a user key gives its children
+at most its own models, lifetime and role, and every key made by a key records
+that key as its parent and dies with it (revoked with it, and refused once any
+ancestor is revoked or expired).
+
 Domain code only: the gRPC servicer (controller/key_servicer.py) translates.
 """
 
@@ -20,7 +25,7 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 SECRET_PREFIX = "ks-"
 _PREFIX_SHOWN = 8
 """Characters of the secret kept in clear ("ks-AbCdE"), so people can tell keys apart."""
+_PATTERN_CHARS = frozenset("*?[")
+"""Characters that make a model name an fnmatch pattern rather than one name."""
 
 
 class KeyRole(StrEnum):
@@ -71,6 +78,8 @@ class KeyRecord:
     created_at: float
     expires_at: float
     revoked: bool = False
+    parent_id: str = ""
+    """The key that created this one ('' for none: the bootstrap key, an operator's)."""
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at
@@ -78,10 +87,32 @@ class KeyRecord:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who calls a key-management RPC."""
+    """Who calls a key-management RPC.
+
+    Either the holder of an API key (`key`, whose role decides `admin`), or an
+    operator known some other way (a TLS certificate): `admin=True`, no key,
+    and so no limits and no parent for the keys it makes.
+    """
 
     owner: str
     admin: bool
+    key: KeyRecord | None = None
+    """The key the caller presented, with its effective expiry (see authenticate)."""
+
+    def __post_init__(self) -> None:
+        # Limits on a user's requests come from its key; a user caller without
+        # one would be unlimited, so it must not exist.
+        if self.key is None and not self.admin:
+            raise ValueError("a caller that is not an admin must hold a key")
+        if self.key is not None and (
+            self.owner != self.key.owner or self.admin != (self.key.role is KeyRole.ADMIN)
+        ):
+            raise ValueError("the caller's owner and role must be its key's")
+
+    @classmethod
+    def holding(cls, key: KeyRecord) -> Caller:
+        """The caller who presented `key`."""
+        return cls(owner=key.owner, admin=key.role is KeyRole.ADMIN, key=key)
 
 
 class KeyFailure(Exception):
@@ -104,18 +135,51 @@ class InvalidKeyRequest(KeyFailure):
     """A malformed request (empty owner, negative lifetime …)."""
 
 
+def require_models_within(parent: tuple[str, ...], asked: tuple[str, ...]) -> None:
+    """Forbidden unless every model `asked` for is one `parent` already allows.
+
+    No models means all models, so a parent with none allows anything. Under a
+    parent with a list, the child needs a list of its own, and each entry must
+    be one of the parent's patterns as written, or a plain model name (no
+    `*?[`) that the parent's patterns match. A different pattern is refused
+    even when it looks narrower: whether one pattern covers another is not
+    something to decide by guessing.
+    """
+    if not parent:
+        return
+    if not asked:
+        raise Forbidden(
+            "this key is limited to models " + ", ".join(parent) + "; name the models the "
+            "new key may use (an empty list means every model)"
+        )
+    for pattern in asked:
+        literal = not _PATTERN_CHARS.intersection(pattern)
+        if pattern not in parent and not (literal and model_allowed(parent, pattern)):
+            raise Forbidden(f"this key may not grant model {pattern!r}")
+
+
+def expiry_within(parent: KeyRecord, now: float, ttl: float, explicit: bool) -> float:
+    """When a key that `parent` creates expires: `now + ttl`, but never after `parent`.
+
+    A lifetime the client asked for (`explicit`) that would outlive the parent
+    is refused, so nobody is handed a shorter key than they think; the default
+    lifetime is quietly cut short to end with the parent.
+    """
+    if now + ttl <= parent.expires_at:
+        return now + ttl
+    if explicit:
+        left = max(0, int(parent.expires_at - now))
+        raise Forbidden(
+            f"a key may not outlive the key that creates it: ask for at most {left} seconds"
+        )
+    return parent.expires_at
+
+
 class KeyRegistry:
     """Creates, lists, revokes and checks keys; tells watchers about revocations."""
 
-    def __init__(
-        self,
-        store: KeyStore,
-        registration_token: str,
-        default_ttl_s: float,
-        max_ttl_s: float,
-    ):
+    def __init__(self, store: KeyStore, default_ttl_s: float, max_ttl_s: float):
         self._store = store
-        self._token = registration_token.encode()
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
         self._watchers: set[asyncio.Queue[list[str]]] = set()
@@ -123,16 +187,19 @@ class KeyRegistry:
     # --- who is calling ----------------------------------------------------------------------
 
     async def caller(self, credential: str) -> Caller:
-        """The caller behind a bearer credential: the registration token is an admin."""
+        """The caller behind a bearer credential, which must be an API key."""
         if not credential:
             raise NotAuthenticated("send 'authorization: Bearer <key>' in the call's metadata")
-        if hmac.compare_digest(credential.encode(), self._token):
-            return Caller(owner="operator", admin=True)
-        key = await self.authenticate(credential)
-        return Caller(owner=key.owner, admin=key.role is KeyRole.ADMIN)
+        return Caller.holding(await self.authenticate(credential))
 
     async def authenticate(self, secret: str) -> KeyRecord:
-        """The usable key this secret belongs to; NotAuthenticated otherwise."""
+        """The usable key this secret belongs to; NotAuthenticated otherwise.
+
+        A key is usable while it and every key above it (its parent, the
+        parent's parent …) exist, are not revoked and have not expired. The
+        record returned carries the effective expiry, the earliest along that
+        chain, so whoever caches the answer (a facade) stops at the right time.
+        """
         key_hash = hash_secret(secret)
         key = await self._store.by_hash(key_hash)
         # The index lookup already matched; compare again in constant time so no
@@ -141,9 +208,29 @@ class KeyRegistry:
             raise NotAuthenticated("unknown API key")
         if key.revoked:
             raise NotAuthenticated("the API key was revoked")
-        if key.expired(time.time()):
+        now = time.time()
+        if key.expired(now):
             raise NotAuthenticated("the API key has expired")
-        return key
+        if not key.parent_id:
+            return key  # no ancestors: spare the facades' checks a query
+        return await self._with_ancestors(key, now)
+
+    async def _with_ancestors(self, key: KeyRecord, now: float) -> KeyRecord:
+        """`key` with the earliest expiry of its chain, if every ancestor is usable."""
+        ancestors = {a.id: a for a in await self._store.ancestors(key.id)}
+        expires_at = key.expires_at
+        parent_id = key.parent_id
+        while parent_id:
+            parent = ancestors.pop(parent_id, None)  # pop: a cycle cannot loop
+            if parent is None:
+                raise NotAuthenticated("the key that created this API key no longer exists")
+            if parent.revoked:
+                raise NotAuthenticated("a key this API key was created with was revoked")
+            if parent.expired(now):
+                raise NotAuthenticated("a key this API key was created with has expired")
+            expires_at = min(expires_at, parent.expires_at)
+            parent_id = parent.parent_id
+        return replace(key, expires_at=expires_at)
 
     # --- management --------------------------------------------------------------------------
 
@@ -156,7 +243,17 @@ class KeyRegistry:
         models: tuple[str, ...] = (),
         role: KeyRole = KeyRole.USER,
     ) -> tuple[KeyRecord, str]:
-        """A new key and its secret (returned this once)."""
+        """A new key and its secret (returned this once).
+
+        Admins (admin keys, operators) may create any key. A user key creates
+        keys only for its own owner, of role user, with models within its own
+        (see require_models_within), and expiring no later than itself: a
+        lifetime asked for explicitly that would outlive the creating key is
+        refused (Forbidden), while the default lifetime is cut short to end
+        with it, and names it as parent: it dies with it. Keys an admin makes
+        (the portal's, made with its service key, among them) have no parent,
+        so retiring an admin key does not take every user's key with it.
+        """
         owner = owner or caller.owner
         if owner != caller.owner and not caller.admin:
             raise Forbidden("only admins create keys for other owners")
@@ -168,8 +265,12 @@ class KeyRegistry:
         if ttl > self.max_ttl_s:
             raise InvalidKeyRequest(f"a key may live at most {int(self.max_ttl_s)} seconds")
         models = tuple(m.strip() for m in models if m.strip())
-        secret = new_secret()
         now = time.time()
+        expires_at = now + ttl
+        if not caller.admin and caller.key is not None:
+            require_models_within(caller.key.models, models)
+            expires_at = expiry_within(caller.key, now, ttl, explicit=expires_in_s > 0)
+        secret = new_secret()
         key = KeyRecord(
             id=f"key_{uuid.uuid4().hex[:16]}",
             key_hash=hash_secret(secret),
@@ -179,10 +280,14 @@ class KeyRegistry:
             role=role,
             models=models,
             created_at=now,
-            expires_at=now + ttl,
+            expires_at=expires_at,
+            parent_id=caller.key.id if caller.key is not None and not caller.admin else "",
         )
         await self._store.insert(key)
-        log.info("key %s created for %s (role %s) by %s", key.id, owner, role, caller.owner)
+        log.info(
+            "key %s created for %s (role %s) by %s (key %s)",
+            key.id, owner, role, caller.owner, key.parent_id or "none",
+        )  # fmt: skip
         return key, secret
 
     async def list_keys(
@@ -196,15 +301,25 @@ class KeyRegistry:
         return [k for k in keys if include_revoked or not k.revoked]
 
     async def revoke(self, caller: Caller, key_id: str) -> KeyRecord:
+        """Revoke the key and, with it, every key made from it (at any depth).
+
+        Watchers hear of each key hash revoked now, in one message.
+        """
         key = await self._store.by_id(key_id)
         if key is None or (key.owner != caller.owner and not caller.admin):
             raise KeyNotFound(f"no key {key_id!r}")
-        if not key.revoked:
-            await self._store.revoke(key_id)
-            log.info("key %s of %s revoked by %s", key.id, key.owner, caller.owner)
+        # Run even for a key already revoked: it makes sure no descendant is
+        # left live, and reports none twice (only newly revoked keys return).
+        revoked = await self._store.revoke_tree(key_id)
+        if revoked:
+            log.info(
+                "key %s of %s revoked by %s, with %d keys made from it",
+                key.id, key.owner, caller.owner, sum(k.id != key.id for k in revoked),
+            )  # fmt: skip
+            hashes = [k.key_hash for k in revoked]
             for queue in self._watchers:
-                queue.put_nowait([key.key_hash])
-        return KeyRecord(**{**key.__dict__, "revoked": True})
+                queue.put_nowait(list(hashes))
+        return replace(key, revoked=True)
 
     # --- revocation events -------------------------------------------------------------------
 
@@ -225,8 +340,8 @@ class KeyRegistry:
     async def bootstrap_admin(self, path: Path) -> str | None:
         """With no admin key yet, create one and write it (mode 600) to `path`.
 
-        Returns the secret in `path` when it still works, else None. Operators
-        can also use the registration token to create admin keys.
+        Returns the secret in `path` when it still works, else None. The key
+        is made by the operator, not by a key, so it has no parent.
         """
         if path.exists():
             secret = path.read_text().strip()

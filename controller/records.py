@@ -75,6 +75,9 @@ class AgentRecord:
     memory_bytes: int = 0
     hosted: dict[str, HostedState] = field(default_factory=dict)
     """A host agent's instances, by instance id, from its latest report."""
+    identity: str = ""
+    """The certificate identity it registered with (not stored: agents register
+    again after a controller restart); '' in plaintext mode."""
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,22 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from controller.adoption import adopt_jobs_when_reachable
+from controller.ca import ClusterCA, load_or_create_ca
 from controller.catalog import Catalog, load_catalog
 from controller.control_loop import ControlLoop
+from controller.enrollment import EnrollmentRegistry
 from controller.executor import Executor
 from controller.fleet import Fleet, FleetTimings
+from controller.identity_servicer import IdentityServicer
 from controller.key_servicer import KeyServicer
-from controller.keys import KeyRegistry
+from controller.keys import KeyRegistry, NotAuthenticated
 from controller.launchers.base import Launcher
 from controller.launchers.host import HostLauncher
 from controller.launchers.local import LocalLauncher
@@ -26,6 +29,7 @@ from controller.launchers.slurm import build_slurm_launcher
 from controller.metrics import controller_metrics
 from controller.servicers import AgentServicer, ControlServicer
 from controller.settings import ControllerSettings
+from controller.store.enrollments import EnrollmentStore
 from controller.store.keys import KeyStore
 from controller.store.sqlite import SqliteStore
 from controller.telemetry import Telemetry, TelemetryStore
@@ -34,9 +38,12 @@ from kscope.v1 import (
     agent_pb2_grpc,
     control_pb2,
     control_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
 )
+from kscope_common.authz import AuthzInterceptor, KeyHolder, Refusal
 from kscope_common.grpc_server import (
     SERVER_OPTIONS,
     add_health_and_reflection,
@@ -45,6 +52,7 @@ from kscope_common.grpc_server import (
     write_port_file,
 )
 from kscope_common.metrics import MetricsServer, maybe_serve
+from kscope_common.pki import Identity, Role
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ SERVICE_NAMES = [
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
 ]
 
 
@@ -72,6 +81,12 @@ class Controller:
     """The bootstrap admin key (state_dir/admin-key) while it is usable."""
     metrics: MetricsServer | None = None
     telemetry: TelemetryStore | None = None
+    mesh_port: int = 0
+    """The mutual-TLS port (agents, facades); == port in plaintext mode."""
+    ca: ClusterCA | None = None
+    """None in plaintext mode."""
+    enrollments: EnrollmentRegistry | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -79,9 +94,10 @@ class Controller:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop serving; with stop_instances_on_exit, stop local instances too."""
-        self.loop_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.loop_task
+        for task in [self.loop_task, *self.background]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.executor.wait_idle()
         for launcher in self.launchers.values():
             await launcher.close(self.settings.stop_instances_on_exit)
@@ -121,16 +137,46 @@ async def _gather(*work: Coroutine[Any, Any, None]) -> None:
     await asyncio.gather(*work)
 
 
+def _mesh_advertise(settings: ControllerSettings, mesh_port: int) -> str:
+    if settings.mesh_advertise_address:
+        return settings.mesh_advertise_address
+    public = _advertise_address(settings, settings.port)
+    host = public.rsplit(":", 1)[0]
+    mesh_host = settings.mesh_host or settings.host
+    if mesh_host not in ("0.0.0.0", "::", "[::]", settings.host):
+        host = mesh_host
+    return f"{host}:{mesh_port}"
+
+
+def _key_resolver(keys: KeyRegistry) -> Callable[[str], Awaitable[KeyHolder]]:
+    async def resolve(credential: str) -> KeyHolder:
+        try:
+            caller = await keys.caller(credential)
+        except NotAuthenticated as exc:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        return KeyHolder(caller.owner, caller.admin)
+
+    return resolve
+
+
+def _make_ca(settings: ControllerSettings) -> ClusterCA:
+    names = [settings.host, settings.mesh_host, *settings.tls_server_names]
+    for address in (settings.advertise_address, settings.mesh_advertise_address):
+        if address:
+            names.append(address.rsplit(":", 1)[0].strip("[]"))
+    ca = load_or_create_ca(settings.tls_dir, settings.tls_ca_cert, settings.tls_ca_key)
+    return ClusterCA(ca, settings.tls_cert_lifetime_s, names)
+
+
 async def start_controller(
     settings: ControllerSettings, catalog: Catalog | None = None
 ) -> Controller:
     """Start a controller and return once it serves."""
+    settings.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = SqliteStore(settings.database_path)
-    token = settings.resolve_token()
     fleet = Fleet(
         store,
         await _resolve_catalog(settings, store, catalog),
-        token,
         FleetTimings(
             report_interval_s=settings.report_interval_s,
             agent_stale_after_s=settings.agent_stale_after_s,
@@ -140,7 +186,6 @@ async def start_controller(
     await fleet.load()
     keys = KeyRegistry(
         KeyStore(settings.database_path),
-        token,
         settings.key_default_ttl_days * 86400,
         settings.key_max_ttl_days * 86400,
     )
@@ -152,7 +197,30 @@ async def start_controller(
         settings.max_num_historic_records, settings.telemetry_callback_url,
     )  # fmt: skip
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    plaintext = settings.insecure_plaintext
+    authz = AuthzInterceptor(keys=_key_resolver(keys), plaintext=plaintext)
+    ca: ClusterCA | None = None
+    enrollments: EnrollmentRegistry | None = None
+    background: list[asyncio.Task[None]] = []
+    if plaintext:
+        log.warning(
+            "KSCOPE_INSECURE_PLAINTEXT is set: the gRPC plane runs WITHOUT TLS and without "
+            "identity checks on agents and facades. Anyone who reaches port %d can register "
+            "agents, read routes and call agents. Use this only to debug.", settings.port,
+        )  # fmt: skip
+    else:
+        ca = _make_ca(settings)
+
+        def revoked(ids: frozenset[str]) -> None:
+            authz.revocations.replace(ids)
+            fleet.set_revoked(ids)
+
+        enrollments = EnrollmentRegistry(
+            EnrollmentStore(settings.database_path), ca, fleet.instance_waiting, revoked
+        )
+        await enrollments.load()
+
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[authz])
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(fleet), server)
     executors: list[Executor] = []  # the executor needs the bound port: made below
     control_servicer = ControlServicer(
@@ -160,8 +228,26 @@ async def start_controller(
     )
     control_pb2_grpc.add_ControlServiceServicer_to_server(control_servicer, server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
+    mesh: list[str] = []
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(enrollments, ca.cert_pem if ca else b"", lambda: mesh[0]), server
+    )
     health = add_health_and_reflection(server, SERVICE_NAMES)
-    port = bind(server, settings.host, settings.port)
+    if ca is None:
+        port = bind(server, settings.host, settings.port)
+        mesh_port = port
+    else:
+        own = ca.issue_direct(Identity(Role.CONTROLLER, socket.gethostname()))
+        background.append(asyncio.create_task(ca.keep_renewed(own), name="controller-cert"))
+        # The public port: server-authenticated TLS, for enrollment and for
+        # operators with an admin key. The mesh port: mutual TLS, for agents
+        # and facades. One server, one authorization table for both.
+        port = bind(server, settings.host, settings.port, own.server_credentials(mutual=False))
+        mesh_port = bind(
+            server, settings.mesh_host or settings.host, settings.mesh_port,
+            own.server_credentials(mutual=True),
+        )  # fmt: skip
+    mesh.append(_mesh_advertise(settings, mesh_port) if ca else _advertise_address(settings, port))
     await server.start()
     await mark_serving(health, SERVICE_NAMES)
 
@@ -171,7 +257,10 @@ async def start_controller(
         "slurm": slurm,
         "host": HostLauncher(fleet),
     }
-    executor = Executor(fleet, launchers, _advertise_address(settings, port), token)
+    executor = Executor(
+        fleet, launchers, _advertise_address(settings, port), enrollments,
+        ca.cert_pem if ca else None,
+    )  # fmt: skip
     executors.append(executor)
     control = ControlLoop(
         fleet,
@@ -195,10 +284,11 @@ async def start_controller(
     )
     write_port_file(settings.port_file, port)
     log.info(
-        "controller serving on %s:%d with %d models (%s)",
-        settings.host, port, len(fleet.catalog.models), ", ".join(fleet.catalog.names),
+        "controller serving on %s:%d (%s; mutual TLS on %s) with %d models (%s)",
+        settings.host, port, "PLAINTEXT" if ca is None else "TLS", mesh[0],
+        len(fleet.catalog.models), ", ".join(fleet.catalog.names),
     )  # fmt: skip
     return Controller(
         server, port, fleet, store, launchers, executor, loop_task, settings, keys, admin_key,
-        metrics, telemetry_store,
+        metrics, telemetry_store, mesh_port, ca, enrollments, background,
     )  # fmt: skip

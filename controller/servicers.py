@@ -24,14 +24,17 @@ from controller.executor import DecisionRecord
 from controller.fleet import (
     Fleet,
     FleetError,
+    Forbidden,
     NotAuthenticated,
     Refused,
     UnknownEntity,
+    check_agent_identity,
 )
 from controller.lifecycle import AgentPhase
 from controller.records import AgentRecord
 from controller.store.telemetry import TelemetryStore
 from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+from kscope_common.authz import current_principal
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ refreshes Retry-After hints and shows facades that the stream is alive."""
 
 async def _abort(context: grpc.aio.ServicerContext[object, object], exc: FleetError) -> None:
     code = {
-        NotAuthenticated: grpc.StatusCode.UNAUTHENTICATED,
+        NotAuthenticated: grpc.StatusCode.PERMISSION_DENIED,
+        Forbidden: grpc.StatusCode.PERMISSION_DENIED,
         UnknownEntity: grpc.StatusCode.NOT_FOUND,
         Refused: grpc.StatusCode.FAILED_PRECONDITION,
     }.get(type(exc), grpc.StatusCode.INTERNAL)
@@ -56,8 +60,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Register(
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> agent_pb2.RegisterResponse:
+        principal = current_principal()
         try:
-            self._fleet.check_token(request.token)
+            check_agent_identity(principal.identity, request.instance_id, request.host_agent)
             agent = await self._fleet.register_agent(
                 AgentRecord(
                     id="",
@@ -70,6 +75,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     pid=request.pid,
                     host_agent=request.host_agent,
                     memory_bytes=request.memory_bytes,
+                    identity=principal.identity.uri if principal.identity else "",
                 )
             )
         except FleetError as exc:
@@ -93,7 +99,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be hello")
         agent_id = first.hello.agent_id
         try:
-            commands = self._fleet.open_session(agent_id, first.hello.token)
+            identity = current_principal().identity
+            commands = self._fleet.open_session(agent_id, identity.uri if identity else None)
         except FleetError as exc:
             await _abort(context, exc)
             return

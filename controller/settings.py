@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import sys
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,11 +51,31 @@ class ControllerSettings(BaseSettings):
     advertise_address: str = ""
     """host:port agents dial; defaults to host:port (the hostname for 0.0.0.0)."""
     state_dir: Path = Path("~/.kscope")
-    """Where the SQLite database, the registration token and agent logs live."""
+    """Where the SQLite database, the CA (tls/) and agent logs live (mode 700)."""
     catalog: Path | None = None
     """Model catalog (TOML). Without it, the catalog stored last time is used."""
-    registration_token: SecretStr | None = None
-    """Token agents must present; default: read or create state_dir/registration-token."""
+    mesh_host: str = ""
+    """Address the mutual-TLS port (agents, facades) binds; default: host."""
+    mesh_port: int = Field(default=0, ge=0, le=65535)
+    """The mutual-TLS port; 0 picks a free one. Processes find it through the
+    public port (IdentityService.Discover), so only `port` must be known."""
+    mesh_advertise_address: str = ""
+    """host:port agents and facades dial for the mutual-TLS port; default:
+    the advertised host and the bound mesh port."""
+    tls_ca_cert: Path | None = None
+    """The site's CA certificate (PEM; KSCOPE_TLS_CA_CERT); with tls_ca_key.
+    Default: a CA the controller makes in state_dir/tls on first start."""
+    tls_ca_key: Path | None = None
+    """The site's CA private key (PEM, EC P-256; KSCOPE_TLS_CA_KEY)."""
+    tls_cert_lifetime_s: float = Field(default=12 * 3600.0, gt=0)
+    """Lifetime of the certificates the CA issues; renewed two thirds in."""
+    tls_server_names: list[str] = Field(default_factory=list)
+    """Extra DNS names or addresses written in the controller's certificate (the
+    names operators dial with grpcurl; localhost, the host name and the bound
+    addresses are always in)."""
+    insecure_plaintext: bool = False
+    """Debugging only: no TLS, no certificates, no identity checks on agents and
+    facades (API keys are still checked). Logged loudly."""
     reconcile_interval_s: float = Field(default=1.0, gt=0)
     """Seconds between reconcile passes when nothing wakes the loop earlier."""
     drain_timeout_s: float = Field(default=300.0, gt=0)
@@ -118,14 +136,20 @@ class ControllerSettings(BaseSettings):
     """Job names are PREFIX-INSTANCE_ID; a restarted controller finds its jobs by them."""
     slurm_agent_python: str = ""
     """Python with KScope installed, as a path on the compute nodes; default: agent_python."""
-    slurm_agent_host: str = "0.0.0.0"
-    """Address the agent inside a job binds; it advertises the node's hostname."""
+    slurm_agent_host: str = "@node"
+    """Address the agent inside a job binds: `@node` (the node's own address, as
+    its host name resolves), or an address such as 0.0.0.0 (every interface)."""
     slurm_log_dir: str = "kscope-logs"
     """Directory for the jobs' output on the cluster; relative to the SSH user's home."""
 
     @property
     def state_path(self) -> Path:
         return self.state_dir.expanduser()
+
+    @property
+    def tls_dir(self) -> Path:
+        """The CA (its key mode 600) and ca.pem, which operators copy."""
+        return self.state_path / "tls"
 
     @property
     def database_path(self) -> Path:
@@ -135,17 +159,3 @@ class ControllerSettings(BaseSettings):
     def admin_key_path(self) -> Path:
         """Where the bootstrap admin key is written (mode 600) at first start."""
         return self.state_path / "admin-key"
-
-    def resolve_token(self) -> str:
-        """The registration token; created (mode 600) in state_dir on first use."""
-        if self.registration_token is not None:
-            return self.registration_token.get_secret_value()
-        path = self.state_path / "registration-token"
-        if path.exists():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        return token

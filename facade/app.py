@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facade.auth import GRANT_SCOPE_KEY, KeyChecker, PendingCheck
 from facade.errors import ApiError
+from facade.mesh import FacadeMesh, GivenCertificate, connect
 from facade.metrics import facade_metrics
 from facade.models_api import models_router
 from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send, send_error
@@ -21,6 +22,7 @@ from facade.queue_api import queue_router
 from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
 from kscope_common.metrics import CONTENT_TYPE_LATEST, registry, render
+from kscope_common.tls import EnrollmentError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,10 @@ class FacadeApp:
     """ASGI entry point. POSTs to the inference endpoints go straight to the
     proxy; everything else (models, health, docs) to FastAPI."""
 
-    def __init__(self, settings: FacadeSettings):
+    def __init__(self, settings: FacadeSettings, given: GivenCertificate | None = None):
         self.settings = settings
+        self._given = given
+        self.mesh: FacadeMesh | None = None
         self.table = RouteTable()
         self.watcher: RouteWatcher | None = None
         self.proxy: InferenceProxy | None = None
@@ -45,10 +49,17 @@ class FacadeApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         # Channels must be created inside the running loop, not at import.
-        self.watcher = RouteWatcher(self.settings.controller, self.table)
+        try:
+            self.mesh = mesh = await connect(self.settings, self._given)
+        except EnrollmentError as exc:
+            log.error("%s", exc)
+            raise
+        self.table.dial = mesh.agent_channel
+        mesh.on_renewal(self.table.redial)
+        self.watcher = RouteWatcher(mesh.controller, self.table)
         self.proxy = InferenceProxy(self.settings, self.table, self.watcher)
         self.keys = KeyChecker(
-            self.settings.controller,
+            mesh.controller,
             self.settings.api_key.get_secret_value() if self.settings.api_key else None,
             self.settings.require_key,
             self.settings.key_cache_ttl_s,
@@ -67,6 +78,7 @@ class FacadeApp:
             await self.keys.close()
             await self.watcher.close()
             await self.table.close()
+            await mesh.close()
 
     def _build_api(self) -> FastAPI:
         api = FastAPI(
@@ -144,5 +156,6 @@ class FacadeApp:
         await self.api(scope, receive, send)
 
 
-def create_app(settings: FacadeSettings) -> FacadeApp:
-    return FacadeApp(settings)
+def create_app(settings: FacadeSettings, given: GivenCertificate | None = None) -> FacadeApp:
+    """The facade; `given`: a certificate made for it by `kscope serve`."""
+    return FacadeApp(settings, given)

@@ -12,7 +12,6 @@ Secrets never appear in logs or error bodies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -26,7 +25,7 @@ import grpc
 
 from facade.errors import ApiError
 from kscope.v1 import keys_pb2, keys_pb2_grpc
-from kscope_common.grpc_server import CHANNEL_OPTIONS
+from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,13 @@ def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 class KeyChecker:
     """Answers "may this request go on?" for the /v1 endpoints."""
 
-    def __init__(self, controller: str, static_key: str | None, required: bool, cache_ttl_s: float):
+    def __init__(
+        self,
+        controller: ControllerConnection,
+        static_key: str | None,
+        required: bool,
+        cache_ttl_s: float,
+    ):
         self._static = static_key.encode() if static_key else None
         self.required = required or static_key is not None
         self._ttl_s = cache_ttl_s
@@ -110,13 +115,16 @@ class KeyChecker:
         self._revoked: set[str] = set()
         self._inflight: dict[str, asyncio.Future[Grant | ApiError]] = {}
         self.watching = False
-        self._channel = grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS)
-        self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
+        self._controller = controller
 
     @property
-    def stub(self) -> keys_pb2_grpc.KeyServiceStub:
+    def stub(self) -> keys_pb2_grpc.KeyServiceAsyncStub:
         """The KeyService client on this facade's channel (the portal uses it too)."""
-        return self._stub
+        return keys_pb2_grpc.KeyServiceStub(self._controller.channel())
+
+    @property
+    def _stub(self) -> keys_pb2_grpc.KeyServiceAsyncStub:
+        return self.stub
 
     def check(self, scope: Scope) -> Grant | ApiError | PendingCheck:
         """The grant, the refusal, or a PendingCheck when the controller must be asked."""
@@ -217,7 +225,6 @@ class KeyChecker:
             backoff = min(backoff * 2, 1.0)
 
     async def close(self) -> None:
+        """The controller connection is the facade's, closed by its owner."""
         for future in list(self._inflight.values()):
             future.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._channel.close(None)

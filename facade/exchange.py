@@ -140,6 +140,11 @@ class AgentSession:
         self._wake.set()
         return exchange
 
+    @property
+    def idle(self) -> bool:
+        """No request is open on the stream."""
+        return not self._exchanges
+
     def cancel(self, stream_id: int) -> None:
         if self._exchanges.pop(stream_id, None) is not None:
             self._cancels.append(inference_pb2.MultiplexCancel(stream_id=stream_id))

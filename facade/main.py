@@ -15,6 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from facade.app import create_app
+from facade.mesh import GivenCertificate
 from facade.settings import FacadeSettings
 from kscope_common.daemon import run, wait_for_stop_signal
 from kscope_common.grpc_server import write_port_file
@@ -30,6 +31,7 @@ def parse_settings(argv: list[str] | None = None) -> FacadeSettings:
     parser.add_argument("--port-file", type=Path)
     parser.add_argument("--controller")
     parser.add_argument("--api-key")
+    parser.add_argument("--ca", dest="tls_ca", help="the cluster CA certificate (file or PEM)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return FacadeSettings(**overrides)
@@ -54,9 +56,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-def make_server(settings: FacadeSettings) -> uvicorn.Server:
+def make_server(settings: FacadeSettings, given: GivenCertificate | None = None) -> uvicorn.Server:
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, given),
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -69,13 +71,15 @@ def make_server(settings: FacadeSettings) -> uvicorn.Server:
 
 
 async def serve_http(
-    settings: FacadeSettings, on_started: Callable[[int], None] | None = None
+    settings: FacadeSettings,
+    on_started: Callable[[int], None] | None = None,
+    given: GivenCertificate | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. `on_started` gets the port once requests are
-    answered (the lifespan ran)."""
+    answered (the lifespan ran); `given`: a certificate made for this facade."""
     sock = bind_socket(settings.host, settings.port)
     port: int = sock.getsockname()[1]
-    server = make_server(settings)
+    server = make_server(settings, given)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.02)
@@ -93,6 +97,8 @@ async def serve_http(
     else:
         stop.cancel()
     await serving
+    if not server.started:
+        raise SystemExit("kscope-facade: could not start (the log above says why)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,6 +18,7 @@ import grpc
 from facade.exchange import AgentSession
 from kscope.v1 import control_pb2, control_pb2_grpc, inference_pb2_grpc
 from kscope_common.grpc_server import CHANNEL_OPTIONS
+from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ class Target:
 
     instance_id: str
     address: str
+    channel: grpc.aio.Channel
+    """Its own: TLS checks this instance's certificate on it."""
     stub: inference_pb2_grpc.InferenceServiceAsyncStub
     session: AgentSession
     """The shared Multiplex stream to this agent."""
@@ -53,18 +57,25 @@ class ModelEntry:
         return MODEL_STATE_NAMES.get(self.info.state, "unknown")
 
 
+def _plaintext_dial(address: str, _instance_id: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 class RouteTable:
     """Models and their targets; swapped whole on every push from the controller."""
 
-    def __init__(self) -> None:
+    def __init__(self, dial: Callable[[str, str], grpc.aio.Channel] | None = None) -> None:
+        """`dial(address, instance_id)` opens a channel to an agent (plaintext
+        when not given: tests of the table alone)."""
+        self.dial = dial or _plaintext_dial
         self.models: dict[str, ModelEntry] = {}
         self.version = -1
         self.received = asyncio.Event()
         self.updated = asyncio.Event()
         """Set (and replaced by a fresh one) on every update: requests waiting for
         a cold model wait on the current one."""
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self._targets: dict[str, Target] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def apply(self, update: control_pb2.WatchRoutesResponse) -> None:
         models: dict[str, ModelEntry] = {}
@@ -89,24 +100,47 @@ class RouteTable:
         if target is not None and target.address == address:
             target.suspect_until = 0.0
             return target
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+        if target is not None:
+            self._retire(target)
+        channel = self.dial(address, instance_id)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        target = Target(instance_id, address, stub, AgentSession(stub, address))
+        target = Target(instance_id, address, channel, stub, AgentSession(stub, address))
         self._targets[instance_id] = target
         return target
 
     def _drop(self, instance_id: str) -> None:
-        target = self._targets.pop(instance_id)
-        # In-flight requests finish on their own; close what they use later.
-        loop = asyncio.get_running_loop()
-        loop.call_later(30, lambda: asyncio.ensure_future(target.session.close()))
-        if not any(t.address == target.address for t in self._targets.values()):
-            channel = self._channels.pop(target.address, None)
-            if channel is not None:
-                loop.call_later(30, lambda: asyncio.ensure_future(channel.close(None)))
+        self._retire(self._targets.pop(instance_id))
+
+    def _retire(self, target: Target) -> None:
+        """Close a target's channel once its requests are done (they finish on
+        their own; a new request never picks it again)."""
+
+        async def close_when_idle() -> None:
+            while target.outstanding or not target.session.idle:
+                await asyncio.sleep(1.0)
+            await target.session.close()
+            await target.channel.close(None)
+
+        task = asyncio.ensure_future(close_when_idle())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def redial(self) -> None:
+        """New channels for every target (this facade's certificate was
+        renewed): new requests use them, open streams finish on the old ones."""
+        for entry in self.models.values():
+            entry.targets = [self._target_anew(t) for t in entry.targets]
+
+    def _target_anew(self, old: Target) -> Target:
+        current = self._targets.get(old.instance_id)
+        if current is not old:
+            return current or old
+        self._retire(old)
+        channel = self.dial(old.address, old.instance_id)
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        fresh = Target(old.instance_id, old.address, channel, stub, AgentSession(stub, old.address))
+        self._targets[old.instance_id] = fresh
+        return fresh
 
     def pick(self, model: str, avoid: Target | None = None) -> Target | None:
         """The least-loaded usable target of `model`, or None."""
@@ -123,11 +157,11 @@ class RouteTable:
         return best
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         for target in self._targets.values():
             await target.session.close()
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+            await target.channel.close(None)
         self._targets.clear()
 
 
@@ -135,12 +169,15 @@ class RouteWatcher:
     """Keeps a RouteTable current from the controller's WatchRoutes stream and
     offers EnsureModel; reconnects with backoff, keeping the last table meanwhile."""
 
-    def __init__(self, controller: str, table: RouteTable):
+    def __init__(self, controller: ControllerConnection, table: RouteTable):
         self._controller = controller
         self._table = table
-        self._channel = grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS)
-        self._stub = control_pb2_grpc.ControlServiceStub(self._channel)
         self.connected = False
+
+    @property
+    def _stub(self) -> control_pb2_grpc.ControlServiceAsyncStub:
+        # The current channel: a renewal or a controller move makes a new one.
+        return control_pb2_grpc.ControlServiceStub(self._controller.channel())
 
     async def run(self) -> None:
         backoff = 0.1
@@ -148,13 +185,15 @@ class RouteWatcher:
             try:
                 async for update in self._stub.WatchRoutes(control_pb2.WatchRoutesRequest()):
                     if not self.connected:
-                        log.info("route stream from %s connected", self._controller)
+                        log.info("route stream from %s connected", self._controller.mesh_address)
                     self.connected = True
                     backoff = 0.1
                     self._table.apply(update)
             except grpc.aio.AioRpcError as exc:
-                if self.connected:
+                if self.connected or exc.code() is not grpc.StatusCode.UNAVAILABLE:
                     log.warning("route stream lost: %s %s", exc.code().name, exc.details())
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    await self._controller.rediscover()
             self.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
@@ -199,4 +238,4 @@ class RouteWatcher:
         return list(reply.records)
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        """The controller connection is the facade's, closed by its owner."""

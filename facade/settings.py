@@ -28,7 +28,14 @@ class FacadeSettings(BaseSettings):
     )
     """The public URL users reach this facade at (PROXY_BASE_URL works too), for messages."""
     controller: str = "127.0.0.1:50051"
-    """host:port of the controller."""
+    """host:port of the controller's public port (enrollment, discovery)."""
+    enroll_token: SecretStr | None = None
+    """This facade's enrollment token (KSCOPE_ENROLL_TOKEN; `kscope facades add
+    NAME` prints one): traded for its certificate at start. Environment only."""
+    tls_ca: str = ""
+    """The cluster CA certificate (KSCOPE_TLS_CA): PEM text, or a file holding it."""
+    insecure_plaintext: bool = False
+    """Debugging only: talk to a plaintext controller and agents (no TLS)."""
     api_key: SecretStr | None = None
     """A static key accepted beside the controller's stored keys (`kscope serve --api-key`)."""
     require_key: bool = True

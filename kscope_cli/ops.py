@@ -1,8 +1,11 @@
-"""Operator commands over gRPC: keys, models, instances, agents; and local portal users.
+"""Operator commands over gRPC: keys, models, instances, agents, facades and
+hosts; and local portal users.
 
 Tables for people, `--json` for scripts. `--controller` (KSCOPE_CONTROLLER)
-names the controller; `--key` (KSCOPE_API_KEY) is the caller's API key (or the
-controller's registration token) for key management.
+names the controller's public port; `--key` (KSCOPE_API_KEY) is the caller's
+API key (an admin key for everything but one's own keys); `--ca`
+(KSCOPE_TLS_CA) the cluster CA the controller's certificate is checked
+against (default: the CA a controller on this machine made, if any).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -20,7 +24,14 @@ import typer
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from kscope.v1 import control_pb2, control_pb2_grpc, keys_pb2, keys_pb2_grpc
+from kscope.v1 import (
+    control_pb2,
+    control_pb2_grpc,
+    identity_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
+from kscope_common.pki import CONTROLLER_DNS_NAME
 
 T = TypeVar("T")
 
@@ -36,6 +47,24 @@ Key = Annotated[
     ),
 ]  # fmt: skip
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+Ca = Annotated[
+    str,
+    typer.Option(
+        "--ca",
+        envvar="KSCOPE_TLS_CA",
+        show_default=False,
+        help="the cluster CA certificate (PEM file; `kscope ca` prints it) "
+        "[default: ~/.kscope/tls/ca.pem or ~/.kscope/serve/tls/ca.pem]",
+    ),
+]
+Plaintext = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-plaintext", envvar="KSCOPE_INSECURE_PLAINTEXT",
+        help="debugging only: the controller runs without TLS",
+    ),
+]  # fmt: skip
+DEFAULT_CA_FILES = (Path("~/.kscope/tls/ca.pem"), Path("~/.kscope/serve/tls/ca.pem"))
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
 _TIMEOUT_S = 10.0
 
@@ -48,11 +77,43 @@ class Role(StrEnum):
     admin = "admin"
 
 
-def _call(controller: str, key: str, fn: Callable[[grpc.Channel, Any], T]) -> T:
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the controller is and how to trust it."""
+
+    controller: str
+    ca: str = ""
+    plaintext: bool = False
+
+    def channel(self) -> grpc.Channel:
+        if self.plaintext:
+            return grpc.insecure_channel(self.controller)
+        credentials = grpc.ssl_channel_credentials(_ca_pem(self.ca))
+        # Every controller certificate names controller.kscope: any address works.
+        return grpc.secure_channel(
+            self.controller, credentials, [("grpc.ssl_target_name_override", CONTROLLER_DNS_NAME)]
+        )
+
+
+def _ca_pem(ca: str) -> bytes:
+    candidates = [Path(ca)] if ca else [p.expanduser() for p in DEFAULT_CA_FILES]
+    for path in candidates:
+        if path.is_file():
+            return path.read_bytes()
+    where = ca or " or ".join(str(p) for p in DEFAULT_CA_FILES)
+    typer.echo(
+        f"kscope: no CA certificate at {where}: pass --ca (or KSCOPE_TLS_CA) with the file "
+        "`kscope ca` prints on the controller's machine",
+        err=True,
+    )
+    raise typer.Exit(2)
+
+
+def _call(endpoint: Endpoint, key: str, fn: Callable[[grpc.Channel, Any], T]) -> T:
     """Run one RPC; a gRPC failure becomes a one-line message and exit status 1."""
     metadata = (("authorization", f"Bearer {key}"),) if key else ()
     try:
-        with grpc.insecure_channel(controller) as channel:
+        with endpoint.channel() as channel:
             return fn(channel, metadata)
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "ERROR"
@@ -61,24 +122,25 @@ def _call(controller: str, key: str, fn: Callable[[grpc.Channel, Any], T]) -> T:
         raise typer.Exit(1) from exc
 
 
-def _keys_rpc(controller: str, key: str, method: str, request: Message) -> Any:
+def _rpc(endpoint: Endpoint, key: str, stub: Callable[[grpc.Channel], Any], method: str,
+         request: Message) -> Any:  # fmt: skip
     return _call(
-        controller,
+        endpoint,
         key,
-        lambda ch, md: getattr(keys_pb2_grpc.KeyServiceStub(ch), method)(
-            request, metadata=md, timeout=_TIMEOUT_S
-        ),
+        lambda ch, md: getattr(stub(ch), method)(request, metadata=md, timeout=_TIMEOUT_S),
     )
 
 
-def _control_rpc(controller: str, method: str, request: Message) -> Any:
-    return _call(
-        controller,
-        "",
-        lambda ch, _: getattr(control_pb2_grpc.ControlServiceStub(ch), method)(
-            request, timeout=_TIMEOUT_S
-        ),
-    )
+def _keys_rpc(endpoint: Endpoint, key: str, method: str, request: Message) -> Any:
+    return _rpc(endpoint, key, keys_pb2_grpc.KeyServiceStub, method, request)
+
+
+def _control_rpc(endpoint: Endpoint, key: str, method: str, request: Message) -> Any:
+    return _rpc(endpoint, key, control_pb2_grpc.ControlServiceStub, method, request)
+
+
+def _identity_rpc(endpoint: Endpoint, key: str, method: str, request: Message) -> Any:
+    return _rpc(endpoint, key, identity_pb2_grpc.IdentityServiceStub, method, request)
 
 
 def _when(ts: Any) -> str:
@@ -129,6 +191,8 @@ def keys_create(
     role: Annotated[Role, typer.Option(help="user or admin")] = Role.user,
     controller: Controller = DEFAULT_CONTROLLER,
     key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
     as_json: AsJson = False,
 ) -> None:
     """Create a key and print its secret (shown this once)."""
@@ -136,7 +200,9 @@ def keys_create(
         owner=owner, name=name, expires_in_seconds=days * 86400, models=model or [],
         role=keys_pb2.KEY_ROLE_ADMIN if role is Role.admin else keys_pb2.KEY_ROLE_USER,
     )  # fmt: skip
-    reply: keys_pb2.CreateKeyResponse = _keys_rpc(controller, key, "CreateKey", request)
+    reply: keys_pb2.CreateKeyResponse = _keys_rpc(
+        Endpoint(controller, ca, plaintext), key, "CreateKey", request
+    )
     if as_json:
         _json(reply)
         return
@@ -150,11 +216,15 @@ def keys_list(
     all_keys: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
     controller: Controller = DEFAULT_CONTROLLER,
     key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
     as_json: AsJson = False,
 ) -> None:
     """List keys (never their secrets)."""
     request = keys_pb2.ListKeysRequest(owner=owner, include_revoked=all_keys)
-    reply: keys_pb2.ListKeysResponse = _keys_rpc(controller, key, "ListKeys", request)
+    reply: keys_pb2.ListKeysResponse = _keys_rpc(
+        Endpoint(controller, ca, plaintext), key, "ListKeys", request
+    )
     if as_json:
         _json(list(reply.keys))
     else:
@@ -166,11 +236,15 @@ def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="the key's id (key_…)")],
     controller: Controller = DEFAULT_CONTROLLER,
     key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
     as_json: AsJson = False,
 ) -> None:
     """Revoke a key; every facade refuses it within a second."""
     request = keys_pb2.RevokeKeyRequest(key_id=key_id)
-    reply: keys_pb2.RevokeKeyResponse = _keys_rpc(controller, key, "RevokeKey", request)
+    reply: keys_pb2.RevokeKeyResponse = _keys_rpc(
+        Endpoint(controller, ca, plaintext), key, "RevokeKey", request
+    )
     if as_json:
         _json(reply.key)
     else:
@@ -180,10 +254,16 @@ def keys_revoke(
 _MODEL_STATES = {1: "cold", 2: "starting", 3: "ready"}
 
 
-def models(controller: Controller = DEFAULT_CONTROLLER, as_json: AsJson = False) -> None:
-    """The catalog with each model's live state."""
+def models(
+    controller: Controller = DEFAULT_CONTROLLER,
+    key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
+    as_json: AsJson = False,
+) -> None:
+    """The catalog with each model's live state (an admin key)."""
     reply: control_pb2.ListModelsResponse = _control_rpc(
-        controller, "ListModels", control_pb2.ListModelsRequest()
+        Endpoint(controller, ca, plaintext), key, "ListModels", control_pb2.ListModelsRequest()
     )
     if as_json:
         _json(list(reply.models))
@@ -202,11 +282,16 @@ def instances(
     model: Annotated[str, typer.Option(help="only this model's instances")] = "",
     ended: Annotated[bool, typer.Option("--all", help="include stopped and failed")] = False,
     controller: Controller = DEFAULT_CONTROLLER,
+    key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
     as_json: AsJson = False,
 ) -> None:
-    """Instances, newest first."""
+    """Instances, newest first (an admin key)."""
     request = control_pb2.ListInstancesRequest(model=model, include_ended=ended)
-    reply: control_pb2.ListInstancesResponse = _control_rpc(controller, "ListInstances", request)
+    reply: control_pb2.ListInstancesResponse = _control_rpc(
+        Endpoint(controller, ca, plaintext), key, "ListInstances", request
+    )
     if as_json:
         _json(list(reply.instances))
         return
@@ -221,10 +306,16 @@ def instances(
     )  # fmt: skip
 
 
-def agents(controller: Controller = DEFAULT_CONTROLLER, as_json: AsJson = False) -> None:
-    """Agents connected now."""
+def agents(
+    controller: Controller = DEFAULT_CONTROLLER,
+    key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
+    as_json: AsJson = False,
+) -> None:
+    """Agents connected now (an admin key)."""
     reply: control_pb2.ListAgentsResponse = _control_rpc(
-        controller, "ListAgents", control_pb2.ListAgentsRequest()
+        Endpoint(controller, ca, plaintext), key, "ListAgents", control_pb2.ListAgentsRequest()
     )
     if as_json:
         _json(list(reply.agents))
@@ -269,6 +360,9 @@ def register(app: typer.Typer) -> None:
     """Add the operator commands to the `kscope` app."""
     app.add_typer(keys_app, name="keys")
     app.add_typer(users_app, name="users")
+    from kscope_cli.identities import register as register_identity_commands
+
+    register_identity_commands(app)
     app.command()(models)
     app.command()(instances)
     app.command()(agents)

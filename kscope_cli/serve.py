@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shlex
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ from controller.catalog import Catalog, EngineKind, ModelSpec
 from controller.server import start_controller
 from controller.settings import ControllerSettings
 from facade.main import serve_http
+from facade.mesh import GivenCertificate
 from facade.portal.settings import PortalSettings
 from facade.settings import FacadeSettings
+from kscope_common.pki import Identity, Role
 
 log = logging.getLogger("kscope.serve")
 
@@ -102,11 +105,15 @@ async def serve(
     controller_port: int,
     state_dir: Path,
     require_key: bool = True,
+    insecure_plaintext: bool = False,
 ) -> None:
     controller = await start_controller(
-        ControllerSettings(host="127.0.0.1", port=controller_port, state_dir=state_dir),
+        ControllerSettings(
+            host="127.0.0.1", port=controller_port, state_dir=state_dir,
+            insecure_plaintext=insecure_plaintext,
+        ),
         catalog,
-    )
+    )  # fmt: skip
     spec = catalog.models[0]
     model = spec.name
     facade_settings = FacadeSettings(
@@ -131,8 +138,20 @@ async def serve(
             flush=True,
         )
 
+    given: GivenCertificate | None = None
+    renewal: asyncio.Task[None] | None = None
+    if controller.ca is not None:
+        # The facade runs in this process: its certificate is made here, with
+        # no token to leak, and renewed here.
+        certificate = controller.ca.issue_direct(Identity(Role.FACADE, "serve"))
+        given = GivenCertificate(certificate, f"127.0.0.1:{controller.mesh_port}")
+        renewal = asyncio.create_task(controller.ca.keep_renewed(certificate))
+    else:
+        facade_settings = facade_settings.model_copy(update={"insecure_plaintext": True})
     try:
-        await serve_http(facade_settings, on_started=announce)
+        await serve_http(facade_settings, on_started=announce, given=given)
     finally:
+        if renewal is not None:
+            renewal.cancel()
         log.info("stopping the controller and the instances it started")
         await controller.stop()

@@ -41,7 +41,8 @@ def add_health_and_reflection(
     server: grpc.aio.Server, service_full_names: Sequence[str]
 ) -> HealthServicer:
     """Serve grpc.health.v1 (every service SERVING) and server reflection, so
-    `grpcurl -plaintext host:port list` works with no proto files."""
+    `grpcurl -cacert ca.pem -H 'authorization: Bearer ks-…' host:port list`
+    works with no proto files (reflection needs a credential: see authz)."""
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_full_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -61,10 +62,19 @@ async def mark_not_serving(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind insecurely; returns the real port (port 0 picks one)."""
+def bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind with TLS credentials (None: plaintext); returns the real port (port
+    0 picks one)."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     return bound

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from kscope.v1 import agent_pb2, agent_pb2_grpc
-from kscope_common.grpc_server import CHANNEL_OPTIONS
 from kscope_common.request_stats import RequestTotals
+from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
 
 _PERMANENT = {
     grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -41,7 +42,6 @@ class AgentIdentity:
     models: list[str]
     engine: str
     engine_url: str
-    token: str
     host_agent: bool = False
     """No instance of its own: it loads the models it offers when asked."""
     memory_bytes: int = 0
@@ -75,17 +75,19 @@ class ControllerLink:
 
     def __init__(
         self,
-        controller: str,
+        controller: ControllerConnection,
         identity: AgentIdentity,
         current_report: Callable[[], Report],
         on_drain: Callable[[str], None],
         on_command: Callable[[agent_pb2.SessionResponse], None] | None = None,
+        on_revoked: Callable[[list[str]], None] | None = None,
     ):
         self._controller = controller
         self._identity = identity
         self._current_report = current_report
         self._on_drain = on_drain
         self._on_command = on_command
+        self._on_revoked = on_revoked
         self.report_now = asyncio.Event()
         """Set to send a report at once (a phase change)."""
         self._closing = asyncio.Event()
@@ -96,31 +98,32 @@ class ControllerLink:
         """Register and hold the Session until `close`; raise RegistrationRefused
         when the controller refuses the agent for good."""
         backoff = 0.1
-        channel = grpc.aio.insecure_channel(self._controller, options=CHANNEL_OPTIONS)
-        async with channel:
-            stub = agent_pb2_grpc.AgentServiceStub(channel)
-            while not self._closing.is_set():
-                try:
-                    await self._register(stub)
-                    backoff = 0.1
-                    await self._session(stub)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in _PERMANENT:
-                        raise RegistrationRefused(exc.details() or exc.code().name) from exc
-                    log.warning("controller link: %s: %s", exc.code().name, exc.details())
-                if self._closing.is_set():
-                    return
-                try:
-                    await asyncio.wait_for(self._closing.wait(), backoff)
-                except TimeoutError:
-                    pass
-                backoff = min(backoff * 2, 1.0)
+        while not self._closing.is_set():
+            # A fresh channel after a renewal or a move; otherwise the same one.
+            stub = agent_pb2_grpc.AgentServiceStub(self._controller.channel())
+            try:
+                await self._register(stub)
+                backoff = 0.1
+                await self._session(stub)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _PERMANENT:
+                    raise RegistrationRefused(exc.details() or exc.code().name) from exc
+                log.warning("controller link: %s: %s", exc.code().name, exc.details())
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    # A restarted controller may listen for agents on another port.
+                    await self._controller.rediscover()
+            if self._closing.is_set():
+                return
+            try:
+                await asyncio.wait_for(self._closing.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, 1.0)
 
     async def _register(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         ident = self._identity
         response = await stub.Register(
             agent_pb2.RegisterRequest(
-                token=ident.token,
                 instance_id=ident.instance_id,
                 address=ident.address,
                 hostname=socket.gethostname(),
@@ -135,12 +138,10 @@ class ControllerLink:
         )
         self.agent_id = response.agent_id
         self._interval_s = max(0.05, response.report_interval_ms / 1000)
-        log.info("registered with %s as %s", self._controller, self.agent_id)
+        log.info("registered with %s as %s", self._controller.mesh_address, self.agent_id)
 
     async def _outgoing(self) -> AsyncIterator[agent_pb2.SessionRequest]:
-        yield agent_pb2.SessionRequest(
-            hello=agent_pb2.SessionHello(agent_id=self.agent_id, token=self._identity.token)
-        )
+        yield agent_pb2.SessionRequest(hello=agent_pb2.SessionHello(agent_id=self.agent_id))
         while not self._closing.is_set():
             yield agent_pb2.SessionRequest(load_report=self._current_report().to_proto())
             self.report_now.clear()
@@ -156,14 +157,17 @@ class ControllerLink:
     async def _session(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         call = stub.Session(self._outgoing())
         async for command in call:
-            if command.WhichOneof("command") == "drain":
+            kind = command.WhichOneof("command")
+            if kind == "drain":
                 log.info("controller asks to drain: %s", command.drain.reason)
                 self._on_drain(command.drain.reason)
+            elif kind == "revoked":
+                if self._on_revoked is not None:
+                    self._on_revoked(list(command.revoked.enrollment_ids))
             elif self._on_command is not None:
                 self._on_command(command)
             else:
-                log.warning("ignoring a %s command: this agent does not take it",
-                            command.WhichOneof("command"))  # fmt: skip
+                log.warning("ignoring a %s command: this agent does not take it", kind)
         log.info("session with the controller ended")
 
     def close(self) -> None:

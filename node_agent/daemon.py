@@ -22,7 +22,9 @@ from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
 from kscope_common.metrics import gauge, maybe_serve
 from kscope_common.request_stats import RequestStats
+from kscope_common.tls import EnrollmentError
 from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
+from node_agent.credentials import AgentCredentials, obtain
 from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_engine
 from node_agent.load import Load
@@ -49,9 +51,10 @@ class Agent:
         self.detail = "engine starting"
         self._drain_requested = asyncio.Event()
         self._drain_reason = ""
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server: grpc.aio.Server | None = None
         self.port = 0
         self.link: ControllerLink | None = None
+        self.credentials: AgentCredentials | None = None
 
     def _report(self) -> Report:
         limits = self.queue.limits
@@ -88,18 +91,30 @@ class Agent:
             self._drain_reason = reason
             self._drain_requested.set()
 
-    async def start(self) -> None:
+    async def start(self, credentials: AgentCredentials) -> None:
+        """Serve InferenceService (mutual TLS: facades only), then start the engine."""
+        self.credentials = credentials
+        self.server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=[credentials.interceptor()]
+        )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.engine, self.load, self.queue), self.server
         )
         health = add_health_and_reflection(self.server, SERVICE_NAMES)
-        self.port = bind(self.server, self.settings.host, self.settings.port)
+        cert = credentials.certificate
+        self.port = bind(
+            self.server, self.settings.bind_host(), self.settings.port,
+            cert.server_credentials() if cert is not None else None,
+        )  # fmt: skip
         await self.server.start()
         await mark_serving(health, SERVICE_NAMES)
+        credentials.start_renewing()
         await self.engine.start()
 
     def advertised_address(self) -> str:
         host = self.settings.advertise_host or self.settings.host
+        if host == "@node":
+            host = socket.getfqdn()
         if host in ("0.0.0.0", "::"):
             host = socket.getfqdn()
         return f"{host}:{self.port}"
@@ -138,23 +153,30 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_drain, f"received {sig.name}")
         try:
-            await self.start()
+            credentials = await obtain(self.settings, self.settings.enroll_token.get_secret_value())
+        except EnrollmentError as exc:
+            log.error("%s", exc)
+            return 3
+        try:
+            await self.start(credentials)
         except EngineUnavailable as exc:
             log.error("%s", exc.message)
-            await self.server.stop(0)
+            if self.server is not None:
+                await self.server.stop(0)
+            await credentials.close()
             return 1
         self.link = ControllerLink(
-            self.settings.controller,
+            credentials.controller,
             AgentIdentity(
                 instance_id=self.settings.instance_id,
                 address=self.advertised_address(),
                 models=[self.settings.served_model],
                 engine=self.engine.kind,
                 engine_url=self.engine.url,
-                token=self.settings.registration_token.get_secret_value(),
             ),
             self._report,
             self.request_drain,
+            on_revoked=credentials.on_revoked,
         )
         log.info("serving InferenceService on %s", self.advertised_address())
         metrics = maybe_serve(
@@ -179,7 +201,9 @@ class Agent:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(link_task, 5)
         await self.engine.stop()
-        await self.server.stop(1)
+        if self.server is not None:
+            await self.server.stop(1)
+        await credentials.close()
         if metrics is not None:
             metrics.close()
         log.info("agent stopped")

@@ -33,7 +33,9 @@ from prometheus_client.core import Metric
 
 from kscope.v1 import agent_pb2
 from kscope_common.metrics import gauge, maybe_serve
+from kscope_common.tls import EnrollmentError
 from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
+from node_agent.credentials import obtain
 from node_agent.host_metrics import merge, scrape_instance
 from node_agent.settings import AgentSettings
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 ENDED_KEPT_S = 300.0
 """How long an ended instance stays in the reports, so the controller sees why."""
 _HOST_ONLY = (
-    "KSCOPE_HOST_AGENT", "KSCOPE_HOST_MODELS", "KSCOPE_TOKEN_FILE",
+    "KSCOPE_HOST_AGENT", "KSCOPE_HOST_MODELS", "KSCOPE_TOKEN_FILE", "KSCOPE_ENROLL_TOKEN",
     "KSCOPE_AGENT_METRICS_PORT", "KSCOPE_AGENT_METRICS_PORT_FILE",
 )  # fmt: skip
 """Settings of the host agent that its instances must not inherit."""
@@ -120,7 +122,8 @@ class HostAgent:
     def __init__(self, settings: AgentSettings, offers: dict[str, Path]):
         self.settings = settings
         self.offers = offers
-        self._token = settings.registration_token.get_secret_value()
+        self._token = settings.enroll_token.get_secret_value()
+        self._ca_pem = ""
         self._instances: dict[str, _Instance] = {}
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -163,8 +166,12 @@ class HostAgent:
         env |= {
             "KSCOPE_CONTROLLER": self.settings.controller,
             "KSCOPE_INSTANCE_ID": load.instance_id,
-            "KSCOPE_REGISTRATION_TOKEN": self._token,
         }
+        if load.enroll_token:
+            # The instance's own one-time token: the host's never leaves this process.
+            env |= {"KSCOPE_ENROLL_TOKEN": load.enroll_token, "KSCOPE_TLS_CA": self._ca_pem}
+        else:
+            env |= {"KSCOPE_INSECURE_PLAINTEXT": "1"}
         if self.settings.metrics_port is not None:
             # Any free port; the host's /metrics reads it from the file and passes it on.
             port_file = self._metrics_port_file(load.instance_id)
@@ -257,15 +264,22 @@ class HostAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, f"received {sig.name}")
         host = self.settings.advertise_host or socket.getfqdn()
+        try:
+            credentials = await obtain(self.settings, self._token)
+        except EnrollmentError as exc:
+            log.error("%s", exc)
+            return 3
+        if credentials.certificate is not None:
+            self._ca_pem = credentials.certificate.ca_pem.decode()
+            credentials.start_renewing()
         self.link = ControllerLink(
-            self.settings.controller,
+            credentials.controller,
             AgentIdentity(
                 instance_id="",
                 address=f"{host}/pid-{os.getpid()}",  # it serves nothing itself
                 models=sorted(self.offers),
                 engine="host",
                 engine_url="",
-                token=self._token,
                 host_agent=True,
                 memory_bytes=memory_bytes(),
             ),
@@ -294,5 +308,6 @@ class HostAgent:
             await asyncio.wait_for(link_task, 5)
         if metrics is not None:
             metrics.close()
+        await credentials.close()
         log.info("host agent stopped")
         return code

@@ -2,7 +2,8 @@
 a host agent that launchd starts at login and restarts when it exits.
 
 The LaunchAgent plist runs the installed `kscope-agent --host-agent` with the
-controller's address, the models this Mac offers and a token *file*: the token
+controller's address, the models this Mac offers, the cluster CA and a token
+*file* (the host's enrollment token, from `kscope hosts add NAME`): the token
 itself never goes into the plist (which any local user may read, and which
 `ps` would show as arguments); the file is readable by its owner only.
 """
@@ -135,9 +136,11 @@ def main(argv: list[str]) -> int:
     inst = commands.add_parser("install-launchd", help="write the LaunchAgent plist")
     inst.add_argument("--controller", default=os.environ.get("KSCOPE_CONTROLLER", ""),
                       help="controller host:port")  # fmt: skip
-    inst.add_argument("--token-file", type=Path, default=Path("~/.kscope/registration-token"),
-                      help="file holding the registration token (created from "
-                      "KSCOPE_REGISTRATION_TOKEN when it does not exist)")  # fmt: skip
+    inst.add_argument("--token-file", type=Path, default=Path("~/.kscope/host-token"),
+                      help="file holding the host's enrollment token (created from "
+                      "KSCOPE_ENROLL_TOKEN when it does not exist)")  # fmt: skip
+    inst.add_argument("--ca", type=Path, default=None,
+                      help="the cluster CA certificate (`kscope ca` prints it)")  # fmt: skip
     inst.add_argument("--models", required=True, help="NAME=PATH entries or model directories")
     inst.add_argument("--path", type=Path, help="the plist (default ~/Library/LaunchAgents/)")
     inst.add_argument("--label", default=LABEL)
@@ -155,12 +158,21 @@ def main(argv: list[str]) -> int:
         if not args.controller:
             raise LaunchdError("--controller is required (or KSCOPE_CONTROLLER)")
         token_file = args.token_file.expanduser()
-        token = os.environ.get("KSCOPE_REGISTRATION_TOKEN", "")
+        token = os.environ.get("KSCOPE_ENROLL_TOKEN", "")
         if not token_file.exists() and token:
             write_token_file(token_file, token)
+        environment = {}
+        if args.ca is not None:
+            if not args.ca.expanduser().is_file():
+                raise LaunchdError(f"--ca {args.ca}: no such file")
+            environment["KSCOPE_TLS_CA"] = str(args.ca.expanduser().resolve())
+        elif not os.environ.get("KSCOPE_TLS_CA"):
+            raise LaunchdError("--ca is required: the cluster CA certificate (`kscope ca`)")
+        else:
+            environment["KSCOPE_TLS_CA"] = os.environ["KSCOPE_TLS_CA"]
         options = LaunchdOptions(
             installed_program(), args.controller, token_file, args.models, args.label,
-            args.log_dir, args.working_dir,
+            args.log_dir, args.working_dir, environment,
         )  # fmt: skip
         command = install(options, path)
     except LaunchdError as exc:

@@ -24,9 +24,9 @@ log = logging.getLogger("node_agent")
 
 
 def parse_settings(argv: list[str] | None = None) -> AgentSettings:
-    """Flags override KSCOPE_* environment variables. The registration token and
-    instance id come from the environment only (KSCOPE_REGISTRATION_TOKEN,
-    KSCOPE_INSTANCE_ID), never from flags that `ps` would show."""
+    """Flags override KSCOPE_* environment variables. The enrollment token and
+    instance id come from the environment only (KSCOPE_ENROLL_TOKEN,
+    KSCOPE_INSTANCE_ID) or the token file, never from flags that `ps` would show."""
     parser = argparse.ArgumentParser(prog="kscope-agent", description=__doc__)
     parser.add_argument("--controller", help="controller host:port")
     parser.add_argument("--engine", "--model-type", dest="engine", help="vllm, openai or mlx_vlm")
@@ -35,7 +35,12 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--upstream-url")
     parser.add_argument("--upstream-model")
     parser.add_argument("--engine-args-json", dest="engine_args")
-    parser.add_argument("--host")
+    parser.add_argument("--host", help="address to bind; @node: this machine's own address")
+    parser.add_argument("--ca", dest="tls_ca", help="the cluster CA certificate (file or PEM)")
+    parser.add_argument(
+        "--insecure-plaintext", action="store_const", const=True,
+        help="debugging only: no TLS (the controller must run the same way)",
+    )  # fmt: skip
     parser.add_argument("--advertise-host")
     parser.add_argument("--port", type=int)
     parser.add_argument(
@@ -60,14 +65,14 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         help="host agent: NAME=PATH entries or model directories, comma-separated",
     )
     parser.add_argument(
-        "--token-file", type=Path, help="read the registration token from this private file"
+        "--token-file", type=Path, help="read the enrollment token from this private file"
     )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = AgentSettings(**overrides)
     if settings.token_file is not None:
         token = read_token_file(settings.token_file.expanduser())
-        settings = settings.model_copy(update={"registration_token": SecretStr(token)})
+        settings = settings.model_copy(update={"enroll_token": SecretStr(token)})
     return settings
 
 

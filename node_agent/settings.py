@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -20,11 +21,16 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KSCOPE_", extra="ignore")
 
     controller: str = "127.0.0.1:50051"
-    """host:port of the controller's gRPC server."""
+    """host:port of the controller's public gRPC port (enrollment, discovery)."""
     instance_id: str = ""
     """The instance this agent was launched for (set by the launcher)."""
-    registration_token: SecretStr = SecretStr("")
-    """Proves the agent to the controller; from the environment, never a flag."""
+    enroll_token: SecretStr = SecretStr("")
+    """One-time enrollment token (KSCOPE_ENROLL_TOKEN) traded for this agent's
+    certificate; from the environment or token_file, never a flag."""
+    tls_ca: str = ""
+    """The cluster CA certificate (KSCOPE_TLS_CA): PEM text, or a file holding it."""
+    insecure_plaintext: bool = False
+    """Debugging only: talk to a plaintext controller; serve without TLS."""
     engine: str = "vllm"
     """vllm, openai or mlx_vlm."""
     model: str = Field(default="", min_length=0)
@@ -40,7 +46,8 @@ class AgentSettings(BaseSettings):
     engine_args: list[str] = Field(default_factory=list)
     """Extra engine flags (vllm serve arguments)."""
     host: str = "127.0.0.1"
-    """Address InferenceService binds."""
+    """Address InferenceService binds; `@node`: the address this machine's host
+    name resolves to (what SLURM jobs use, rather than every interface)."""
     advertise_host: str = ""
     """Host the facades dial; defaults to host (the hostname for 0.0.0.0)."""
     port: int = Field(default=0, ge=0, le=65535)
@@ -88,8 +95,8 @@ class AgentSettings(BaseSettings):
     host_state_dir: Path = Path("~/.kscope/host")
     """Where a host agent keeps its instances' logs."""
     token_file: Path | None = None
-    """Read the registration token from this file (readable by its owner only)
-    instead of KSCOPE_REGISTRATION_TOKEN; how launchd starts a host agent."""
+    """Read the enrollment token (and the CA) from this file, readable by its
+    owner only, instead of the environment; how launchd starts a host agent."""
 
     @field_validator("engine_args", mode="before")
     @classmethod
@@ -100,6 +107,15 @@ class AgentSettings(BaseSettings):
                 raise ValueError("engine_args must be a JSON list of strings")
             return parsed
         return value
+
+    def bind_host(self) -> str:
+        """The address to bind (`@node` resolved)."""
+        if self.host != "@node":
+            return self.host
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
 
     @property
     def served_model(self) -> str:

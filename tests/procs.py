@@ -18,7 +18,8 @@ import grpc
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kscope.v1 import control_pb2, control_pb2_grpc
+from kscope.v1 import control_pb2, control_pb2_grpc, identity_pb2, identity_pb2_grpc
+from kscope_common.pki import CONTROLLER_DNS_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -99,7 +100,33 @@ class Controller:
 
     @property
     def address(self) -> str:
+        """The public port: enrollment, and operators with an admin key."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state_dir / "tls" / "ca.pem"
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca_path.read_bytes()
+
+    @property
+    def admin_key(self) -> str:
+        return (self.state_dir / "admin-key").read_text().strip()
+
+    def channel(self) -> grpc.Channel:
+        """An operator's channel: server-authenticated TLS with the cluster CA
+        (calls add the admin key: see `admin`)."""
+        return grpc.secure_channel(
+            self.address, grpc.ssl_channel_credentials(self.ca_pem),
+            [("grpc.ssl_target_name_override", CONTROLLER_DNS_NAME)],
+        )  # fmt: skip
+
+    @property
+    def admin(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata with the bootstrap admin key."""
+        return (("authorization", f"Bearer {self.admin_key}"),)
 
     def stub(self, channel: grpc.Channel) -> control_pb2_grpc.ControlServiceStub:
         return control_pb2_grpc.ControlServiceStub(channel)
@@ -107,18 +134,54 @@ class Controller:
     def list_instances(
         self, model: str = "", include_ended: bool = False
     ) -> list[control_pb2.Instance]:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             reply = self.stub(channel).ListInstances(
                 control_pb2.ListInstancesRequest(model=model, include_ended=include_ended),
-                timeout=5,
-            )
+                timeout=5, metadata=self.admin,
+            )  # fmt: skip
         return list(reply.instances)
 
     def list_agents(self) -> list[control_pb2.Agent]:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             return list(
-                self.stub(channel).ListAgents(control_pb2.ListAgentsRequest(), timeout=5).agents
+                self.stub(channel)
+                .ListAgents(control_pb2.ListAgentsRequest(), timeout=5, metadata=self.admin)
+                .agents
             )
+
+    def enrollment_token(self, kind: str, name: str, expires_in_s: int = 0) -> str:
+        """A facade, host or operator enrollment token (as `kscope facades add`)."""
+        kinds = {
+            "facade": identity_pb2.ENROLLMENT_KIND_FACADE,
+            "host": identity_pb2.ENROLLMENT_KIND_HOST,
+            "operator": identity_pb2.ENROLLMENT_KIND_OPERATOR,
+        }
+        with self.channel() as channel:
+            reply = identity_pb2_grpc.IdentityServiceStub(channel).CreateEnrollment(
+                identity_pb2.CreateEnrollmentRequest(
+                    kind=kinds[kind], name=name, expires_in_seconds=expires_in_s
+                ),
+                timeout=5, metadata=self.admin,
+            )  # fmt: skip
+        return reply.token
+
+    def revoke(self, kind: str, name: str) -> None:
+        kinds = {
+            "facade": identity_pb2.ENROLLMENT_KIND_FACADE,
+            "host": identity_pb2.ENROLLMENT_KIND_HOST,
+        }
+        with self.channel() as channel:
+            identity_pb2_grpc.IdentityServiceStub(channel).RevokeEnrollment(
+                identity_pb2.RevokeEnrollmentRequest(kind=kinds[kind], name=name),
+                timeout=5, metadata=self.admin,
+            )  # fmt: skip
+
+    def facade_env(self, name: str) -> dict[str, str]:
+        """What a facade enrolls with."""
+        return {
+            "KSCOPE_ENROLL_TOKEN": self.enrollment_token("facade", name),
+            "KSCOPE_TLS_CA": str(self.ca_path),
+        }
 
 
 def start_controller(
@@ -189,21 +252,23 @@ class Facade:
 
 def start_facade(
     tmp: Path,
-    controller_port: int,
+    controller: Controller,
     api_key: str | None = None,
     name: str = "facade",
     multiplex: bool = True,
     env: dict[str, str] | None = None,
 ) -> Facade:
-    """A facade; without api_key (and without KSCOPE_REQUIRE_KEY in env) /v1 is open."""
+    """A facade, enrolled with a facade token of its own name; without api_key
+    (and without KSCOPE_REQUIRE_KEY in env) /v1 is open."""
     port_file = tmp / f"{name}.port"
     argv = [PYTHON, "-m", "facade.main", "--port", "0", "--port-file", str(port_file),
-            "--controller", f"127.0.0.1:{controller_port}"]  # fmt: skip
+            "--controller", controller.address]  # fmt: skip
     if api_key:
         argv += ["--api-key", api_key]
     env = {
         "KSCOPE_MULTIPLEX": "1" if multiplex else "0",
         "KSCOPE_REQUIRE_KEY": "1" if api_key else "0",
+        **controller.facade_env(f"{name}-{time.monotonic_ns()}"),
         **(env or {}),
     }
     proc = Proc(argv, tmp / "logs" / f"{name}.log", env=env)

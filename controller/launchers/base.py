@@ -23,8 +23,11 @@ class LaunchSpec:
     instance_id: str
     model: ModelSpec
     controller_address: str
-    """host:port the agent dials to register."""
-    registration_token: str
+    """host:port of the controller's public port, where the agent enrolls."""
+    enroll_token: str
+    """One-time, bound to this instance; '' in plaintext mode."""
+    ca_pem: str = ""
+    """The cluster CA the agent checks the controller against (public)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,11 @@ def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInv
     env = {
         "KSCOPE_CONTROLLER": spec.controller_address,
         "KSCOPE_INSTANCE_ID": spec.instance_id,
-        "KSCOPE_REGISTRATION_TOKEN": spec.registration_token,
         **model.env,
     }
+    if spec.enroll_token:
+        env["KSCOPE_ENROLL_TOKEN"] = spec.enroll_token
+        env["KSCOPE_TLS_CA"] = spec.ca_pem
+    else:
+        env["KSCOPE_INSECURE_PLAINTEXT"] = "1"
     return AgentInvocation(argv=argv, env=env)

@@ -53,7 +53,7 @@ class HostLauncher:
         # The host running the fewest instances, then the one with the most memory.
         host = min(hosts, key=lambda a: (sum(h.running for h in a.hosted.values()),
                                          -a.memory_bytes))  # fmt: skip
-        self._fleet.send(host.id, LoadModelCommand(spec.instance_id, spec.model))
+        self._fleet.send(host.id, LoadModelCommand(spec.instance_id, spec.model, spec.enroll_token))
         ref = f"{host.id}/{spec.instance_id}"
         self._launched_at[ref] = time.monotonic()
         log.info("asked host agent %s (%s) to load %s as %s", host.id, host.hostname, model,

@@ -1,9 +1,10 @@
 """The batch script each SLURM job runs, rendered from the catalog.
 
 The script is handed to `sbatch` on its standard input, never written to a file
-by KScope: the registration token it exports reaches only SLURM's own spool
-(readable by the job's user and SLURM's administrators), never a command line
-that `ps` shows or a world-readable file.
+by KScope: the one-time enrollment token it exports reaches only SLURM's own
+spool (readable by the job's user and SLURM's administrators), never a command
+line that `ps` shows or a world-readable file; and it is dead once the job's
+agent enrolled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from controller.catalog import SlurmSpec
 
-REDACTED = "<redacted: the registration token is filled in at submission>"
+REDACTED = "<redacted: a one-time enrollment token is filled in at submission>"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -47,7 +48,7 @@ class JobScript:
     argv: Sequence[str]
     """The agent's command line: public, so no secrets in it."""
     env: Mapping[str, str]
-    """Exported before the agent starts; holds the registration token."""
+    """Exported before the agent starts; holds the enrollment token."""
 
 
 def sbatch_options(job: JobScript) -> list[str]:

@@ -60,7 +60,7 @@ class SlurmOptions:
     """Python with KScope installed, as a path on the compute nodes."""
     job_prefix: str = "kscope"
     default_qos: str = ""
-    agent_host: str = "0.0.0.0"
+    agent_host: str = "@node"
     log_dir: str = "kscope-logs"
     poll_interval_s: float = 2.0
     command_timeout_s: float = 30.0
@@ -96,12 +96,15 @@ def runner_from_settings(settings: ControllerSettings) -> CommandRunner:
 
 
 def build_job_script(spec: LaunchSpec, options: SlurmOptions, redact: bool = False) -> str:
-    """The batch script for one instance; with `redact`, the token is replaced
-    (for `kscope slurm-script`, which shows operators what would be submitted)."""
+    """The batch script for one instance; with `redact`, the enrollment token is
+    replaced (for `kscope slurm-script`, which shows operators what would be
+    submitted). The token is one-time and bound to this instance: once the job's
+    agent enrolled, the copy in SLURM's spool is worth nothing."""
     invocation = agent_invocation(spec, options.agent_python)
     env = dict(invocation.env)
     if redact:
-        env["KSCOPE_REGISTRATION_TOKEN"] = REDACTED
+        env["KSCOPE_ENROLL_TOKEN"] = REDACTED
+        env.pop("KSCOPE_INSECURE_PLAINTEXT", None)
     name = job_name(options.job_prefix, spec.instance_id)
     return render_job_script(
         JobScript(

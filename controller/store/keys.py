@@ -3,6 +3,10 @@
 A connection of its own to the controller's database file (WAL mode lets it
 sit beside the main store's connection); sqlite3 blocks, so calls run in a
 worker thread behind one lock.
+
+Each key may name the key that created it (`parent_id`); the tree they form is
+walked with recursive queries, so revoking a key or checking a key's ancestors
+costs one statement whatever the depth.
 """
 
 from __future__ import annotations
@@ -24,11 +28,38 @@ CREATE TABLE IF NOT EXISTS api_keys (
     models_json TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
-    revoked INTEGER NOT NULL
+    revoked INTEGER NOT NULL,
+    parent_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS api_keys_owner ON api_keys (owner);
 """
-_COLUMNS = "id key_hash prefix owner name role models_json created_at expires_at revoked".split()
+# Databases made before keys had parents lack the column; the index on it can
+# only be created once the column exists (see KeyStore._migrate).
+_PARENT_COLUMN = "ALTER TABLE api_keys ADD COLUMN parent_id TEXT NOT NULL DEFAULT ''"
+_PARENT_INDEX = "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys (parent_id)"
+
+_COLUMNS = (
+    "id key_hash prefix owner name role models_json created_at expires_at revoked parent_id"
+).split()
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM api_keys"
+
+# The key itself and every key below it. UNION (not UNION ALL) drops repeats,
+# so even a corrupt table with a cycle cannot make the walk run forever.
+_TREE = """
+WITH RECURSIVE tree(id) AS (
+    SELECT ?
+    UNION
+    SELECT api_keys.id FROM api_keys JOIN tree ON api_keys.parent_id = tree.id
+)
+"""
+# The ids above the key (its parent, the parent's parent …), ending with ''.
+_CHAIN = """
+WITH RECURSIVE chain(id) AS (
+    SELECT parent_id FROM api_keys WHERE id = ?
+    UNION
+    SELECT api_keys.parent_id FROM api_keys JOIN chain ON api_keys.id = chain.id
+)
+"""
 
 
 def _record(row: tuple[object, ...]) -> KeyRecord:
@@ -44,6 +75,7 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
         created_at=float(values["created_at"]),  # type: ignore[arg-type]
         expires_at=float(values["expires_at"]),  # type: ignore[arg-type]
         revoked=bool(values["revoked"]),
+        parent_id=str(values["parent_id"]),
     )
 
 
@@ -52,27 +84,48 @@ class KeyStore(SqliteFile):
 
     def __init__(self, path: Path):
         super().__init__(path, _SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add what older databases lack; runs once at start, before any call."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
+        if "parent_id" not in columns:
+            # Keys made before this column existed have no parent: ''.
+            self._db.execute(_PARENT_COLUMN)
+        self._db.execute(_PARENT_INDEX)
 
     async def insert(self, key: KeyRecord) -> None:
         row = (
             key.id, key.key_hash, key.prefix, key.owner, key.name, key.role.value,
             json.dumps(list(key.models)), key.created_at, key.expires_at, int(key.revoked),
+            key.parent_id,
         )  # fmt: skip
-        sql = f"INSERT INTO api_keys ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 10)})"
+        places = ", ".join("?" * len(_COLUMNS))
+        sql = f"INSERT INTO api_keys ({', '.join(_COLUMNS)}) VALUES ({places})"
         await self._run(lambda: self._db.execute(sql, row))
 
     async def by_hash(self, key_hash: str) -> KeyRecord | None:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM api_keys WHERE key_hash = ?"
+        sql = f"{_SELECT} WHERE key_hash = ?"
         row = await self._run(lambda: self._db.execute(sql, (key_hash,)).fetchone())
         return None if row is None else _record(row)
 
     async def by_id(self, key_id: str) -> KeyRecord | None:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM api_keys WHERE id = ?"
+        sql = f"{_SELECT} WHERE id = ?"
         row = await self._run(lambda: self._db.execute(sql, (key_id,)).fetchone())
         return None if row is None else _record(row)
 
+    async def ancestors(self, key_id: str) -> list[KeyRecord]:
+        """The keys above `key_id` (the one that created it, that one's creator …).
+
+        In no particular order; an ancestor missing from the table is simply
+        absent, which the caller can tell from the parent ids.
+        """
+        sql = f"{_CHAIN} {_SELECT} WHERE id IN (SELECT id FROM chain)"
+        rows = await self._run(lambda: self._db.execute(sql, (key_id,)).fetchall())
+        return [_record(r) for r in rows]
+
     async def list_keys(self, owner: str | None) -> list[KeyRecord]:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM api_keys"
+        sql = _SELECT
         args: tuple[str, ...] = ()
         if owner is not None:
             sql += " WHERE owner = ?"
@@ -82,9 +135,28 @@ class KeyStore(SqliteFile):
         )
         return [_record(r) for r in rows]
 
-    async def revoke(self, key_id: str) -> None:
-        sql = "UPDATE api_keys SET revoked = 1 WHERE id = ?"
-        await self._run(lambda: self._db.execute(sql, (key_id,)))
+    async def revoke_tree(self, key_id: str) -> list[KeyRecord]:
+        """Revoke the key and every key below it; returns those not revoked before.
+
+        One transaction, so a reader never sees a revoked key whose children
+        are still live.
+        """
+        select = f"{_TREE} {_SELECT} WHERE revoked = 0 AND id IN (SELECT id FROM tree)"
+        update = f"{_TREE} UPDATE api_keys SET revoked = 1 WHERE id IN (SELECT id FROM tree)"
+
+        def revoke() -> list[tuple[object, ...]]:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(select, (key_id,)).fetchall()
+                self._db.execute(update, (key_id,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return rows
+
+        rows = await self._run(revoke)
+        return [_record(r) for r in rows]
 
     async def has_admin(self) -> bool:
         sql = "SELECT 1 FROM api_keys WHERE role = ? AND revoked = 0 LIMIT 1"

@@ -4,6 +4,11 @@ The agent starts vLLM in its own session and process group, so stopping it
 reaches its engine-core children too; with `setpriv --pdeathsig` vLLM is also told to stop
 when the agent dies without cleaning up (SIGKILL). Requests go to it over
 keep-alive HTTP on loopback, through the `openai` engine's forwarding code.
+
+vLLM listens on loopback, where any other job on the node can reach it: it
+gets a random API key (VLLM_API_KEY, in its environment, never its command
+line) that only this agent knows. Its environment carries no KScope setting
+or secret.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import aiohttp
 
@@ -31,6 +37,15 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment less every KScope setting and secret."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if not name.upper().startswith(("KSCOPE_", "PROXY_")) and name != "VLLM_API_KEY"
+    }
 
 
 class VllmEngine:
@@ -55,7 +70,10 @@ class VllmEngine:
         self._port = free_port()
         self._root = f"http://127.0.0.1:{self._port}"
         self.url = self._root + "/v1"
-        self._forward = OpenAIUpstream(self.url, served_model, timeout_s=timeout_s)
+        self._api_key = secrets.token_urlsafe(32)
+        self._forward = OpenAIUpstream(
+            self.url, served_model, api_key=self._api_key, timeout_s=timeout_s
+        )
         self._proc: asyncio.subprocess.Process | None = None
         self._health: aiohttp.ClientSession | None = None
         self._cache_dir = ""
@@ -76,7 +94,8 @@ class VllmEngine:
 
     async def start(self) -> None:
         self._cache_dir = tempfile.mkdtemp(prefix="kscope-vllm-")
-        env = dict(os.environ)
+        env = engine_environment(os.environ)
+        env["VLLM_API_KEY"] = self._api_key
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("VLLM_CACHE_ROOT", self._cache_dir)

@@ -79,7 +79,7 @@ idle_timeout_s = {IDLE_S}
 expected_startup_s = 5
 """
     controller = start_controller(tmp, catalog)
-    facade = start_facade(tmp, controller.port)
+    facade = start_facade(tmp, controller)
     try:
         yield Fleet(tmp, controller, facade, tiny_vlm)
     finally:

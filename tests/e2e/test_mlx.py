@@ -168,10 +168,8 @@ expected_startup_s = 5
     controller = start_controller(tmp, catalog)
     facades: dict[str, Facade] = {}
     try:
-        facades["multiplex"] = start_facade(tmp, controller.port)
-        facades["per-call"] = start_facade(
-            tmp, controller.port, name="facade-per-call", multiplex=False
-        )
+        facades["multiplex"] = start_facade(tmp, controller)
+        facades["per-call"] = start_facade(tmp, controller, name="facade-per-call", multiplex=False)
         sys_ = System(controller, facades, images)
         for name in (MODEL, FAST_TIMEOUT):
             wait_until(

@@ -74,7 +74,7 @@ expected_startup_s = 3
     )
     facade = start_facade(
         tmp,
-        controller.port,
+        controller,
         env={
             "KSCOPE_REQUIRE_KEY": "1",
             "KSCOPE_PORTAL_SERVICE_KEY": (controller.state_dir / "admin-key").read_text().strip(),

@@ -166,7 +166,7 @@ time_limit = "10"
 """
     env = controller_env(cluster, tmp, prefix, sshd.port, sshd.known_hosts)
     controller = start_controller(tmp, catalog, env=env)
-    facade = start_facade(tmp, controller.port, api_key=API_KEY)
+    facade = start_facade(tmp, controller, api_key=API_KEY)
     system = System(tmp, cluster, prefix, controller, facade, [upstream], sshd)
     try:
         yield system
@@ -420,7 +420,7 @@ time_limit = "1"
     env = controller_env(cluster, tmp_path, rot_prefix, cluster.ssh_port, cluster.known_hosts,
                          KSCOPE_SLURM_ROTATION_LEAD_S="100")  # fmt: skip
     controller = start_controller(tmp_path, catalog, env=env)
-    facade = start_facade(tmp_path, controller.port, api_key=API_KEY)
+    facade = start_facade(tmp_path, controller, api_key=API_KEY)
     system = System(tmp_path, cluster, rot_prefix, controller, facade, [paced])
     traffic = Traffic(system, "rotating")
     try:
@@ -512,7 +512,7 @@ cpus = {cpus}
         env = controller_env(cluster, tmp_path, idle_prefix, cluster.ssh_port,
                              cluster.known_hosts)  # fmt: skip
         controller = start_controller(tmp_path, catalog, env=env)
-        facade = start_facade(tmp_path, controller.port, api_key=API_KEY)
+        facade = start_facade(tmp_path, controller, api_key=API_KEY)
         system = System(tmp_path, cluster, idle_prefix, controller, facade, [upstream])
 
         # Demand: the first request finds no instance and is answered 503.
@@ -622,7 +622,7 @@ cpus = 2
     v_prefix = prefix + "v"
     env = controller_env(cluster, tmp_path, v_prefix, cluster.ssh_port, cluster.known_hosts)
     controller = start_controller(tmp_path, catalog, env=env)
-    facade = start_facade(tmp_path, controller.port, api_key=API_KEY)
+    facade = start_facade(tmp_path, controller, api_key=API_KEY)
     system = System(tmp_path, cluster, v_prefix, controller, facade)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
     headers = {"Authorization": f"Bearer {API_KEY}"}

@@ -115,7 +115,7 @@ engine_args = {json.dumps([*ENGINE_ARGS, "--runner", "pooling"])}
 env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}" }}
 """
     controller = start_controller(tmp, catalog)
-    facade = start_facade(tmp, controller.port, api_key=API_KEY)
+    facade = start_facade(tmp, controller, api_key=API_KEY)
     sys_ = System(tmp, controller, facade)
     try:
         yield sys_

@@ -74,7 +74,7 @@ expected_startup_s = 3
         "KSCOPE_RECONCILE_INTERVAL_S": "0.5", "KSCOPE_CONTROLLER_METRICS_PORT": "0",
         "KSCOPE_CONTROLLER_METRICS_PORT_FILE": str(tmp / "controller-metrics.port"),
     })  # fmt: skip
-    facade = start_facade(tmp, controller.port, env={
+    facade = start_facade(tmp, controller, env={
         "KSCOPE_WAIT_PROGRESS_INTERVAL_S": "0.3", "KSCOPE_MAX_WAITING_PER_MODEL": "2",
     })  # fmt: skip
     try:

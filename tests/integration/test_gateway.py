@@ -71,9 +71,7 @@ upstream_model = "renamed-upstream"
 expected_startup_s = 3
 """
     controller = start_controller(tmp, catalog)
-    facade = start_facade(
-        tmp, controller.port, api_key=API_KEY, multiplex=request.param == "multiplex"
-    )
+    facade = start_facade(tmp, controller, api_key=API_KEY, multiplex=request.param == "multiplex")
     try:
         wait_until(lambda: _state(facade, "echo") == "ready", 30, what="echo ready")
         wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")

@@ -86,7 +86,7 @@ expected_startup_s = 3
         input=f"{LOCAL_PASSWORD}\n", text=True, check=True, timeout=30, capture_output=True,
     )  # fmt: skip
     facade = start_facade(
-        tmp, controller.port, api_key=STATIC_KEY,
+        tmp, controller, api_key=STATIC_KEY,
         env={"KSCOPE_PORTAL_SERVICE_KEY": admin_key, "KSCOPE_PORTAL_USERS_FILE": str(users)},
     )  # fmt: skip
     system = KeySystem(controller, facade, admin_key)

@@ -182,7 +182,7 @@ expected_startup_s = 3
          "--password-stdin"],
         input=f"{PASSWORD}\n", text=True, check=True, timeout=30, capture_output=True,
     )  # fmt: skip
-    facade = start_facade(tmp, controller.port, env={"KSCOPE_PORTAL_USERS_FILE": str(users)})
+    facade = start_facade(tmp, controller, env={"KSCOPE_PORTAL_USERS_FILE": str(users)})
     system = System(controller, facade, upstream.url)
     try:
         wait_until(

@@ -43,7 +43,7 @@ def portal(
             "KSCOPE_PORTAL_LDAP_BIND_PASSWORD": ROOT_PW,
             "KSCOPE_PORTAL_LDAP_SEARCH_BASE": PEOPLE,
         }
-    facade = start_facade(tmp, controller.port, env=env)
+    facade = start_facade(tmp, controller, env=env)
     try:
         yield facade
     finally:

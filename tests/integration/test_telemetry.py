@@ -53,7 +53,7 @@ def test_traffic_shows_as_rates_and_means_per_model_and_instance(tmp_path: Path)
     upstream = start_upstream(tmp_path)
     env = {"MIN_UPDATE_INTERVAL_SECONDS": "0.5", "MAX_NUM_HISTORIC_RECORDS": "500"}
     ctl = start_controller(tmp_path, _catalog(upstream), env=env)
-    facade = start_facade(tmp_path, ctl.port)
+    facade = start_facade(tmp_path, ctl)
     try:
         wait_until(lambda: _records(ctl) and _records(ctl)[-1].ready_replicas == 1, 20,
                    what="instance ready")  # fmt: skip

@@ -26,12 +26,11 @@ from facade.auth import EXPIRED, INVALID, MISSING, OPEN, STATIC, Grant, KeyCheck
 from facade.portal.local_users import add_user, check_local_user, hash_password, verify_password
 
 ADMIN = Caller(owner="ops", admin=True)
-TOKEN = "registration-token"
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> KeyRegistry:
-    return KeyRegistry(KeyStore(tmp_path / "kscope.db"), TOKEN, 86400.0, 10 * 86400.0)
+    return KeyRegistry(KeyStore(tmp_path / "kscope.db"), 86400.0, 10 * 86400.0)
 
 
 async def test_create_authenticate_revoke(registry: KeyRegistry, tmp_path: Path) -> None:
@@ -59,10 +58,11 @@ async def test_expiry_default_and_limits(registry: KeyRegistry) -> None:
 
 
 async def test_roles(registry: KeyRegistry) -> None:
-    _, user_secret = await registry.create(ADMIN, "bob", "b")
+    key, user_secret = await registry.create(ADMIN, "bob", "b")
     bob = await registry.caller(user_secret)
-    assert bob == Caller("bob", admin=False)
-    assert (await registry.caller(TOKEN)).admin
+    assert (bob.owner, bob.admin, bob.key) == ("bob", False, key)
+    with pytest.raises(NotAuthenticated):  # no token stands in for an admin key
+        await registry.caller("registration-token")
     with pytest.raises(Forbidden):
         await registry.create(bob, "alice", "x")
     with pytest.raises(Forbidden):

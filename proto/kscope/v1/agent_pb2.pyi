@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _AgentPhase:
@@ -63,8 +68,16 @@ class RegisterRequest(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     HOST_AGENT_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
-    token: _builtins.str
-    """The registration token shared by the controller and its agents."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def token(self) -> _builtins.str:
+        """Unused: agents prove who they are with their certificate (mutual TLS)."""
+
+    @token.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def token(self, value: _builtins.str) -> None:
+        """Unused: agents prove who they are with their certificate (mutual TLS)."""
+
     instance_id: _builtins.str
     """The instance this agent was launched for; empty for a host agent."""
     address: _builtins.str
@@ -141,7 +154,16 @@ class SessionHello(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    token: _builtins.str
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def token(self) -> _builtins.str:
+        """Unused: the Session's certificate must be the one Register saw."""
+
+    @token.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def token(self, value: _builtins.str) -> None:
+        """Unused: the Session's certificate must be the one Register saw."""
+
     def __init__(
         self,
         *,
@@ -323,6 +345,7 @@ class LoadModelCommand(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    ENROLL_TOKEN_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     model: _builtins.str
     engine: _builtins.str
@@ -331,6 +354,10 @@ class LoadModelCommand(_message.Message):
     """The catalog's queue settings; unset leaves the agent's defaults."""
     queue_size: _builtins.int
     queue_timeout_s: _builtins.float
+    enroll_token: _builtins.str
+    """A one-time enrollment token bound to this instance: the instance's agent
+    trades it for its certificate. It goes to the child's environment only.
+    """
     @_builtins.property
     def engine_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -343,10 +370,11 @@ class LoadModelCommand(_message.Message):
         max_concurrency: _builtins.int | None = ...,
         queue_size: _builtins.int | None = ...,
         queue_timeout_s: _builtins.float | None = ...,
+        enroll_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "_queue_size", b"_queue_size", "_queue_timeout_s", b"_queue_timeout_s", "max_concurrency", b"max_concurrency", "queue_size", b"queue_size", "queue_timeout_s", b"queue_timeout_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "_queue_size", b"_queue_size", "_queue_timeout_s", b"_queue_timeout_s", "engine", b"engine", "engine_args", b"engine_args", "instance_id", b"instance_id", "max_concurrency", b"max_concurrency", "model", b"model", "queue_size", b"queue_size", "queue_timeout_s", b"queue_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "_queue_size", b"_queue_size", "_queue_timeout_s", b"_queue_timeout_s", "engine", b"engine", "engine_args", b"engine_args", "enroll_token", b"enroll_token", "instance_id", b"instance_id", "max_concurrency", b"max_concurrency", "model", b"model", "queue_size", b"queue_size", "queue_timeout_s", b"queue_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_concurrency: _TypeAlias = _typing.Literal["max_concurrency"]  # noqa: Y015
     _WhichOneofArgType__max_concurrency: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency"]  # noqa: Y015
@@ -391,25 +419,54 @@ class SessionResponse(_message.Message):
     DRAIN_FIELD_NUMBER: _builtins.int
     LOAD_MODEL_FIELD_NUMBER: _builtins.int
     UNLOAD_MODEL_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def drain(self) -> Global___DrainCommand: ...
     @_builtins.property
     def load_model(self) -> Global___LoadModelCommand: ...
     @_builtins.property
     def unload_model(self) -> Global___UnloadModelCommand: ...
+    @_builtins.property
+    def revoked(self) -> Global___RevokedEnrollments: ...
     def __init__(
         self,
         *,
         drain: Global___DrainCommand | None = ...,
         load_model: Global___LoadModelCommand | None = ...,
         unload_model: Global___UnloadModelCommand | None = ...,
+        revoked: Global___RevokedEnrollments | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "drain", b"drain", "load_model", b"load_model", "unload_model", b"unload_model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "drain", b"drain", "load_model", b"load_model", "revoked", b"revoked", "unload_model", b"unload_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "drain", b"drain", "load_model", b"load_model", "unload_model", b"unload_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "drain", b"drain", "load_model", b"load_model", "revoked", b"revoked", "unload_model", b"unload_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["drain", "load_model", "unload_model"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["drain", "load_model", "unload_model", "revoked"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
 Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
+class RevokedEnrollments(_message.Message):
+    """RevokedEnrollments lists every revoked enrollment (a facade's or a host's):
+    the agent refuses their certificates and closes their streams. Sent when a
+    Session opens and whenever the list changes; each message is the whole list.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def enrollment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        enrollment_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_ids", b"enrollment_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedEnrollments: _TypeAlias = RevokedEnrollments  # noqa: Y015

@@ -56,7 +56,9 @@ class AgentServiceServicer:
     """
 
     def Register(self, request, context):
-        """Register proves the agent with the registration token and returns its id.
+        """Register attaches an agent to the instance (or host) its certificate
+        names and returns its id. Only agent identities may call it, and only for
+        themselves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

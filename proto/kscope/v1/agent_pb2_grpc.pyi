@@ -37,7 +37,10 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RegisterRequest, _agent_pb2.RegisterResponse]
-    """Register proves the agent with the registration token and returns its id."""
+    """Register attaches an agent to the instance (or host) its certificate
+    names and returns its id. Only agent identities may call it, and only for
+    themselves.
+    """
     Session: _grpc.StreamStreamMultiCallable[_agent_pb2.SessionRequest, _agent_pb2.SessionResponse]
     """Session is the agent's lifeline to the controller."""
 
@@ -50,7 +53,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_agent_pb2.RegisterRequest, _agent_pb2.RegisterResponse]  # type: ignore[assignment]
-    """Register proves the agent with the registration token and returns its id."""
+    """Register attaches an agent to the instance (or host) its certificate
+    names and returns its id. Only agent identities may call it, and only for
+    themselves.
+    """
     Session: _aio.StreamStreamMultiCallable[_agent_pb2.SessionRequest, _agent_pb2.SessionResponse]  # type: ignore[assignment]
     """Session is the agent's lifeline to the controller."""
 
@@ -66,7 +72,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.RegisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.RegisterResponse, _abc.Awaitable[_agent_pb2.RegisterResponse]]:
-        """Register proves the agent with the registration token and returns its id."""
+        """Register attaches an agent to the instance (or host) its certificate
+        names and returns its id. Only agent identities may call it, and only for
+        themselves.
+        """
 
     @_abc_1.abstractmethod
     def Session(
