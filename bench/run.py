@@ -1,15 +1,20 @@
 """Measure what KScope's token path costs: direct vs gateway, side by side.
 
 "direct" is client → bench upstream; "gateway" is client → KScope facade →
-agent → the same kind of upstream. Both run in one go and one table shows both
-columns and their ratio (gateway / direct). See bench/README.md.
+agent → the same kind of upstream, with the gRPC plane on mutual TLS (the
+default); "plaintext" is the same gateway started with --insecure-plaintext.
+All run in one go and one table shows the columns and the ratios gateway /
+direct and gateway / plaintext (what TLS costs). See bench/README.md.
 
-    python bench/run.py                      # starts upstreams and the gateway itself
+    python bench/run.py                      # starts upstreams and both gateways itself
+    python bench/run.py --no-plaintext       # no plaintext gateway
     python bench/run.py --direct-only        # no gateway
     python bench/run.py --gateway-url http://127.0.0.1:8000 --model bench
 
 Pinning (when the machine has two or more cores): the client and the upstreams
-run on core 1, the gateway (facade and agent together) on core 0.
+run on core 1, the gateway (facade and agent together) on core 0. Only one
+gateway runs at a time: per upstream, direct is measured first, then the TLS
+gateway is started, measured and stopped, then the plaintext one.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ DEFAULT_GATEWAY_CMD = (
     " --host 127.0.0.1 --port {port} --controller-port 0 --state-dir {state_dir}"
     " --no-require-key"
 )
+PLAINTEXT_FLAG = "--insecure-plaintext"
+PLAINTEXT_ENV = "KSCOPE_INSECURE_PLAINTEXT"
+"""Also turns TLS off; removed from the gateways' environment so only the flag decides."""
 GATEWAY_CPU = 0
 CLIENT_CPU = 1
 UPSTREAM_START_TIMEOUT_S = 20.0
@@ -50,6 +58,8 @@ STOP_GRACE_S = 5.0
 CHAT_PATH = "/v1/chat/completions"
 Stop = Callable[[], None]
 Metrics = dict[str, float]
+DIRECT, GATEWAY, PLAINTEXT = "direct", "gateway", "plaintext"
+"""The sides a scenario is measured on."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,10 @@ class Options:
 
     direct_only: bool
     """Measure only client → upstream."""
+    plaintext: bool
+    """Also measure a started gateway with PLAINTEXT_FLAG appended (gRPC without TLS)."""
     gateway_cmd: str
-    """Gateway command; {upstream_url}, {model} and {port} are filled in."""
+    """Gateway command; {upstream_url}, {model}, {port} and {state_dir} are filled in."""
     gateway_url: str | None
     """An already-running gateway (in front of a fast upstream) instead of starting one."""
     paced_gateway_url: str | None
@@ -99,7 +111,9 @@ def pinned(argv: list[str], cpu: int, pin: bool) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv] if pin else argv
 
 
-def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a process in its own session, so stopping it reaches all its children."""
     with log_path.open("wb") as log:
         return subprocess.Popen(
@@ -108,6 +122,7 @@ def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
 
 
@@ -212,13 +227,15 @@ def model_ready(doc: object, model: str) -> bool:
 
 
 async def start_gateway(
-    upstream_url: str, opts: Options, log_dir: Path, name: str
+    cmd: str, upstream_url: str, opts: Options, log_dir: Path, name: str
 ) -> tuple[str, Stop]:
-    """Start the gateway on its own core in front of `upstream_url` (which ends in /v1)."""
+    """Start gateway `cmd` on its own core in front of `upstream_url` (which ends in /v1)."""
     port = free_port()
     log = log_dir / f"{name}.log"
-    argv = gateway_argv(opts.gateway_cmd, upstream_url, opts.model, port, log_dir / f"{name}-state")
-    proc = spawn(pinned(argv, GATEWAY_CPU, opts.pin), log)
+    argv = gateway_argv(cmd, upstream_url, opts.model, port, log_dir / f"{name}-state")
+    env = {k: v for k, v in os.environ.items() if k != PLAINTEXT_ENV}
+    progress(f"starting {name}: {shlex.join(argv)}")
+    proc = spawn(pinned(argv, GATEWAY_CPU, opts.pin), log, env)
     base_url = f"http://127.0.0.1:{port}"
     pool = Pool(Endpoint.from_url(base_url))
 
@@ -236,22 +253,39 @@ async def start_gateway(
 
 
 @contextlib.asynccontextmanager
-async def gateway_in_front_of(
-    upstream_url: str, given_url: str | None, opts: Options, log_dir: Path, name: str
-) -> AsyncIterator[str | None]:
-    """Yield the gateway base URL to measure, or None when there is none to measure."""
+async def started_gateway(
+    cmd: str, upstream_url: str, opts: Options, log_dir: Path, name: str
+) -> AsyncIterator[str]:
+    """Yield the base URL of gateway `cmd` started in front of `upstream_url`; stop it after."""
+    base_url, stop = await start_gateway(cmd, upstream_url + "/v1", opts, log_dir, name)
+    try:
+        yield base_url
+    finally:
+        stop()
+
+
+GatewaySide = tuple[str, contextlib.AbstractAsyncContextManager[str]]
+"""A gateway side's name and what yields its base URL (starting and stopping it if need be)."""
+
+
+def gateways_in_front_of(
+    upstream_url: str, given_url: str | None, opts: Options, log_dir: Path, group: str
+) -> list[GatewaySide]:
+    """The gateway sides to measure in front of `upstream_url`, in order; each is entered
+    only while it is measured, so no two started gateways run at once."""
     if opts.direct_only:
-        yield None
-    elif given_url is not None:
-        yield given_url.rstrip("/").removesuffix("/v1")
-    elif opts.gateway_url is not None:
-        yield None  # an external gateway sits in front of the fast upstream only
-    else:
-        base_url, stop = await start_gateway(upstream_url + "/v1", opts, log_dir, name)
-        try:
-            yield base_url
-        finally:
-            stop()
+        return []
+    if given_url is not None:
+        return [(GATEWAY, contextlib.nullcontext(given_url.rstrip("/").removesuffix("/v1")))]
+    if opts.gateway_url is not None:
+        return []  # an external gateway sits in front of the fast upstream only
+    cmds = {GATEWAY: opts.gateway_cmd}
+    if opts.plaintext:
+        cmds[PLAINTEXT] = f"{opts.gateway_cmd} {PLAINTEXT_FLAG}"
+    return [
+        (side, started_gateway(cmd, upstream_url, opts, log_dir, f"{side}-{group}"))
+        for side, cmd in cmds.items()
+    ]
 
 
 # ---------------------------------------------------------------- scenarios
@@ -359,8 +393,8 @@ class Outcome:
     """A scenario's metrics on each side."""
 
     scenario: Scenario
-    direct: Metrics = field(default_factory=dict)
-    gateway: Metrics | None = None
+    sides: dict[str, Metrics] = field(default_factory=dict)
+    """Metrics per measured side (DIRECT, GATEWAY, PLAINTEXT)."""
     errors: dict[str, list[str]] = field(default_factory=dict)
     client_cpu: dict[str, float] = field(default_factory=dict)
     """Share of a core the client used, per side."""
@@ -373,10 +407,16 @@ def with_request(load: Load, endpoint: Endpoint, body: bytes, api_key: str) -> L
     )
 
 
-async def measure(sc: Scenario, pool: Pool, api_key: str, side: str, out: Outcome) -> Metrics:
+async def measure(out: Outcome, side: str, base_url: str, api_key: str) -> None:
+    """Run `out`'s scenario (warm-up, then measured) against `base_url`; record it as `side`."""
+    sc = out.scenario
     progress(f"  {sc.key}) {sc.title}: {side} ...")
-    await run_load(pool, with_request(sc.warmup, pool.endpoint, sc.body, api_key))
-    samples = await run_load(pool, with_request(sc.load, pool.endpoint, sc.body, api_key))
+    pool = Pool(Endpoint.from_url(base_url))
+    try:
+        await run_load(pool, with_request(sc.warmup, pool.endpoint, sc.body, api_key))
+        samples = await run_load(pool, with_request(sc.load, pool.endpoint, sc.body, api_key))
+    finally:
+        pool.close()
     metrics = sc.metrics(samples) if samples.latencies else {}
     out.client_cpu[side] = samples.client_cpu_s / samples.elapsed
     progress(
@@ -387,24 +427,7 @@ async def measure(sc: Scenario, pool: Pool, api_key: str, side: str, out: Outcom
         metrics["errors"] = float(samples.errors)
         out.errors[side] = samples.error_examples
         progress(f"     {samples.errors} errors, e.g. {samples.error_examples[0]}")
-    return metrics
-
-
-async def run_scenario(
-    sc: Scenario, direct_url: str, gateway_url: str | None, api_key: str
-) -> Outcome:
-    out = Outcome(sc)
-    pools = {"direct": Pool(Endpoint.from_url(direct_url))}
-    if gateway_url is not None:
-        pools["gateway"] = Pool(Endpoint.from_url(gateway_url))
-    try:
-        out.direct = await measure(sc, pools["direct"], api_key, "direct", out)
-        if gateway_url is not None:
-            out.gateway = await measure(sc, pools["gateway"], api_key, "gateway", out)
-    finally:
-        for pool in pools.values():
-            pool.close()
-    return out
+    out.sides[side] = metrics
 
 
 def progress(line: str) -> None:
@@ -422,39 +445,56 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
 
 
+def ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def minus(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
 def rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
-    """One row per metric: scenario, metric, direct, gateway, gateway/direct."""
+    """One row per metric: scenario, metric, direct, gateway, ratio (gateway / direct),
+    plaintext and tls_plain (gateway / plaintext); None where a side was not measured."""
     table: list[dict[str, Any]] = []
     for out in outcomes:
-        names = list(dict.fromkeys([*out.direct, *(out.gateway or {})]))
-        for name in names:
-            d, g = out.direct.get(name), (out.gateway or {}).get(name)
-            ratio = g / d if d and g is not None and name != "errors" else None
+        d_m, g_m, p_m = (out.sides.get(side, {}) for side in (DIRECT, GATEWAY, PLAINTEXT))
+        for name in dict.fromkeys([*d_m, *g_m, *p_m]):
+            d, g, p = d_m.get(name), g_m.get(name), p_m.get(name)
+            counts = name == "errors"
             table.append(
                 {"scenario": out.scenario.key, "title": out.scenario.title, "metric": name,
-                 "direct": d, "gateway": g, "ratio": ratio}
+                 "direct": d, "gateway": g, "ratio": None if counts else ratio(g, d),
+                 "plaintext": p, "tls_plain": None if counts else ratio(g, p)}
             )  # fmt: skip
-        if out.scenario.key == "a" and out.gateway:
-            d50, g50 = out.direct.get("p50 ms"), out.gateway.get("p50 ms")
-            added = g50 - d50 if d50 is not None and g50 is not None else None
+        if out.scenario.key == "a" and (g_m or p_m):
+            d50 = d_m.get("p50 ms")
             table.append(
                 {"scenario": "a", "title": out.scenario.title, "metric": "added p50 ms",
-                 "direct": None, "gateway": added, "ratio": None}
+                 "direct": None, "gateway": minus(g_m.get("p50 ms"), d50), "ratio": None,
+                 "plaintext": minus(p_m.get("p50 ms"), d50), "tls_plain": None}
             )  # fmt: skip
     return table
 
 
+def fmt_ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
 def render(table: list[dict[str, Any]]) -> str:
-    header = f"{'scenario':<34} {'metric':<15} {'direct':>10} {'gateway':>10} {'gw/direct':>9}"
+    header = (
+        f"{'scenario':<34} {'metric':<15} {'direct':>10} {'gateway':>10} {'gw/direct':>9}"
+        f" {'plaintext':>10} {'tls/plain':>9}"
+    )
     lines = [header, "-" * len(header)]
     last = ""
     for r in table:
         label = f"{r['scenario']}) {r['title']}" if r["scenario"] != last else ""
         last = r["scenario"]
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
         lines.append(
             f"{label:<34} {r['metric']:<15} {fmt(r['direct']):>10} {fmt(r['gateway']):>10}"
-            f" {ratio:>9}"
+            f" {fmt_ratio(r['ratio']):>9} {fmt(r['plaintext']):>10}"
+            f" {fmt_ratio(r['tls_plain']):>9}"
         )
     return "\n".join(lines)
 
@@ -481,13 +521,18 @@ def dump(path: Path, opts: Options, table: list[dict[str, Any]], outcomes: list[
 
 
 async def run_group(
-    group: list[Scenario],
-    direct_url: str,
-    gateway: contextlib.AbstractAsyncContextManager[str | None],
-    api_key: str,
+    group: list[Scenario], direct_url: str, gateways: list[GatewaySide], api_key: str
 ) -> list[Outcome]:
-    async with gateway as gateway_url:
-        return [await run_scenario(sc, direct_url, gateway_url, api_key) for sc in group]
+    """Measure every scenario of `group` direct, then on each gateway side in turn; a
+    gateway side is started (if it is started at all) only while its turn lasts."""
+    outcomes = [Outcome(sc) for sc in group]
+    for out in outcomes:
+        await measure(out, DIRECT, direct_url, api_key)
+    for side, gateway in gateways:
+        async with gateway as base_url:
+            for out in outcomes:
+                await measure(out, side, base_url, api_key)
+    return outcomes
 
 
 async def run_all(opts: Options, log_dir: Path) -> list[Outcome]:
@@ -504,9 +549,9 @@ async def run_all(opts: Options, log_dir: Path) -> list[Outcome]:
             progress(f"starting {name} upstream")
             upstream_url, stop = await start_upstream(log_dir, f"upstream-{name}", pacing, opts.pin)
             stack.callback(stop)
-            gateway = gateway_in_front_of(upstream_url, given, opts, log_dir, f"gateway-{name}")
+            gateways = gateways_in_front_of(upstream_url, given, opts, log_dir, name)
             group = [sc for sc in all_scenarios if sc.paced == paced]
-            outcomes += await run_group(group, upstream_url, gateway, opts.api_key)
+            outcomes += await run_group(group, upstream_url, gateways, opts.api_key)
     return outcomes
 
 
@@ -516,12 +561,20 @@ def pin_client(opts: Options) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
-    p = argparse.ArgumentParser(description="KScope token-path benchmark: direct vs gateway.")
+    p = argparse.ArgumentParser(
+        description="KScope token-path benchmark: direct vs gateway (TLS) vs gateway (plaintext)."
+    )
     p.add_argument("--direct-only", action="store_true", help="measure only client → upstream")
+    p.add_argument(
+        "--no-plaintext",
+        action="store_true",
+        help=f"do not also measure a gateway started with {PLAINTEXT_FLAG}",
+    )
     p.add_argument(
         "--gateway-cmd",
         default=DEFAULT_GATEWAY_CMD,
-        help="gateway command; {upstream_url}, {model}, {port} are filled in",
+        help="gateway command; {upstream_url}, {model}, {port}, {state_dir} are filled in"
+        f" (the plaintext side appends {PLAINTEXT_FLAG})",
     )
     p.add_argument("--gateway-url", help="benchmark this running gateway instead of starting one")
     p.add_argument("--paced-gateway-url", help="running gateway in front of a paced upstream")
@@ -537,11 +590,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     a = p.parse_args(argv)
     return Options(
-        direct_only=a.direct_only, gateway_cmd=a.gateway_cmd, gateway_url=a.gateway_url,
-        paced_gateway_url=a.paced_gateway_url, model=a.model, api_key=a.api_key,
-        requests=a.requests, duration_s=a.duration, concurrency=a.concurrency,
-        paced_rounds=a.paced_rounds, gateway_timeout_s=a.gateway_timeout,
-        json_path=a.json_path, log_dir=a.log_dir, pin=not a.no_pin and can_pin(),
+        direct_only=a.direct_only, plaintext=not a.no_plaintext, gateway_cmd=a.gateway_cmd,
+        gateway_url=a.gateway_url, paced_gateway_url=a.paced_gateway_url, model=a.model,
+        api_key=a.api_key, requests=a.requests, duration_s=a.duration,
+        concurrency=a.concurrency, paced_rounds=a.paced_rounds,
+        gateway_timeout_s=a.gateway_timeout, json_path=a.json_path, log_dir=a.log_dir,
+        pin=not a.no_pin and can_pin(),
     )  # fmt: skip
 
 

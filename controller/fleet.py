@@ -292,10 +292,12 @@ class Fleet:
         reconnects keeps its id (and the instances the host launcher placed on it)."""
         if not agent.host_agent:
             raise Refused("an agent without an instance id must register as a host agent")
-        known = [
-            a for a in self.agents.values()
-            if a.host_agent and (a.identity == agent.identity if agent.identity else a.address == agent.address)
-        ]  # fmt: skip
+
+        def same_host(a: AgentRecord) -> bool:
+            # Its certificate names the host; without TLS, only the address can.
+            return a.identity == agent.identity if agent.identity else a.address == agent.address
+
+        known = [a for a in self.agents.values() if a.host_agent and same_host(a)]
         agent.id = known[0].id if known else f"host-{uuid.uuid4().hex[:10]}"
         agent.registered_at = agent.last_report_at = time.time()
         self.agents[agent.id] = agent

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from controller.ca import CAError
 from controller.catalog import CatalogError
 from controller.server import start_controller
 from controller.settings import ControllerSettings
@@ -25,6 +26,7 @@ def parse_settings(argv: list[str] | None = None) -> ControllerSettings:
     parser.add_argument("--port-file", type=Path)
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--catalog", type=Path)
+    parser.add_argument("--mesh-port", type=int, help="the mutual-TLS port (0: any)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return ControllerSettings(**overrides)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse_settings(argv)
         run(serve(settings))
-    except (CatalogError, ValidationError) as exc:
+    except (CatalogError, ValidationError, CAError) as exc:
         raise SystemExit(f"kscope-controller: {exc}") from None
 
 

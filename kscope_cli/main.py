@@ -73,6 +73,14 @@ def serve(
             "off otherwise, as with `vllm serve`",
         ),
     ] = None,
+    insecure_plaintext: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-plaintext",
+            envvar="KSCOPE_INSECURE_PLAINTEXT",
+            help="debugging and benchmarks only: the gRPC plane without TLS",
+        ),
+    ] = False,
 ) -> None:
     """Run controller, facade and one agent for one model, on this machine."""
     from kscope_cli.serve import QueueOptions, build_catalog
@@ -94,7 +102,14 @@ def serve(
         require_key = bool(api_key) or not is_loopback(host)
     run(
         run_serve(
-            catalog, host, port, api_key, controller_port, state_dir.expanduser(), require_key
+            catalog,
+            host,
+            port,
+            api_key,
+            controller_port,
+            state_dir.expanduser(),
+            require_key,
+            insecure_plaintext,
         )
     )
 

@@ -46,7 +46,8 @@ def keys_text(base_url: str, state_dir: Path, admin_key: str | None, controller:
             f"  admin API key: {admin_key}   (also in {state_dir / 'admin-key'}, mode 600)"
         )
     lines += [
-        f"  more keys: kscope keys create --name NAME --controller {controller} --key <admin key>",
+        f"  more keys: kscope keys create --name NAME --controller {controller} --key <admin key>"
+        f" --ca {state_dir / 'tls' / 'ca.pem'}",
         f"  web portal: {base_url}/portal  (add a login: kscope users add NAME --file {users})",
     ]
     return "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ class Right(StrEnum):
     USER_KEY = "user key"
 
 
-F, A, O, C = Right.FACADE, Right.AGENT, Right.OPERATOR, Right.ANY_CERT
+F, A, OP, C = Right.FACADE, Right.AGENT, Right.OPERATOR, Right.ANY_CERT
 ADMIN, USER, ANYONE = Right.ADMIN_KEY, Right.USER_KEY, Right.ANYONE
 
 _CONTROL = "/kscope.v1.ControlService/"
@@ -55,11 +55,11 @@ _INFERENCE = "/kscope.v1.InferenceService/"
 RULES: Mapping[str, frozenset[Right]] = {
     # ControlService: reads for operators and facades; StopInstance for operators only.
     **{
-        _CONTROL + m: frozenset({F, O, ADMIN})
+        _CONTROL + m: frozenset({F, OP, ADMIN})
         for m in ("ListModels", "ListInstances", "ListAgents", "GetTelemetry", "ListDecisions")
     },
-    _CONTROL + "EnsureModel": frozenset({F, O, ADMIN}),
-    _CONTROL + "StopInstance": frozenset({O, ADMIN}),
+    _CONTROL + "EnsureModel": frozenset({F, OP, ADMIN}),
+    _CONTROL + "StopInstance": frozenset({OP, ADMIN}),
     _CONTROL + "WatchRoutes": frozenset({F}),
     # AgentService: agents only, and (checked by the servicer) only for themselves.
     _AGENT + "Register": frozenset({A}),
@@ -68,13 +68,13 @@ RULES: Mapping[str, frozenset[Right]] = {
     # keeps a user key to its own, narrower keys) and operators.
     _KEYS + "AuthenticateKey": frozenset({F}),
     _KEYS + "WatchKeyEvents": frozenset({F}),
-    **{_KEYS + m: frozenset({USER, ADMIN, O}) for m in ("CreateKey", "ListKeys", "RevokeKey")},
+    **{_KEYS + m: frozenset({USER, ADMIN, OP}) for m in ("CreateKey", "ListKeys", "RevokeKey")},
     # IdentityService: enrollment is open (the token is the credential).
     _IDENTITY + "Discover": frozenset({ANYONE}),
     _IDENTITY + "Enroll": frozenset({ANYONE}),
     _IDENTITY + "Renew": frozenset({C}),
     **{
-        _IDENTITY + m: frozenset({O, ADMIN})
+        _IDENTITY + m: frozenset({OP, ADMIN})
         for m in ("CreateEnrollment", "ListEnrollments", "RevokeEnrollment")
     },
     # InferenceService on agents: facades only.
@@ -91,7 +91,7 @@ RULES: Mapping[str, frozenset[Right]] = {
 }
 """Method → who may call it. A method not listed is refused to everyone."""
 
-_CERT_RIGHTS = {Role.FACADE: F, Role.AGENT: A, Role.OPERATOR: O}
+_CERT_RIGHTS = {Role.FACADE: F, Role.AGENT: A, Role.OPERATOR: OP}
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,7 @@ class Revocations:
     def __init__(self) -> None:
         self.revoked: frozenset[str] = frozenset()
         self._streams: dict[str, set[grpc.aio.ServicerContext[Any, Any]]] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     def is_revoked(self, enrollment: str) -> bool:
         return bool(enrollment) and enrollment in self.revoked
@@ -206,7 +207,9 @@ class Revocations:
     def _close(self, enrollment: str) -> None:
         for context in list(self._streams.pop(enrollment, ())):
             log.warning("closing a stream of revoked enrollment %s", enrollment)
-            asyncio.ensure_future(_abort_quietly(context))
+            closing = asyncio.ensure_future(_abort_quietly(context))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def track(self, enrollment: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._streams.setdefault(enrollment, set()).add(context)
@@ -260,8 +263,10 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if Right.ANYONE in rights:
             return Principal(plaintext=self._plaintext)
         if self._plaintext:
+            # Nobody can be identified: the facade and agent roles are open (or
+            # nothing would work); operator rights still need an admin key.
             principal = Principal(plaintext=True)
-            if rights & {F, A, O, C}:
+            if rights & {F, A}:
                 return principal
             return await self._by_key(method, rights, context, principal)
         identity = self._identities.of(context.auth_context())

@@ -170,7 +170,7 @@ def make_ca(common_name: str = "KScope cluster CA", days: int = 3650) -> tuple[b
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -289,7 +289,8 @@ class CertificateAuthority:
         csr, asked = csr_identity(csr_pem)
         if asked != identity.uri:
             raise PkiError(
-                f"the certificate request asks for {asked}, but this enrollment is for {identity.uri}"
+                f"the certificate request asks for {asked}, "
+                f"but this enrollment is for {identity.uri}"
             )
         return self.issue(csr.public_key(), identity, lifetime_s, dns_names)
 

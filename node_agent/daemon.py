@@ -180,7 +180,7 @@ class Agent:
         )
         log.info("serving InferenceService on %s", self.advertised_address())
         metrics = maybe_serve(
-            self._metrics, self.settings.host, self.settings.metrics_port,
+            self._metrics, self.settings.bind_host(), self.settings.metrics_port,
             self.settings.metrics_port_file,
         )  # fmt: skip
         link_task = asyncio.create_task(self.link.run(), name="controller-link")

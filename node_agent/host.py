@@ -161,7 +161,7 @@ class HostAgent:
             log.error("asked to load %s, which this host does not offer", load.model)
             return
         log_dir = self.settings.host_state_dir.expanduser() / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY}
         env |= {
             "KSCOPE_CONTROLLER": self.settings.controller,
@@ -181,7 +181,10 @@ class HostAgent:
                 "KSCOPE_AGENT_METRICS_PORT_FILE": str(port_file),
             }
         argv = _tied_to_us(instance_argv(load, path))
-        with (log_dir / f"{load.instance_id}.log").open("ab") as out:
+        fd = os.open(
+            log_dir / f"{load.instance_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        with os.fdopen(fd, "ab") as out:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own group: unloading signals all of it

@@ -3,6 +3,7 @@ file (port 0 everywhere), stopped by group. Nothing is ever killed by name."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -115,13 +117,16 @@ class Controller:
     def admin_key(self) -> str:
         return (self.state_dir / "admin-key").read_text().strip()
 
-    def channel(self) -> grpc.Channel:
-        """An operator's channel: server-authenticated TLS with the cluster CA
-        (calls add the admin key: see `admin`)."""
-        return grpc.secure_channel(
+    def channel(self, as_admin: bool = True) -> grpc.Channel:
+        """An operator's channel: server-authenticated TLS with the cluster CA;
+        `as_admin`: every call carries the bootstrap admin key."""
+        channel = grpc.secure_channel(
             self.address, grpc.ssl_channel_credentials(self.ca_pem),
             [("grpc.ssl_target_name_override", CONTROLLER_DNS_NAME)],
         )  # fmt: skip
+        if as_admin:
+            return grpc.intercept_channel(channel, _Bearer(self.admin_key))
+        return channel
 
     @property
     def admin(self) -> tuple[tuple[str, str], ...]:
@@ -137,16 +142,14 @@ class Controller:
         with self.channel() as channel:
             reply = self.stub(channel).ListInstances(
                 control_pb2.ListInstancesRequest(model=model, include_ended=include_ended),
-                timeout=5, metadata=self.admin,
-            )  # fmt: skip
+                timeout=5,
+            )
         return list(reply.instances)
 
     def list_agents(self) -> list[control_pb2.Agent]:
         with self.channel() as channel:
             return list(
-                self.stub(channel)
-                .ListAgents(control_pb2.ListAgentsRequest(), timeout=5, metadata=self.admin)
-                .agents
+                self.stub(channel).ListAgents(control_pb2.ListAgentsRequest(), timeout=5).agents
             )
 
     def enrollment_token(self, kind: str, name: str, expires_in_s: int = 0) -> str:
@@ -161,8 +164,8 @@ class Controller:
                 identity_pb2.CreateEnrollmentRequest(
                     kind=kinds[kind], name=name, expires_in_seconds=expires_in_s
                 ),
-                timeout=5, metadata=self.admin,
-            )  # fmt: skip
+                timeout=5,
+            )
         return reply.token
 
     def revoke(self, kind: str, name: str) -> None:
@@ -172,9 +175,8 @@ class Controller:
         }
         with self.channel() as channel:
             identity_pb2_grpc.IdentityServiceStub(channel).RevokeEnrollment(
-                identity_pb2.RevokeEnrollmentRequest(kind=kinds[kind], name=name),
-                timeout=5, metadata=self.admin,
-            )  # fmt: skip
+                identity_pb2.RevokeEnrollmentRequest(kind=kinds[kind], name=name), timeout=5
+            )
 
     def facade_env(self, name: str) -> dict[str, str]:
         """What a facade enrolls with."""
@@ -182,6 +184,36 @@ class Controller:
             "KSCOPE_ENROLL_TOKEN": self.enrollment_token("facade", name),
             "KSCOPE_TLS_CA": str(self.ca_path),
         }
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer KEY` to every call on a channel."""
+
+    def __init__(self, key: str):
+        self._metadata = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: Any) -> Any:
+        return _Details(
+            details.method, details.timeout, [*(details.metadata or ()), self._metadata],
+            details.credentials, getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )  # fmt: skip
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+class _Details(
+    collections.namedtuple(
+        "_Details",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):
+    pass
 
 
 def start_controller(

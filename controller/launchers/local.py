@@ -56,11 +56,12 @@ class LocalLauncher:
 
     async def launch(self, spec: LaunchSpec) -> str:
         invocation = agent_invocation(spec, self._python)
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self._log_dir / f"{spec.instance_id}.log"
         env = {**os.environ, **invocation.env}
         try:
-            with log_path.open("ab") as log_file:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as log_file:
                 proc = subprocess.Popen(
                     invocation.argv,
                     stdin=subprocess.DEVNULL,

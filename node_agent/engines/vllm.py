@@ -39,12 +39,17 @@ def free_port() -> int:
         return port
 
 
+KEPT_FOR_OPERATORS = "KSCOPE_INSTANCE_ID"
+"""Not a secret: it lets operators (and `ps e`) tell which instance a process serves."""
+
+
 def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The agent's environment less every KScope setting and secret."""
     return {
         name: value
         for name, value in environ.items()
-        if not name.upper().startswith(("KSCOPE_", "PROXY_")) and name != "VLLM_API_KEY"
+        if name == KEPT_FOR_OPERATORS
+        or (not name.upper().startswith(("KSCOPE_", "PROXY_")) and name != "VLLM_API_KEY")
     }
 
 

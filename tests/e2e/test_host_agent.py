@@ -52,9 +52,13 @@ class Fleet:
         self.facade = facade
         self.tiny_vlm = tiny_vlm
 
-    @property
-    def token_file(self) -> Path:
-        return self.controller.state_dir / "registration-token"
+    def token_file(self, host: str) -> Path:
+        """A private file holding a fresh enrollment token for `host` (as an
+        operator makes with `kscope hosts add HOST`)."""
+        path = self.tmp / f"{host}.token"
+        path.write_text(self.controller.enrollment_token("host", host) + "\n")
+        path.chmod(0o600)
+        return path
 
     def host_agents(self) -> list[control_pb2.Agent]:
         return [a for a in self.controller.list_agents() if a.host_agent]
@@ -91,7 +95,8 @@ expected_startup_s = 5
 def _host_agent(fleet: Fleet, name: str) -> Proc:
     return Proc(
         [PYTHON, "-m", "node_agent.main", "--host-agent", "--controller", fleet.controller.address,
-         "--token-file", str(fleet.token_file), "--models", f"{MODEL}={fleet.tiny_vlm}"],
+         "--token-file", str(fleet.token_file(name)), "--ca", str(fleet.controller.ca_path),
+         "--models", f"{MODEL}={fleet.tiny_vlm}"],
         fleet.tmp / "logs" / f"{name}.log",
         env={"KSCOPE_HOST_STATE_DIR": str(fleet.tmp / name), "KSCOPE_AGENT_METRICS_PORT": "0",
              "KSCOPE_AGENT_METRICS_PORT_FILE": str(fleet.tmp / f"{name}.metrics-port")},
@@ -167,6 +172,7 @@ def _install(fleet: Fleet, plist: Path, token_file: Path, extra_env: dict[str, s
     return subprocess.run(
         [AGENT, "install-launchd", "--path", str(plist), "--controller", fleet.controller.address,
          "--token-file", str(token_file), "--models", f"{MODEL}={fleet.tiny_vlm}",
+         "--ca", str(fleet.controller.ca_path),
          "--log-dir", str(fleet.tmp / "launchd-logs"),
          "--working-dir", str(fleet.tmp / "launchd-work")],
         capture_output=True, text=True, timeout=60, env={**os.environ, **extra_env},
@@ -174,12 +180,12 @@ def _install(fleet: Fleet, plist: Path, token_file: Path, extra_env: dict[str, s
 
 
 def test_launchd_plist_starts_a_host_agent_that_registers(fleet: Fleet, tmp_path: Path) -> None:
-    token = fleet.token_file.read_text().strip()
+    token = fleet.controller.enrollment_token("host", "mac-launchd")
     plist_path = tmp_path / "LaunchAgents" / "org.kscope.agent.plist"
     token_file = tmp_path / "token"
 
     # The token comes from the environment once, into a file only its owner reads.
-    done = _install(fleet, plist_path, token_file, {"KSCOPE_REGISTRATION_TOKEN": token})
+    done = _install(fleet, plist_path, token_file, {"KSCOPE_ENROLL_TOKEN": token})
     assert done.returncode == 0, done.stderr
     assert f"launchctl bootstrap gui/{os.getuid()} {plist_path}" in done.stdout
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -195,6 +201,8 @@ def test_launchd_plist_starts_a_host_agent_that_registers(fleet: Fleet, tmp_path
     assert Path(plist["StandardOutPath"]).parent == fleet.tmp / "launchd-logs"
     assert Path(plist["WorkingDirectory"]).is_dir()
     assert "PATH" in plist["EnvironmentVariables"]
+    # The CA is public: the plist names its file; the token stays in the private file.
+    assert plist["EnvironmentVariables"]["KSCOPE_TLS_CA"] == str(fleet.controller.ca_path)
 
     before = {a.id for a in fleet.host_agents()}
     agent = Proc(args, tmp_path / "launchd-agent.log", env=plist["EnvironmentVariables"])

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -34,6 +34,7 @@ from controller.launchers.slurm import SlurmLauncher, SlurmOptions
 from controller.launchers.ssh import LocalRunner, RemoteRefused, SshRunner, SshTarget
 from controller.lifecycle import LauncherPhase
 from kscope.v1 import control_pb2
+from kscope_common.tls import EnrollmentError, enroll
 from tests.procs import (
     Controller,
     Facade,
@@ -116,7 +117,7 @@ class System:
         return found[0]
 
     def stop_instance(self, instance_id: str) -> None:
-        with grpc.insecure_channel(self.controller.address) as channel:
+        with self.controller.channel() as channel:
             self.controller.stub(channel).StopInstance(
                 control_pb2.StopInstanceRequest(instance_id=instance_id), timeout=10
             )
@@ -178,13 +179,21 @@ def test_an_instance_is_one_slurm_job_whose_agent_registers(echo: System) -> Non
     inst = echo.wait_ready("echo")
     assert echo.cluster.active_jobs(echo.prefix) == {inst.launcher_ref: f"{echo.prefix}-{inst.id}"}
     echo.ask("echo")
-    # The agent got controller, instance and token from its environment, not argv.
-    token = (echo.controller.state_dir / "registration-token").read_text().strip()
+    # The job script holds a one-time token bound to this instance, which reaches
+    # the agent through its environment (not argv) and is dead once it enrolled.
+    script = echo.cluster.run("scontrol", "write", "batch_script", inst.launcher_ref, "-")
+    found = re.search(r"^export KSCOPE_ENROLL_TOKEN=(\S+)$", script, re.MULTILINE)
+    assert found is not None, script
+    token = found.group(1).strip("'")
+    assert token.startswith(f"kse1.instance.{inst.id}.")
+    assert "REGISTRATION" not in script
     pids = processes_of(inst.id)
     assert pids, "no process of the instance on the node"
     for pid in pids:
         with contextlib.suppress(OSError):
             assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    with pytest.raises(EnrollmentError, match="already"):
+        asyncio.run(enroll(echo.controller.address, echo.controller.ca_pem, token))
 
 
 def test_scancel_from_outside_fails_the_instance_and_a_replacement_follows(echo: System) -> None:
@@ -473,7 +482,7 @@ def occupy_the_node(cluster: Cluster, prefix: str) -> tuple[str, int]:
 
 def decisions_for(controller: Controller, model: str) -> list[control_pb2.Decision]:
     """The reconciler's decisions about `model`, oldest first."""
-    with grpc.insecure_channel(controller.address) as channel:
+    with controller.channel() as channel:
         reply = controller.stub(channel).ListDecisions(
             control_pb2.ListDecisionsRequest(model=model), timeout=5
         )

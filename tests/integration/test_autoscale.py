@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import httpx
 import openai
 import orjson
@@ -188,7 +187,7 @@ def test_scales_from_zero_to_max_under_load_and_back_to_zero(
         load.close()
     assert not load.errors, load.errors[:5]
     assert load.done > 20
-    with grpc.insecure_channel(controller.address) as channel:
+    with controller.channel() as channel:
         decided = (
             controller.stub(channel)
             .ListDecisions(control_pb2.ListDecisionsRequest(model="scaled"), timeout=5)

@@ -4,6 +4,7 @@ server. The same paths with real vLLM are in tests/e2e/test_vllm_path.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,8 +17,11 @@ import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2
+from kscope_common.pki import agent_instance, agent_server_name
+from kscope_common.tls import enroll
 from tests.procs import (
     ROOT,
     Controller,
@@ -228,44 +232,80 @@ def test_cold_model_gets_503_then_serves(system: tuple[Controller, Facade]) -> N
     assert len(controller.list_instances(model="echo-cold")) == 1  # exactly one launch
 
 
-def test_grpcurl_list_and_describe(system: tuple[Controller, Facade]) -> None:
+def _facade_cert_files(controller: Controller, folder: Path) -> tuple[Path, Path]:
+    """A facade certificate and key in files, as grpcurl takes them."""
+    token = controller.enrollment_token("facade", f"grpcurl-{time.monotonic_ns()}")
+    enrolled = asyncio.run(enroll(controller.address, controller.ca_pem, token))
+    cert, key = folder / "facade.pem", folder / "facade-key.pem"
+    cert.write_bytes(enrolled.certificate.cert_pem)
+    key.write_bytes(enrolled.certificate.key_pem)
+    key.chmod(0o600)
+    return cert, key
+
+
+def test_grpcurl_list_and_describe(system: tuple[Controller, Facade], tmp_path: Path) -> None:
+    """Operators: the CA and an admin key on the controller's public port; the
+    agent's port wants a facade certificate (mutual TLS) and its instance's name."""
     controller, _ = system
     grpcurl = str(Path(ROOT / ".venv" / "bin" / "grpcurl"))
-    agent_address = controller.list_instances(model="echo")[0].agent_address
-    for address, service in [
-        (controller.address, "kscope.v1.ControlService"),
-        (controller.address, "kscope.v1.AgentService"),
-        (agent_address, "kscope.v1.InferenceService"),
+    instance = controller.list_instances(model="echo")[0]
+    cert, key = _facade_cert_files(controller, tmp_path)
+    operator = [
+        "-cacert",
+        str(controller.ca_path),
+        "-H",
+        f"authorization: Bearer {controller.admin_key}",
+    ]
+    facade = ["-cacert", str(controller.ca_path), "-cert", str(cert), "-key", str(key),
+              "-servername", agent_server_name(agent_instance(instance.id).uri)]  # fmt: skip
+    for flags, address, service in [
+        (operator, controller.address, "kscope.v1.ControlService"),
+        (operator, controller.address, "kscope.v1.AgentService"),
+        (operator, controller.address, "kscope.v1.IdentityService"),
+        (facade, instance.agent_address, "kscope.v1.InferenceService"),
     ]:
         listed = subprocess.run(
-            [grpcurl, "-plaintext", address, "list"], capture_output=True, text=True, timeout=30
+            [grpcurl, *flags, address, "list"], capture_output=True, text=True, timeout=30
         )
         assert listed.returncode == 0, listed.stderr
         assert service in listed.stdout.split()
         assert "grpc.health.v1.Health" in listed.stdout
         described = subprocess.run(
-            [grpcurl, "-plaintext", address, "describe", service],
+            [grpcurl, *flags, address, "describe", service],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert described.returncode == 0, described.stderr
         assert f"{service} is a service" in described.stdout
     health = subprocess.run(
-        [grpcurl, "-plaintext", agent_address, "grpc.health.v1.Health/Check"],
+        [grpcurl, *facade, instance.agent_address, "grpc.health.v1.Health/Check"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert '"SERVING"' in health.stdout
+    # Health stays open on the public port (load balancers); the rest does not.
+    with controller.channel(as_admin=False) as channel:
+        checked = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    for refused in (
+        [grpcurl, "-cacert", str(controller.ca_path), controller.address, "list"],
+        [grpcurl, "-plaintext", controller.address, "list"],
+        [grpcurl, controller.address, "list"],  # the system's roots do not know our CA
+    ):
+        done = subprocess.run(refused, capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0, refused
 
 
-def test_agents_must_present_the_registration_token(system: tuple[Controller, Facade]) -> None:
+def test_agents_cannot_register_without_an_agent_certificate(
+    system: tuple[Controller, Facade],
+) -> None:
     controller, _ = system
     instance = controller.list_instances(model="echo")[0]
-    with grpc.insecure_channel(controller.address) as channel:
+    with controller.channel() as channel:  # an admin key, but no agent certificate
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Register(
-                agent_pb2.RegisterRequest(
-                    token="forged", instance_id=instance.id, address="127.0.0.1:1"
-                ),
+                agent_pb2.RegisterRequest(instance_id=instance.id, address="127.0.0.1:1"),
                 timeout=5,
             )
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
@@ -372,7 +412,7 @@ def test_stop_instance_drains_then_stops(system: tuple[Controller, Facade]) -> N
     for n in _stream_tokens(facade, 40):
         received = n + 1
         if n == 3:
-            with grpc.insecure_channel(controller.address) as channel:
+            with controller.channel() as channel:
                 controller.stub(channel).StopInstance(
                     control_pb2.StopInstanceRequest(instance_id=instance.id), timeout=5
                 )

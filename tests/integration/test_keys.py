@@ -46,7 +46,7 @@ class KeySystem:
     def rpc(self, method: str, request: object, key: str | None = None) -> object:
         credential = self.admin_key if key is None else key
         metadata = (("authorization", f"Bearer {credential}"),) if credential else ()
-        with grpc.insecure_channel(self.controller.address) as channel:
+        with self.controller.channel(as_admin=False) as channel:
             return getattr(self.stub(channel), method)(request, metadata=metadata, timeout=5)
 
     def create(self, **fields: object) -> keys_pb2.CreateKeyResponse:
@@ -221,15 +221,20 @@ def test_key_management_permissions(keys_system: KeySystem) -> None:
     with pytest.raises(grpc.RpcError) as info:
         keys_system.rpc("ListKeys", keys_pb2.ListKeysRequest(), key="")
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
-    # The registration token acts as an admin (it can make the first admin key).
-    token = (keys_system.controller.state_dir / "registration-token").read_text().strip()
+    # An admin key makes admin keys; a user key cannot.
     admin = keys_system.rpc(
         "CreateKey",
         keys_pb2.CreateKeyRequest(owner="ops", name="ops", role=keys_pb2.KEY_ROLE_ADMIN),
-        key=token,
     )
     assert isinstance(admin, keys_pb2.CreateKeyResponse)
     assert admin.key.role == keys_pb2.KEY_ROLE_ADMIN
+    with pytest.raises(grpc.RpcError) as info:
+        keys_system.rpc(
+            "CreateKey",
+            keys_pb2.CreateKeyRequest(owner="bob", name="up", role=keys_pb2.KEY_ROLE_ADMIN),
+            key=user,
+        )
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
 def _kscope(keys_system: KeySystem, *args: str) -> str:
@@ -237,6 +242,7 @@ def _kscope(keys_system: KeySystem, *args: str) -> str:
     done = subprocess.run(
         env_cmd, capture_output=True, text=True, timeout=30, check=True,
         env={"KSCOPE_CONTROLLER": keys_system.controller.address,
+             "KSCOPE_TLS_CA": str(keys_system.controller.ca_path),
              "KSCOPE_API_KEY": keys_system.admin_key, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     return done.stdout

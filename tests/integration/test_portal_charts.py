@@ -15,7 +15,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -143,7 +142,7 @@ class System:
     upstream_url: str
 
     def records(self, model: str) -> list[control_pb2.TelemetryRecord]:
-        with grpc.insecure_channel(self.controller.address) as channel:
+        with self.controller.channel() as channel:
             reply = self.controller.stub(channel).GetTelemetry(
                 control_pb2.GetTelemetryRequest(model=model), timeout=5
             )

@@ -10,7 +10,6 @@ import json
 import threading
 from pathlib import Path
 
-import grpc
 import openai
 import pytest
 
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.autoscale
 
 
 def _records(ctl: Controller, instances: bool = False) -> list[control_pb2.TelemetryRecord]:
-    with grpc.insecure_channel(ctl.address) as channel:
+    with ctl.channel() as channel:
         reply = ctl.stub(channel).GetTelemetry(
             control_pb2.GetTelemetryRequest(model="t", include_instances=instances), timeout=5
         )

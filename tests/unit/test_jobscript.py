@@ -33,8 +33,11 @@ def model(**slurm: object) -> ModelSpec:
     ).models[0]
 
 
-def script(spec: ModelSpec, token: str = "s3cret-token") -> str:
-    return build_job_script(LaunchSpec("qwen-7b-1a2b3c4d", spec, "ctl:50051", token), OPTIONS)
+CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def script(spec: ModelSpec, token: str = "kse1.instance.qwen-7b-1a2b3c4d.s3cret") -> str:
+    return build_job_script(LaunchSpec("qwen-7b-1a2b3c4d", spec, "ctl:50051", token, CA), OPTIONS)
 
 
 def sbatch_lines(text: str) -> list[str]:
@@ -92,11 +95,12 @@ def test_agent_command_and_its_secrets() -> None:
     assert exec_line == (
         "exec /opt/kscope/bin/python -m node_agent.main --engine vllm --model qwen-7b "
         "--model-path '/models/qwen 7b' --engine-args-json '[\"--max-model-len\", \"8192\"]' "
-        "--host 0.0.0.0"
+        "--host @node"
     )
     # Controller, instance and token reach the agent only through its environment.
-    assert "s3cret-token" not in exec_line
-    assert "export KSCOPE_REGISTRATION_TOKEN=s3cret-token" in text
+    assert "s3cret" not in exec_line
+    assert "export KSCOPE_ENROLL_TOKEN=kse1.instance.qwen-7b-1a2b3c4d.s3cret" in text
+    assert "KSCOPE_REGISTRATION_TOKEN" not in text  # no cluster-wide secret any more
     assert "export KSCOPE_CONTROLLER=ctl:50051" in text
     assert "export KSCOPE_INSTANCE_ID=qwen-7b-1a2b3c4d" in text
     assert "export HF_HOME='/scratch/hf cache'" in text
@@ -106,7 +110,8 @@ def test_script_is_valid_bash_and_exports_what_the_agent_reads() -> None:
     text = script(model(setup=["echo setup-ran >&2"]), token="tok with 'quotes' $and spaces")
     probe = text.replace(
         text[text.index("exec ") :],
-        'echo "$KSCOPE_REGISTRATION_TOKEN|$HF_HOME|${KSCOPE_STRAY:-unset}"\n',
+        'echo "$KSCOPE_ENROLL_TOKEN|$HF_HOME|${KSCOPE_STRAY:-unset}"\n'
+        'printf %s "$KSCOPE_TLS_CA" >&2\n',
     )
     env = {"PATH": "/usr/bin:/bin", "KSCOPE_STRAY": "from the submitter"}
     done = subprocess.run(
@@ -115,6 +120,7 @@ def test_script_is_valid_bash_and_exports_what_the_agent_reads() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "tok with 'quotes' $and spaces|/scratch/hf cache|unset"
     assert "setup-ran" in done.stderr
+    assert CA.strip() in done.stderr  # the CA certificate, multi-line, intact
 
 
 def test_a_failing_setup_line_fails_the_job() -> None:
@@ -127,7 +133,7 @@ def test_a_failing_setup_line_fails_the_job() -> None:
 
 def test_dry_run_redacts_the_token() -> None:
     text = dry_run_script(model(), OPTIONS, "ctl:50051")
-    assert f"export KSCOPE_REGISTRATION_TOKEN='{REDACTED}'" in text
+    assert f"export KSCOPE_ENROLL_TOKEN='{REDACTED}'" in text
     assert "--job-name=kscope-qwen-7b-dryrun" in text
 
 
