@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_TEXT = " tok"
 DEFAULT_MAX_TOKENS = 16
-MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),

@@ -173,6 +173,8 @@ async def start_controller(
 ) -> Controller:
     """Start a controller and return once it serves."""
     settings.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # A bad CA setting fails the start before anything is written.
+    ca = None if settings.insecure_plaintext else _make_ca(settings)
     store = SqliteStore(settings.database_path)
     fleet = Fleet(
         store,
@@ -199,7 +201,6 @@ async def start_controller(
 
     plaintext = settings.insecure_plaintext
     authz = AuthzInterceptor(keys=_key_resolver(keys), plaintext=plaintext)
-    ca: ClusterCA | None = None
     enrollments: EnrollmentRegistry | None = None
     background: list[asyncio.Task[None]] = []
     if plaintext:
@@ -209,7 +210,7 @@ async def start_controller(
             "agents, read routes and call agents. Use this only to debug.", settings.port,
         )  # fmt: skip
     else:
-        ca = _make_ca(settings)
+        assert ca is not None
 
         def revoked(ids: frozenset[str]) -> None:
             authz.revocations.replace(ids)
@@ -253,7 +254,11 @@ async def start_controller(
 
     slurm = build_slurm_launcher(settings)  # connects on first use only
     launchers: dict[str, Launcher] = {
-        "local": LocalLauncher(settings.state_path / "logs", python=settings.agent_python),
+        "local": LocalLauncher(
+            settings.state_path / "logs",
+            python=settings.agent_python,
+            tie_to_us=settings.tie_local_agents,
+        ),  # fmt: skip
         "slurm": slurm,
         "host": HostLauncher(fleet),
     }

@@ -90,6 +90,10 @@ class ControllerSettings(BaseSettings):
     """On a clean shutdown, stop the instances this controller started (local
     processes; SLURM jobs are scancelled). Turn off to keep SLURM jobs running
     across a planned restart: the restarted controller adopts them."""
+    tie_local_agents: bool = False
+    """Local agents die with this controller, even when it is killed with
+    SIGKILL (what `kscope serve` wants). Off: they outlive a restart and
+    re-attach, and exit after agent_orphan_timeout_s without a controller."""
     agent_python: str = sys.executable
     """Python interpreter that runs `node_agent` for the local launcher."""
     key_default_ttl_days: float = Field(default=180.0, gt=0)

@@ -105,6 +105,29 @@ class MultiplexExchange:
             self.frames.put_nowait(_CANCELLED)
 
 
+MULTIPLEX_BATCH_BYTES = 4 * 1024 * 1024
+"""Bodies packed into one Multiplex message at most (a larger one goes alone);
+well under the 64 MiB message limit, so a burst of large bodies never fails
+the stream every request on the agent shares."""
+
+
+def pack_opens(
+    opens: list[inference_pb2.MultiplexOpen], budget: int
+) -> list[list[inference_pb2.MultiplexOpen]]:
+    """Consecutive batches whose bodies add up to at most `budget` bytes; an
+    open larger than the budget makes a batch of its own. Order is kept."""
+    batches: list[list[inference_pb2.MultiplexOpen]] = []
+    size = budget + 1  # start a new batch with the first open
+    for item in opens:
+        cost = len(item.body)
+        if size + cost > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += cost
+    return batches
+
+
 class AgentSession:
     """The facade's one Multiplex stream to an agent, opened on first use and
     again after it breaks. Opens and cancels queued together go in one message."""
@@ -163,8 +186,14 @@ class AgentSession:
             wake.clear()
             opens, self._opens = self._opens, []
             cancels, self._cancels = self._cancels, []
-            if opens or cancels:
-                yield inference_pb2.MultiplexRequest(opens=opens, cancels=cancels)
+            if not opens:
+                if cancels:
+                    yield inference_pb2.MultiplexRequest(cancels=cancels)
+                continue
+            # Never one message past gRPC's limit: large bodies travel alone.
+            for batch in pack_opens(opens, MULTIPLEX_BATCH_BYTES):
+                yield inference_pb2.MultiplexRequest(opens=batch, cancels=cancels)
+                cancels = []
 
     async def _read(self, call: Any) -> None:
         failure = "the agent closed the stream"

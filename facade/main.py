@@ -19,6 +19,7 @@ from facade.mesh import GivenCertificate
 from facade.settings import FacadeSettings
 from kscope_common.daemon import run, wait_for_stop_signal
 from kscope_common.grpc_server import write_port_file
+from kscope_common.handoff import reexec_without, take_handed_over
 from kscope_common.logs import configure_logging
 
 log = logging.getLogger("facade")
@@ -101,7 +102,14 @@ async def serve_http(
         raise SystemExit("kscope-facade: could not start (the log above says why)")
 
 
+SECRET_ENVIRONMENT = ("KSCOPE_ENROLL_TOKEN", "KSCOPE_API_KEY", "KSCOPE_PORTAL_SERVICE_KEY")
+"""Read once at start, then gone from /proc/<pid>/environ (kscope_common/handoff.py)."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        reexec_without(SECRET_ENVIRONMENT)
+        take_handed_over()
     configure_logging("facade")
     try:
         settings = parse_settings(argv)

@@ -95,7 +95,7 @@ def _enrollment_app(kind: str, what: str, started_by: str) -> typer.Typer:
             return
         _enrollment_rows([reply.enrollment])
         typer.echo(f"\nenrollment token (shown only now): {reply.token}")
-        typer.echo(f"start the {kind} with KSCOPE_ENROLL_TOKEN set to it, {started_by}")
+        typer.echo(f"give it to the {kind} in KSCOPE_ENROLL_TOKEN, {started_by}")
 
     add.__doc__ = f"Make an enrollment token for a {kind} (reusable until revoked)."
 
@@ -162,6 +162,10 @@ def register(app: typer.Typer) -> None:
         name="hosts",
     )  # fmt: skip
     app.add_typer(
-        _enrollment_app("operator", "operator certificates", "KSCOPE_TLS_CA to the CA"),
+        _enrollment_app(
+            "operator",
+            "operator certificates",
+            "or trade it for a certificate with IdentityService.Enroll (docs/security.md)",
+        ),  # fmt: skip
         name="operators",
     )

@@ -111,7 +111,7 @@ async def serve(
     controller = await start_controller(
         ControllerSettings(
             host="127.0.0.1", port=controller_port, state_dir=state_dir,
-            insecure_plaintext=insecure_plaintext,
+            insecure_plaintext=insecure_plaintext, tie_local_agents=True,
         ),
         catalog,
     )  # fmt: skip

@@ -86,6 +86,7 @@ RULES: Mapping[str, frozenset[Right]] = {
     # to those who may use it.
     "/grpc.health.v1.Health/Check": frozenset({ANYONE}),
     "/grpc.health.v1.Health/Watch": frozenset({ANYONE}),
+    "/grpc.health.v1.Health/List": frozenset({ANYONE}),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": frozenset({C, ADMIN}),
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": frozenset({C, ADMIN}),
 }

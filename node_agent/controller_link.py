@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
@@ -33,6 +34,11 @@ _PERMANENT = {
 
 class RegistrationRefused(Exception):
     """The controller will never take this agent (bad token, ended instance)."""
+
+
+class Orphaned(Exception):
+    """No controller answered for the orphan timeout: nobody will route to or
+    stop this agent any more."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class ControllerLink:
         on_drain: Callable[[str], None],
         on_command: Callable[[agent_pb2.SessionResponse], None] | None = None,
         on_revoked: Callable[[list[str]], None] | None = None,
+        orphan_timeout_s: float = 900.0,
     ):
         self._controller = controller
         self._identity = identity
@@ -88,6 +95,7 @@ class ControllerLink:
         self._on_drain = on_drain
         self._on_command = on_command
         self._on_revoked = on_revoked
+        self._orphan_timeout_s = orphan_timeout_s
         self.report_now = asyncio.Event()
         """Set to send a report at once (a phase change)."""
         self._closing = asyncio.Event()
@@ -98,11 +106,14 @@ class ControllerLink:
         """Register and hold the Session until `close`; raise RegistrationRefused
         when the controller refuses the agent for good."""
         backoff = 0.1
+        lost_since = time.monotonic()  # not attached yet
         while not self._closing.is_set():
             # A fresh channel after a renewal or a move; otherwise the same one.
             stub = agent_pb2_grpc.AgentServiceStub(self._controller.channel())
+            registered = False
             try:
                 await self._register(stub)
+                registered = True
                 backoff = 0.1
                 await self._session(stub)
             except grpc.aio.AioRpcError as exc:
@@ -112,8 +123,13 @@ class ControllerLink:
                 if exc.code() is grpc.StatusCode.UNAVAILABLE:
                     # A restarted controller may listen for agents on another port.
                     await self._controller.rediscover()
+            if registered:
+                lost_since = time.monotonic()  # the controller was there until now
             if self._closing.is_set():
                 return
+            alone_s = time.monotonic() - lost_since
+            if alone_s > self._orphan_timeout_s:
+                raise Orphaned(f"no controller for {alone_s:.0f} s")
             try:
                 await asyncio.wait_for(self._closing.wait(), backoff)
             except TimeoutError:

@@ -23,7 +23,13 @@ from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection,
 from kscope_common.metrics import gauge, maybe_serve
 from kscope_common.request_stats import RequestStats
 from kscope_common.tls import EnrollmentError
-from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
+from node_agent.controller_link import (
+    AgentIdentity,
+    ControllerLink,
+    Orphaned,
+    RegistrationRefused,
+    Report,
+)
 from node_agent.credentials import AgentCredentials, obtain
 from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_engine
@@ -177,6 +183,7 @@ class Agent:
             self._report,
             self.request_drain,
             on_revoked=credentials.on_revoked,
+            orphan_timeout_s=self.settings.agent_orphan_timeout_s,
         )
         log.info("serving InferenceService on %s", self.advertised_address())
         metrics = maybe_serve(
@@ -193,6 +200,9 @@ class Agent:
             if isinstance(failure, RegistrationRefused):
                 log.error("the controller refused this agent: %s", failure)
                 exit_code = 3
+            elif isinstance(failure, Orphaned):
+                log.error("orphaned: %s; draining and exiting with the engine", failure)
+                exit_code = 4
             self._drain_reason = "lost the controller for good"
         await self._drain()
         watch_task.cancel()

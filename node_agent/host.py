@@ -34,7 +34,13 @@ from prometheus_client.core import Metric
 from kscope.v1 import agent_pb2
 from kscope_common.metrics import gauge, maybe_serve
 from kscope_common.tls import EnrollmentError
-from node_agent.controller_link import AgentIdentity, ControllerLink, RegistrationRefused, Report
+from node_agent.controller_link import (
+    AgentIdentity,
+    ControllerLink,
+    Orphaned,
+    RegistrationRefused,
+    Report,
+)
 from node_agent.credentials import obtain
 from node_agent.host_metrics import merge, scrape_instance
 from node_agent.settings import AgentSettings
@@ -289,6 +295,7 @@ class HostAgent:
             self._report,
             self._request_stop,
             self._on_command,
+            orphan_timeout_s=self.settings.agent_orphan_timeout_s,
         )
         log.info("host agent offering %s to %s", ", ".join(sorted(self.offers)) or "nothing",
                  self.settings.controller)  # fmt: skip
@@ -299,8 +306,8 @@ class HostAgent:
         stop_wait = asyncio.create_task(self._stop.wait())
         await asyncio.wait({link_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         code = 0
-        if link_task.done() and isinstance(link_task.exception(), RegistrationRefused):
-            log.error("the controller refused this host agent: %s", link_task.exception())
+        if link_task.done() and isinstance(link_task.exception(), (RegistrationRefused, Orphaned)):
+            log.error("leaving the fleet: %s", link_task.exception())
             code = 3
         log.info("stopping: %s", self._stop_reason or "lost the controller")
         await self._unload_all(self.settings.drain_timeout_s)

@@ -12,8 +12,10 @@ from pathlib import Path
 from pydantic import SecretStr, ValidationError
 
 from kscope_common.daemon import run
+from kscope_common.handoff import reexec_without, take_handed_over
 from kscope_common.logs import configure_logging
 from node_agent import launchd
+from node_agent.credentials import SECRET_ENVIRONMENT
 from node_agent.daemon import Agent
 from node_agent.engines.factory import UnknownEngine
 from node_agent.host import HostAgent, OfferError, parse_offers
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("install-launchd", "uninstall-launchd"):
         sys.exit(launchd.main(args))
+    if argv is None:
+        reexec_without(SECRET_ENVIRONMENT)
+        take_handed_over()
     configure_logging("agent")
     try:
         settings = parse_settings(args)

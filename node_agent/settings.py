@@ -69,6 +69,13 @@ class AgentSettings(BaseSettings):
     """Python interpreter with vLLM installed."""
     engine_startup_timeout_s: float = Field(default=900.0, gt=0)
     """The engine must answer health within this long."""
+    agent_orphan_timeout_s: float = Field(
+        default=900.0, gt=0,
+        validation_alias=AliasChoices("kscope_agent_orphan_timeout_s", "agent_orphan_timeout_s"),
+    )  # fmt: skip
+    """KSCOPE_AGENT_ORPHAN_TIMEOUT_S: with no controller for this long (it was
+    killed, its job ended) the agent drains and exits, taking its engine with it.
+    Long enough for a controller restart, which agents survive."""
     drain_timeout_s: float = Field(default=300.0, gt=0)
     """In-flight requests get this long to finish when draining."""
     health_interval_s: float = Field(default=1.0, gt=0)

@@ -27,6 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment less KSCOPE_* and PROXY_* settings: a
+    developer's KSCOPE_MULTIPLEX=0 must not change what a test tests."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(("KSCOPE_", "PROXY_"))
+    }
+
+
 class Proc:
     """A child process in its own session (so its whole group can be signalled)."""
 
@@ -40,7 +50,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                env={**clean_environment(), "PYTHONUNBUFFERED": "1", **(env or {})},
                 cwd=ROOT,
                 start_new_session=True,
             )

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,14 +43,31 @@ def _start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def tied_to_parent(argv: list[str]) -> list[str]:
+    """On Linux, `setpriv --pdeathsig TERM` (util-linux): the child is sent
+    SIGTERM when its parent dies; macOS has no such thing."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
 class LocalLauncher:
     """Starts agents as local processes, one process group each."""
 
     name = "local"
 
-    def __init__(self, log_dir: Path, python: str = sys.executable, stop_grace_s: float = 15.0):
+    def __init__(
+        self,
+        log_dir: Path,
+        python: str = sys.executable,
+        stop_grace_s: float = 15.0,
+        tie_to_us: bool = False,
+    ):
+        """`tie_to_us`: the kernel stops the agents when this process dies, even
+        by SIGKILL (`kscope serve`; a cluster's controller lets them outlive a
+        restart instead)."""
         self._log_dir = log_dir
         self._python = python
+        self._tie_to_us = tie_to_us
         self._stop_grace_s = stop_grace_s
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._known: set[str] = set()
@@ -63,7 +81,7 @@ class LocalLauncher:
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             with os.fdopen(fd, "ab") as log_file:
                 proc = subprocess.Popen(
-                    invocation.argv,
+                    tied_to_parent(invocation.argv) if self._tie_to_us else invocation.argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,

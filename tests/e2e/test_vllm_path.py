@@ -31,6 +31,7 @@ from tests.procs import (
     stop_instances_left_behind,
     wait_until,
 )
+from tests.slurm_cluster import processes_of
 
 pytestmark = pytest.mark.vllm
 
@@ -74,6 +75,29 @@ class System:
 
     def engine_root(self, model: str = MODEL) -> str:
         return self.ready_instance(model).engine_url.removesuffix("/v1")
+
+    def engine_key(self, model: str = MODEL) -> str:
+        """The API key only the instance's agent gave its vLLM. This test runs
+        as the same user, so it may read vLLM's environment; other users cannot."""
+        instance = self.ready_instance(model).id
+        for pid in processes_of(instance):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"vllm.entrypoints" in cmdline:
+                for entry in environ:
+                    if entry.startswith(b"VLLM_API_KEY="):
+                        return entry.split(b"=", 1)[1].decode()
+        raise AssertionError(f"no vLLM process with an API key for {instance}")
+
+    def direct(self, model: str = MODEL) -> openai.OpenAI:
+        """vLLM itself, with its key: the reference the gateway must match."""
+        return openai.OpenAI(
+            base_url=self.engine_root(model) + "/v1", api_key=self.engine_key(model),
+            max_retries=0,
+        )  # fmt: skip
 
     def wait_ready(self, model: str = MODEL) -> None:
         """Ask for capacity (any request does) and wait until the model is READY."""
@@ -160,7 +184,28 @@ def test_cold_model_answers_503_then_serves(system: System) -> None:
 
 
 def _direct(system: System) -> openai.OpenAI:
-    return openai.OpenAI(base_url=system.engine_root() + "/v1", api_key="none", max_retries=0)
+    return system.direct()
+
+
+def test_vllm_answers_only_its_agent(ready: System) -> None:
+    """Any other job on the node reaches vLLM's loopback port; without the
+    key only its agent holds, vLLM refuses it. Its environment and command
+    line carry no KScope setting or secret."""
+    keyless = openai.OpenAI(base_url=ready.engine_root() + "/v1", api_key="guess", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        keyless.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    key = ready.engine_key()
+    assert ready.direct().completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+    for pid in processes_of(ready.ready_instance().id):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        assert key.encode() not in cmdline
+        if b"vllm.entrypoints" in cmdline:
+            names = {e.split(b"=", 1)[0] for e in environ if e}
+            assert {n for n in names if n.startswith(b"KSCOPE_")} <= {b"KSCOPE_INSTANCE_ID"}
 
 
 def _comparable(response: Any) -> list[dict[str, Any]]:
@@ -306,9 +351,7 @@ def test_embeddings_when_the_engine_offers_them(system: System) -> None:
     system.wait_ready(EMBED_MODEL)
     texts = ["The quick brown fox", "jumps over the lazy dog"]
     via_gateway = system.client().embeddings.create(model=EMBED_MODEL, input=texts)
-    direct = openai.OpenAI(
-        base_url=system.engine_root(EMBED_MODEL) + "/v1", api_key="none", max_retries=0
-    ).embeddings.create(model=EMBED_MODEL, input=texts)
+    direct = system.direct(EMBED_MODEL).embeddings.create(model=EMBED_MODEL, input=texts)
     assert [d.embedding for d in via_gateway.data] == [d.embedding for d in direct.data]
     assert len(via_gateway.data) == 2 and len(via_gateway.data[0].embedding) > 0
     assert via_gateway.usage.prompt_tokens == direct.usage.prompt_tokens > 0

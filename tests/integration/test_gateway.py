@@ -450,3 +450,30 @@ def test_least_outstanding_spreads_requests_over_ready_instances(
     assert len(loads) == 2
     assert sum(loads) == 12
     assert min(loads) >= 5, f"uneven spread: {loads}"
+
+
+def test_large_bodies_travel_alone_and_fail_alone(system: tuple[Controller, Facade]) -> None:
+    """Eight concurrent 15 MiB bodies to one agent each get their own answer;
+    one over the facade's limit gets its own 413; a small request beside them
+    works. (How opens that meet in one loop turn are split below gRPC's message
+    limit is shown in tests/unit/test_wire.py, where the timing is controlled.)"""
+    _, facade = system
+    url = f"{facade.base_url}/v1/chat/completions"
+    headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+
+    def send(size: int) -> httpx.Response:
+        body = {"model": "echo", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "x" * size}]}  # fmt: skip
+        return httpx.post(url, json=body, headers=headers, timeout=120)
+
+    mib = 1024 * 1024
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        large = [pool.submit(send, 15 * mib) for _ in range(8)]
+        too_large = pool.submit(send, 17 * mib)
+        small = pool.submit(send, 10)
+        answers = [f.result() for f in large]
+        assert too_large.result().status_code == 413
+        assert too_large.result().json()["error"]["type"]
+        assert small.result().status_code == 200, small.result().text
+    assert [a.status_code for a in answers] == [200] * 8, [a.text[:200] for a in answers]
+    assert all(a.json()["choices"][0]["message"]["content"] for a in answers)

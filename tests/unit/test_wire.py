@@ -77,3 +77,64 @@ def test_error_table_round_trips_common_statuses() -> None:
         assert http_for_grpc(status)[0] == http
     assert grpc_code_for_http(418) is grpc.StatusCode.INVALID_ARGUMENT
     assert grpc_code_for_http(500) is grpc.StatusCode.INTERNAL
+
+
+def test_multiplex_batches_keep_large_bodies_apart() -> None:
+    from facade.exchange import pack_opens
+    from kscope.v1 import inference_pb2
+
+    def opened(stream_id: int, size: int) -> inference_pb2.MultiplexOpen:
+        return inference_pb2.MultiplexOpen(stream_id=stream_id, body=b"x" * size)
+
+    opens = [opened(1, 10), opened(2, 20), opened(3, 100), opened(4, 5), opened(5, 90)]
+    batches = pack_opens(opens, 100)
+    assert [[o.stream_id for o in b] for b in batches] == [[1, 2], [3], [4, 5]]
+    assert all(sum(len(o.body) for o in b) <= 100 or len(b) == 1 for b in batches)
+    assert pack_opens([], 100) == []
+    assert [[o.stream_id for o in b] for b in pack_opens([opened(1, 500)], 100)] == [[1]]
+
+
+async def test_opens_queued_together_never_make_one_oversized_message() -> None:
+    """Eight 15 MiB bodies opened in one loop turn go out as messages under the
+    budget (packed together they would pass gRPC's 64 MiB limit and fail the
+    stream that every request on the agent shares)."""
+    import asyncio
+
+    from facade.exchange import MULTIPLEX_BATCH_BYTES, AgentSession
+    from kscope.v1 import inference_pb2
+
+    sent: list[inference_pb2.MultiplexRequest] = []
+    done = asyncio.Event()
+
+    class FakeCall:  # stands in for grpc.aio's stream-stream call (a seam: no agent)
+        def __init__(self, requests: object) -> None:
+            self._requests = requests
+
+        def __aiter__(self) -> object:
+            return self._responses()
+
+        async def _responses(self) -> object:
+            async for request in self._requests:  # type: ignore[attr-defined]
+                sent.append(request)
+                if sum(len(r.opens) for r in sent) == 8:
+                    done.set()
+            if False:  # an async generator that yields no response
+                yield None
+
+        def cancel(self) -> None:
+            pass
+
+    class FakeStub:
+        def Multiplex(self, requests: object) -> FakeCall:
+            return FakeCall(requests)
+
+    session = AgentSession(FakeStub(), "fake:1")  # type: ignore[arg-type]
+    body = b"x" * (15 * 1024 * 1024)
+    for _ in range(8):
+        session.open(1, inference_pb2.RequestEnvelope(), body, "m")
+    await asyncio.wait_for(done.wait(), 5)
+    assert len(sent) == 8  # each 15 MiB body alone
+    assert all(m.ByteSize() < MULTIPLEX_BATCH_BYTES + 1024 * 1024 * 12 for m in sent)
+    assert max(m.ByteSize() for m in sent) < 64 * 1024 * 1024
+    if session._reader is not None:
+        session._reader.cancel()

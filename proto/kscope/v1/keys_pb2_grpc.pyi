@@ -31,10 +31,10 @@ class KeyServiceStub:
     the facades, the kscope CLI and the portal.
 
     CreateKey, ListKeys and RevokeKey take the caller's credential in the gRPC
-    metadata `authorization: Bearer <key>`: a key acts for its own owner, an
-    admin key (or the controller's registration token) for any owner.
-    AuthenticateKey and WatchKeyEvents need no credential: they answer only to a
-    caller that already holds the secret, or carry key hashes.
+    metadata `authorization: Bearer <key>`: a key acts for its own owner and
+    makes only narrower keys, which die with it; an admin key (or an operator
+    certificate) acts for any owner. AuthenticateKey and WatchKeyEvents answer
+    facades only (their certificate, on the controller's mutual-TLS port).
     """
 
     @_typing.overload
@@ -58,10 +58,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     the facades, the kscope CLI and the portal.
 
     CreateKey, ListKeys and RevokeKey take the caller's credential in the gRPC
-    metadata `authorization: Bearer <key>`: a key acts for its own owner, an
-    admin key (or the controller's registration token) for any owner.
-    AuthenticateKey and WatchKeyEvents need no credential: they answer only to a
-    caller that already holds the secret, or carry key hashes.
+    metadata `authorization: Bearer <key>`: a key acts for its own owner and
+    makes only narrower keys, which die with it; an admin key (or an operator
+    certificate) acts for any owner. AuthenticateKey and WatchKeyEvents answer
+    facades only (their certificate, on the controller's mutual-TLS port).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -81,10 +81,10 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     the facades, the kscope CLI and the portal.
 
     CreateKey, ListKeys and RevokeKey take the caller's credential in the gRPC
-    metadata `authorization: Bearer <key>`: a key acts for its own owner, an
-    admin key (or the controller's registration token) for any owner.
-    AuthenticateKey and WatchKeyEvents need no credential: they answer only to a
-    caller that already holds the secret, or carry key hashes.
+    metadata `authorization: Bearer <key>`: a key acts for its own owner and
+    makes only narrower keys, which die with it; an admin key (or an operator
+    certificate) acts for any owner. AuthenticateKey and WatchKeyEvents answer
+    facades only (their certificate, on the controller's mutual-TLS port).
     """
 
     @_abc_1.abstractmethod
