@@ -258,7 +258,7 @@ async def start_controller(
             settings.state_path / "logs",
             python=settings.agent_python,
             tie_to_us=settings.tie_local_agents,
-        ),  # fmt: skip
+        ),
         "slurm": slurm,
         "host": HostLauncher(fleet),
     }

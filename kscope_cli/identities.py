@@ -166,6 +166,6 @@ def register(app: typer.Typer) -> None:
             "operator",
             "operator certificates",
             "or trade it for a certificate with IdentityService.Enroll (docs/security.md)",
-        ),  # fmt: skip
+        ),
         name="operators",
     )
