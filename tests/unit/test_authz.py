@@ -56,8 +56,8 @@ def test_no_rule_names_a_method_that_does_not_exist() -> None:
 
 def test_health_and_reflection_have_rules() -> None:
     health = health_pb2.DESCRIPTOR.services_by_name["Health"]
-    # Load balancers probe with Check and Watch (List, newer, is left unlisted).
-    for method in ("Check", "Watch"):
+    # Load balancers probe with Check, Watch and (newer) List.
+    for method in ("Check", "Watch", "List"):
         assert RULES[f"/{health.full_name}/{method}"] == {Right.ANYONE}
     reflection = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
     name = f"/{reflection.full_name}/ServerReflectionInfo"
@@ -70,6 +70,7 @@ def test_only_enrollment_and_discovery_and_health_are_open() -> None:
         "/kscope.v1.IdentityService/Discover",
         "/kscope.v1.IdentityService/Enroll",
         "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/List",
         "/grpc.health.v1.Health/Watch",
     }
 
