@@ -514,6 +514,7 @@ def dump(path: Path, opts: Options, table: list[dict[str, Any]], outcomes: list[
         "errors": {o.scenario.key: o.errors for o in outcomes if o.errors},
         "client_cpu": {o.scenario.key: o.client_cpu for o in outcomes},
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
 
