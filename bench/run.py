@@ -10,11 +10,17 @@ direct and gateway / plaintext (what TLS costs). See bench/README.md.
     python bench/run.py --no-plaintext       # no plaintext gateway
     python bench/run.py --direct-only        # no gateway
     python bench/run.py --gateway-url http://127.0.0.1:8000 --model bench
+    python bench/run.py --only e,f --paced-rounds 1   # a subset of the scenarios
 
 Pinning (when the machine has two or more cores): the client and the upstreams
 run on core 1, the gateway (facade and agent together) on core 0. Only one
 gateway runs at a time: per upstream, direct is measured first, then the TLS
 gateway is started, measured and stopped, then the plaintext one.
+
+For the paced scenarios (d, e, f) the CPU a started gateway used (its process
+and all its descendants: the controller and facade in the serve process, and
+the agent) is read from /proc around the measured run and reported per chunk
+the client received and as a share of the gateway's core.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import math
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -60,6 +67,14 @@ Stop = Callable[[], None]
 Metrics = dict[str, float]
 DIRECT, GATEWAY, PLAINTEXT = "direct", "gateway", "plaintext"
 """The sides a scenario is measured on."""
+SCENARIO_KEYS = ("a", "b", "c", "d", "e", "f")
+WIDE_PACED_STREAMS = {"e": 160, "f": 320}
+"""Concurrent paced streams of scenarios e and f (the issue's one-core target: 320 at
+>= 0.97x direct, i.e. at most half a core, <= 33 µs of CPU per chunk, at 160)."""
+NOFILE_WANTED = 65536
+"""Open files wanted by the client and (inherited) the upstreams and gateways."""
+CPU_US_PER_CHUNK = "KScope CPU µs/chunk"
+CORE_SHARE = "KScope core share"
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,9 @@ class Options:
     concurrency: int
     """Concurrency of scenarios b, c and d."""
     paced_rounds: int
-    """Streams each of the `concurrency` workers runs in scenario d."""
+    """Streams each worker runs in scenarios d, e and f."""
+    only: tuple[str, ...] | None
+    """The scenarios to run (None: all)."""
     gateway_timeout_s: float
     """How long a started gateway may take to list the model as ready."""
     json_path: Path | None
@@ -139,6 +156,54 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     # The leader may be gone while children linger; make sure the group is.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def raise_nofile_limit(wanted: int = NOFILE_WANTED) -> None:
+    """Raise the soft limit on open files (inherited by the processes started here) so
+    hundreds of concurrent streams fit on both ends; never above the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def tree_cpu_s(root: int) -> float | None:
+    """CPU seconds (user + system) used so far by process `root` and all its descendants,
+    from /proc; None where there is no /proc or `root` is gone.
+
+    Each process counts its own time plus that of the children it has reaped
+    (utime + stime + cutime + cstime), so a descendant that exits between two
+    readings is still counted once: first in its own fields, then in its parent's.
+    """
+    stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, clock ticks)
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # The command name (field 2) is in parentheses and may hold spaces.
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        # fields[1] is ppid (field 4); fields[11:15] utime, stime, cutime, cstime (14-17).
+        stats[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    if root not in stats:
+        return None
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        ticks += stats[pid][1]
+        todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -228,8 +293,10 @@ def model_ready(doc: object, model: str) -> bool:
 
 async def start_gateway(
     cmd: str, upstream_url: str, opts: Options, log_dir: Path, name: str
-) -> tuple[str, Stop]:
-    """Start gateway `cmd` on its own core in front of `upstream_url` (which ends in /v1)."""
+) -> tuple[str, int, Stop]:
+    """Start gateway `cmd` on its own core in front of `upstream_url` (which ends in /v1);
+    return its base URL, its pid (taskset execs the command, so the pid is the gateway's)
+    and a stop."""
     port = free_port()
     log = log_dir / f"{name}.log"
     argv = gateway_argv(cmd, upstream_url, opts.model, port, log_dir / f"{name}-state")
@@ -249,23 +316,32 @@ async def start_gateway(
         raise
     finally:
         pool.close()
-    return base_url, lambda: stop_process(proc)
+    return base_url, proc.pid, lambda: stop_process(proc)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one side of a scenario is measured against."""
+
+    base_url: str
+    pid: int | None = None
+    """A gateway started here: its CPU (and its descendants') is measured; None otherwise."""
 
 
 @contextlib.asynccontextmanager
 async def started_gateway(
     cmd: str, upstream_url: str, opts: Options, log_dir: Path, name: str
-) -> AsyncIterator[str]:
-    """Yield the base URL of gateway `cmd` started in front of `upstream_url`; stop it after."""
-    base_url, stop = await start_gateway(cmd, upstream_url + "/v1", opts, log_dir, name)
+) -> AsyncIterator[Target]:
+    """Yield gateway `cmd` started in front of `upstream_url`; stop it after."""
+    base_url, pid, stop = await start_gateway(cmd, upstream_url + "/v1", opts, log_dir, name)
     try:
-        yield base_url
+        yield Target(base_url, pid)
     finally:
         stop()
 
 
-GatewaySide = tuple[str, contextlib.AbstractAsyncContextManager[str]]
-"""A gateway side's name and what yields its base URL (starting and stopping it if need be)."""
+GatewaySide = tuple[str, contextlib.AbstractAsyncContextManager[Target]]
+"""A gateway side's name and what yields its Target (starting and stopping it if need be)."""
 
 
 def gateways_in_front_of(
@@ -276,7 +352,8 @@ def gateways_in_front_of(
     if opts.direct_only:
         return []
     if given_url is not None:
-        return [(GATEWAY, contextlib.nullcontext(given_url.rstrip("/").removesuffix("/v1")))]
+        url = given_url.rstrip("/").removesuffix("/v1")
+        return [(GATEWAY, contextlib.nullcontext(Target(url)))]
     if opts.gateway_url is not None:
         return []  # an external gateway sits in front of the fast upstream only
     cmds = {GATEWAY: opts.gateway_cmd}
@@ -339,7 +416,20 @@ def stream_metrics(s: Samples) -> Metrics:
 
 
 def paced_metrics(s: Samples) -> Metrics:
-    return {"mean stream ms": ms(mean(s.latencies)), "mean TTFT ms": ms(mean(s.ttfts))}
+    return {
+        "mean stream ms": ms(mean(s.latencies)),
+        "mean TTFT ms": ms(mean(s.ttfts)),
+        "req/s": len(s.latencies) / s.elapsed,
+    }
+
+
+def kscope_cpu_metrics(cpu_s: float, wall_s: float, chunks: int) -> Metrics:
+    """What the gateway's processes used: CPU per chunk the client received, and the
+    share of (the gateway's) one core: CPU seconds / wall seconds."""
+    return {
+        CPU_US_PER_CHUNK: cpu_s * 1e6 / chunks if chunks else float("nan"),
+        CORE_SHARE: cpu_s / wall_s if wall_s > 0 else float("nan"),
+    }
 
 
 @dataclass(frozen=True)
@@ -355,12 +445,16 @@ class Scenario:
     """The measured load; `request` is filled in per side."""
     warmup: Load
     metrics: Callable[[Samples], Metrics]
+    kscope_cpu: bool = False
+    """Also report the CPU a started gateway used (CPU_US_PER_CHUNK, CORE_SHARE)."""
 
 
 def scenarios(opts: Options) -> list[Scenario]:
-    c, big = opts.concurrency, 10**9
+    """All scenarios, or those in `opts.only`."""
+    c, big, rounds = opts.concurrency, 10**9, opts.paced_rounds
     short, stream64 = chat_body(opts.model, 16, False), chat_body(opts.model, 64, True)
-    return [
+    # fmt: off
+    every = [
         Scenario(
             "a", "chat, c=1", False, short,
             Load(b"", 1, opts.requests, 120.0, False),
@@ -380,12 +474,23 @@ def scenarios(opts: Options) -> list[Scenario]:
             stream_metrics,
         ),
         Scenario(
-            "d", f"paced stream x64, c={c} x{opts.paced_rounds}", True, stream64,
-            Load(b"", c, c * opts.paced_rounds, 120.0, True, 64),
+            "d", f"paced stream x64, c={c} x{rounds}", True, stream64,
+            Load(b"", c, c * rounds, 120.0, True, 64),
             Load(b"", c, c, 10.0, True, 64),
-            paced_metrics,
+            paced_metrics, kscope_cpu=True,
         ),
-    ]  # fmt: skip
+        *(
+            Scenario(
+                key, f"paced stream x64, c={n} x{rounds}", True, stream64,
+                Load(b"", n, n * rounds, 120.0, True, 64),
+                Load(b"", n, n, 20.0, True, 64),  # one round: opens the n connections
+                paced_metrics, kscope_cpu=True,
+            )
+            for key, n in WIDE_PACED_STREAMS.items()
+        ),
+    ]
+    # fmt: on
+    return [sc for sc in every if opts.only is None or sc.key in opts.only]
 
 
 @dataclass
@@ -407,22 +512,34 @@ def with_request(load: Load, endpoint: Endpoint, body: bytes, api_key: str) -> L
     )
 
 
-async def measure(out: Outcome, side: str, base_url: str, api_key: str) -> None:
-    """Run `out`'s scenario (warm-up, then measured) against `base_url`; record it as `side`."""
+async def measure(out: Outcome, side: str, target: Target, api_key: str) -> None:
+    """Run `out`'s scenario (warm-up, then measured) against `target`; record it as `side`."""
     sc = out.scenario
     progress(f"  {sc.key}) {sc.title}: {side} ...")
-    pool = Pool(Endpoint.from_url(base_url))
+    pool = Pool(Endpoint.from_url(target.base_url))
+    watch = target.pid if sc.kscope_cpu else None
     try:
         await run_load(pool, with_request(sc.warmup, pool.endpoint, sc.body, api_key))
+        cpu0 = tree_cpu_s(watch) if watch is not None else None
+        wall0 = time.perf_counter()
         samples = await run_load(pool, with_request(sc.load, pool.endpoint, sc.body, api_key))
+        wall = time.perf_counter() - wall0
+        cpu1 = tree_cpu_s(watch) if watch is not None else None
     finally:
         pool.close()
     metrics = sc.metrics(samples) if samples.latencies else {}
     out.client_cpu[side] = samples.client_cpu_s / samples.elapsed
-    progress(
+    line = (
         f"     {len(samples.latencies)} replies in {samples.elapsed:.2f} s,"
         f" client CPU {out.client_cpu[side]:.0%} of a core"
     )
+    if cpu0 is not None and cpu1 is not None:
+        metrics |= kscope_cpu_metrics(cpu1 - cpu0, wall, samples.events)
+        line += (
+            f", KScope CPU {metrics[CORE_SHARE]:.0%} of a core,"
+            f" {fmt(metrics[CPU_US_PER_CHUNK])} µs/chunk"
+        )
+    progress(line)
     if samples.errors:
         metrics["errors"] = float(samples.errors)
         out.errors[side] = samples.error_examples
@@ -483,7 +600,7 @@ def fmt_ratio(value: float | None) -> str:
 
 def render(table: list[dict[str, Any]]) -> str:
     header = (
-        f"{'scenario':<34} {'metric':<15} {'direct':>10} {'gateway':>10} {'gw/direct':>9}"
+        f"{'scenario':<34} {'metric':<20} {'direct':>10} {'gateway':>10} {'gw/direct':>9}"
         f" {'plaintext':>10} {'tls/plain':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -492,7 +609,7 @@ def render(table: list[dict[str, Any]]) -> str:
         label = f"{r['scenario']}) {r['title']}" if r["scenario"] != last else ""
         last = r["scenario"]
         lines.append(
-            f"{label:<34} {r['metric']:<15} {fmt(r['direct']):>10} {fmt(r['gateway']):>10}"
+            f"{label:<34} {r['metric']:<20} {fmt(r['direct']):>10} {fmt(r['gateway']):>10}"
             f" {fmt_ratio(r['ratio']):>9} {fmt(r['plaintext']):>10}"
             f" {fmt_ratio(r['tls_plain']):>9}"
         )
@@ -528,11 +645,11 @@ async def run_group(
     gateway side is started (if it is started at all) only while its turn lasts."""
     outcomes = [Outcome(sc) for sc in group]
     for out in outcomes:
-        await measure(out, DIRECT, direct_url, api_key)
+        await measure(out, DIRECT, Target(direct_url), api_key)
     for side, gateway in gateways:
-        async with gateway as base_url:
+        async with gateway as target:
             for out in outcomes:
-                await measure(out, side, base_url, api_key)
+                await measure(out, side, target, api_key)
     return outcomes
 
 
@@ -545,13 +662,15 @@ async def run_all(opts: Options, log_dir: Path) -> list[Outcome]:
     outcomes: list[Outcome] = []
     with contextlib.ExitStack() as stack:
         for paced, given in ((False, opts.gateway_url), (True, opts.paced_gateway_url)):
+            group = [sc for sc in all_scenarios if sc.paced == paced]
+            if not group:
+                continue
             name = "paced" if paced else "fast"
             pacing = ["--first-token-delay-ms", "50", "--token-interval-ms", "10"] if paced else []
             progress(f"starting {name} upstream")
             upstream_url, stop = await start_upstream(log_dir, f"upstream-{name}", pacing, opts.pin)
             stack.callback(stop)
             gateways = gateways_in_front_of(upstream_url, given, opts, log_dir, name)
-            group = [sc for sc in all_scenarios if sc.paced == paced]
             outcomes += await run_group(group, upstream_url, gateways, opts.api_key)
     return outcomes
 
@@ -559,6 +678,17 @@ async def run_all(opts: Options, log_dir: Path) -> list[Outcome]:
 def pin_client(opts: Options) -> None:
     if opts.pin:
         os.sched_setaffinity(0, {CLIENT_CPU})
+
+
+def scenario_keys(text: str) -> tuple[str, ...]:
+    """Parse --only: comma-separated scenario keys, e.g. "e,f"."""
+    keys = tuple(k.strip().lower() for k in text.split(",") if k.strip())
+    unknown = [k for k in keys if k not in SCENARIO_KEYS]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected some of {','.join(SCENARIO_KEYS)}, got {text!r}"
+        )
+    return keys
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -583,8 +713,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--api-key", default="")
     p.add_argument("--requests", type=int, default=1000, help="requests in scenario a")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of scenarios b and c")
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--paced-rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=32, help="of scenarios b, c and d")
+    p.add_argument(
+        "--paced-rounds", type=int, default=3, help="streams per worker in scenarios d, e, f"
+    )
+    p.add_argument(
+        "--only",
+        type=scenario_keys,
+        help=f"comma-separated scenarios to run (of {','.join(SCENARIO_KEYS)}; default all)",
+    )
     p.add_argument("--gateway-timeout", type=float, default=120.0)
     p.add_argument("--json", type=Path, dest="json_path")
     p.add_argument("--log-dir", type=Path)
@@ -594,7 +731,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         direct_only=a.direct_only, plaintext=not a.no_plaintext, gateway_cmd=a.gateway_cmd,
         gateway_url=a.gateway_url, paced_gateway_url=a.paced_gateway_url, model=a.model,
         api_key=a.api_key, requests=a.requests, duration_s=a.duration,
-        concurrency=a.concurrency, paced_rounds=a.paced_rounds,
+        concurrency=a.concurrency, paced_rounds=a.paced_rounds, only=a.only,
         gateway_timeout_s=a.gateway_timeout, json_path=a.json_path, log_dir=a.log_dir,
         pin=not a.no_pin and can_pin(),
     )  # fmt: skip
@@ -613,6 +750,7 @@ def log_directory(given: Path | None) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     pin_client(opts)
+    raise_nofile_limit()
     try:
         with log_directory(opts.log_dir) as log_dir:
             outcomes = uvloop.run(run_all(opts, log_dir))

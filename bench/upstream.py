@@ -48,6 +48,15 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
 ]
 DONE_EVENT = b"data: [DONE]\n\n"
+BREAK_MARKER = b"kscope-test-break-stream"
+"""A request whose body holds this gets three events, then its connection is
+dropped (what a crashing engine looks like to its client): for tests."""
+SENT = {"events": 0}
+"""Stream events sent so far (GET /stats): tests watch generation pause."""
+
+
+class EngineCrash(RuntimeError):
+    """Raised mid-response on purpose: uvicorn then drops the connection."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +227,7 @@ def error_body(message: str, kind: str) -> Json:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-async def send_stream(send: Send, c: Completion, pacing: Pacing) -> None:
+async def send_stream(send: Send, c: Completion, pacing: Pacing, crash: bool = False) -> None:
     """Send the events one `send` call each, sleeping between tokens if paced."""
     if pacing.first_token_delay_s:
         await asyncio.sleep(pacing.first_token_delay_s)
@@ -230,17 +239,21 @@ async def send_stream(send: Send, c: Completion, pacing: Pacing) -> None:
         if interval and 0 < index - c.chat < c.max_tokens:
             await asyncio.sleep(interval)
         await send({"type": body, "body": event, "more_body": True})
+        SENT["events"] += 1
+        if crash and index == 2:
+            raise EngineCrash("dropping the connection mid-stream, as asked")
     await send({"type": body, "body": b"", "more_body": False})
 
 
 async def answer_completion(receive: Receive, send: Send, chat: bool, pacing: Pacing) -> None:
     try:
-        c = parse_completion(await read_body(receive), chat)
+        body = await read_body(receive)
+        c = parse_completion(body, chat)
     except BadRequestError as exc:
         await send_json(send, 400, error_body(str(exc), "invalid_request_error"))
         return
     if c.stream:
-        await send_stream(send, c, pacing)
+        await send_stream(send, c, pacing, crash=BREAK_MARKER in body)
         return
     generation_s = pacing.first_token_delay_s + pacing.token_interval_s * max(0, c.max_tokens - 1)
     if generation_s:
@@ -267,6 +280,8 @@ def create_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable
             await send_json(send, 200, models)
         elif method == "GET" and path == "/health":
             await send_json(send, 200, {"status": "ok"})
+        elif method == "GET" and path == "/stats":
+            await send_json(send, 200, {"events_sent": SENT["events"]})
         else:
             await send_json(send, 404, error_body(f"no route {method} {path}", "not_found"))
 

@@ -17,8 +17,9 @@ from facade.errors import ApiError
 from facade.mesh import FacadeMesh, GivenCertificate, connect
 from facade.metrics import facade_metrics
 from facade.models_api import models_router
-from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send, send_error
+from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send
 from facade.queue_api import queue_router
+from facade.response import send_error
 from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
 from kscope_common.metrics import CONTENT_TYPE_LATEST, registry, render

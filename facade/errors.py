@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 import orjson
 
+from kscope.v1 import inference_pb2
 from kscope_common.errors import http_for_grpc
 
 
@@ -34,28 +35,49 @@ class ApiError(Exception):
         return b'{"error":' + self.error_object() + b"}"
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError, model: str) -> ApiError:
-    """The client-facing error for a failed agent call."""
-    trailing = exc.trailing_metadata() or ()
-    meta: dict[str, str | bytes] = {str(item[0]): item[1] for item in trailing}  # type: ignore[index]
-    status_text = meta.get("kscope-http-status")
-    raw = meta.get("kscope-error-bin", b"")
-    if status_text is not None:
-        status = int(status_text) if str(status_text).isdigit() else 502
-        return ApiError(
-            status,
-            exc.details() or "engine error",
-            raw_error=raw if isinstance(raw, bytes) else b"",
-        )
-    status, error_type = http_for_grpc(exc.code())
-    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+class AgentFailure(Exception):
+    """The agent or its engine failed the request."""
+
+    def __init__(self, error: ApiError, code: grpc.StatusCode, engine_error: bool):
+        super().__init__(error.message)
+        self.error = error
+        self.code = code
+        self.engine_error = engine_error
+
+    @property
+    def transport(self) -> bool:
+        """The agent could not be reached (so another instance may do)."""
+        return self.code is grpc.StatusCode.UNAVAILABLE and not self.engine_error
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def failure(error: inference_pb2.RequestError, model: str) -> AgentFailure:
+    """The one translation of a failed request, whichever transport told it."""
+    code = _CODES.get(error.grpc_code, grpc.StatusCode.UNKNOWN)
+    if error.http_status:
+        # The engine's own answer passes through as it is.
+        api = ApiError(error.http_status, error.message, raw_error=error.error_body)
+        return AgentFailure(api, code, engine_error=True)
+    return AgentFailure(_agent_error(code, error.message, model), code, engine_error=False)
+
+
+def _agent_error(code: grpc.StatusCode, message: str, model: str) -> ApiError:
+    if code is grpc.StatusCode.UNAVAILABLE:
         return ApiError(
             503,
-            f"the instance serving {model!r} is unavailable: {exc.details()}",
+            f"the instance serving {model!r} is unavailable: {message}",
             "service_unavailable_error",
             code="instance_unavailable",
             retry_after_s=1,
         )
-    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ApiError(504, f"request to {model!r} timed out", error_type, code="timeout")
-    return ApiError(status, exc.details() or exc.code().name, error_type)
+    status, error_type = http_for_grpc(code)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ApiError(status, f"request to {model!r} timed out", error_type, code="timeout")
+    return ApiError(status, message or code.name, error_type)
+
+
+def request_error(code: grpc.StatusCode, message: str) -> inference_pb2.RequestError:
+    """A RequestError for a failure no agent described (the call itself broke)."""
+    return inference_pb2.RequestError(grpc_code=code.value[0], message=message)

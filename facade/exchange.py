@@ -1,6 +1,15 @@
 """One request's exchange with an agent, over its own gRPC call or over the
-facade's shared Multiplex stream to that agent. Both look the same to the proxy:
-an async iterator of chunk lists that raises AgentFailure, and `cancel()`."""
+facade's shared Multiplex stream to that agent. The proxy sees only `Exchange`:
+an async iterator of chunk lists that raises AgentFailure, `consumed()` once
+the chunks reached the client, and `cancel()`. Which transport a facade uses
+is chosen once (`opener_for`), never per request.
+
+Flow control: on the Multiplex stream each request has a window (WINDOW_BYTES)
+of chunks the agent may send before this side grants more; it grants as its
+client takes the chunks, so a client that stops reading stops its request at
+the agent and the engine. One call per request gets the same from HTTP/2's own
+per-stream windows, since the proxy reads the call only as its client reads.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +17,52 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from facade.errors import ApiError, from_rpc_error
+from facade.errors import failure, request_error
 from kscope.v1 import inference_pb2, inference_pb2_grpc
-from kscope_common.errors import http_for_grpc
+
+if TYPE_CHECKING:
+    from facade.routing import Target
 
 log = logging.getLogger(__name__)
 
+ERROR_METADATA_KEY = "kscope-request-error-bin"
+"""Trailing metadata with a failed call's serialized RequestError (the agent's)."""
+WINDOW_BYTES = 256 * 1024
+"""Chunk bytes one request may have in flight from the agent to this facade."""
+MULTIPLEX_BATCH_BYTES = 4 * 1024 * 1024
+"""Bodies packed into one Multiplex message at most (a larger one goes alone);
+well under the 64 MiB message limit, so a burst of large bodies never fails
+the stream every request on the agent shares."""
 
-class AgentFailure(Exception):
-    """The agent or its engine failed the request."""
 
-    def __init__(self, error: ApiError, code: grpc.StatusCode, engine_error: bool):
-        super().__init__(error.message)
-        self.error = error
-        self.code = code
-        self.engine_error = engine_error
+class Exchange(Protocol):
+    def chunks(self) -> AsyncIterator[Sequence[bytes]]:
+        """The engine's chunks as they arrive; AgentFailure when the request failed."""
+        ...
 
-    @property
-    def transport(self) -> bool:
-        """The agent could not be reached (so another instance may do)."""
-        return self.code is grpc.StatusCode.UNAVAILABLE and not self.engine_error
+    def consumed(self, nbytes: int) -> None:
+        """`nbytes` of chunks reached the client (flow control)."""
+        ...
+
+    def cancel(self) -> None:
+        """Abort the request at the agent (the client left, or it timed out)."""
+        ...
+
+
+class Opener(Protocol):
+    def __call__(
+        self,
+        target: Target,
+        kind: int,
+        request: Any,
+        model: str,
+        rpc: str,
+        timeout_s: float | None,
+    ) -> Exchange: ...
 
 
 class PerCallExchange:
@@ -46,36 +77,49 @@ class PerCallExchange:
             async for message in self._call:
                 yield message.chunks
         except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc, self._model)
-            raise AgentFailure(error, exc.code(), bool(error.raw_error)) from exc
+            raise failure(_described(exc), self._model) from exc
+
+    def consumed(self, nbytes: int) -> None:
+        """HTTP/2 flow control does it: the call is read as the client reads."""
 
     def cancel(self) -> None:
         self._call.cancel()
 
 
+def _described(exc: grpc.aio.AioRpcError) -> inference_pb2.RequestError:
+    """The agent's RequestError when it sent one, else the call's own status."""
+    for item in exc.trailing_metadata() or ():
+        key, value = item[0], item[1]  # type: ignore[index]
+        if key == ERROR_METADATA_KEY and isinstance(value, bytes):
+            with contextlib.suppress(Exception):
+                return inference_pb2.RequestError.FromString(value)
+    return request_error(exc.code(), exc.details() or exc.code().name)
+
+
+def open_per_call(
+    target: Target, kind: int, request: Any, model: str, rpc: str, timeout_s: float | None
+) -> Exchange:
+    call = getattr(target.stub, rpc)(request, timeout=timeout_s)
+    return PerCallExchange(call, model)
+
+
+def open_multiplexed(
+    target: Target, kind: int, request: Any, model: str, rpc: str, timeout_s: float | None
+) -> Exchange:
+    return target.session.open(kind, request.envelope, request.body, model)
+
+
+def opener_for(multiplex: bool) -> Opener:
+    """How this facade reaches agents, decided once from its settings."""
+    return open_multiplexed if multiplex else open_per_call
+
+
 _CANCELLED = inference_pb2.MultiplexFrame(
-    end=True, error_code=grpc.StatusCode.CANCELLED.value[0], error_message="cancelled"
+    end=True,
+    error=inference_pb2.RequestError(
+        grpc_code=grpc.StatusCode.CANCELLED.value[0], message="cancelled"
+    ),
 )
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _frame_failure(frame: inference_pb2.MultiplexFrame, model: str) -> AgentFailure:
-    code = _CODES.get(frame.error_code, grpc.StatusCode.UNKNOWN)
-    if frame.http_status:
-        error = ApiError(frame.http_status, frame.error_message, raw_error=frame.error_body)
-        return AgentFailure(error, code, engine_error=True)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        error = ApiError(
-            503,
-            f"the instance serving {model!r} is unavailable: {frame.error_message}",
-            "service_unavailable_error",
-            code="instance_unavailable",
-            retry_after_s=1,
-        )
-    else:
-        status, error_type = http_for_grpc(code)
-        error = ApiError(status, frame.error_message or code.name, error_type)
-    return AgentFailure(error, code, engine_error=False)
 
 
 class MultiplexExchange:
@@ -85,30 +129,33 @@ class MultiplexExchange:
         self._model = model
         self.frames: asyncio.Queue[inference_pb2.MultiplexFrame] = asyncio.Queue()
         self.ended = False
+        self._ungranted = 0
+        """Bytes the client took that the agent was not yet told of."""
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         while True:
             frame = await self.frames.get()
             if frame.end:
                 self.ended = True
-                if frame.error_code:
-                    raise _frame_failure(frame, self._model)
+                if frame.HasField("error"):
+                    raise failure(frame.error, self._model)
                 if frame.chunks:
                     yield frame.chunks
                 return
             yield frame.chunks
+
+    def consumed(self, nbytes: int) -> None:
+        # Granted in halves of the window: one small message per 128 KiB read.
+        self._ungranted += nbytes
+        if self._ungranted >= WINDOW_BYTES // 2 and not self.ended:
+            self._session.grant(self._id, self._ungranted)
+            self._ungranted = 0
 
     def cancel(self) -> None:
         if not self.ended:
             self.ended = True
             self._session.cancel(self._id)
             self.frames.put_nowait(_CANCELLED)
-
-
-MULTIPLEX_BATCH_BYTES = 4 * 1024 * 1024
-"""Bodies packed into one Multiplex message at most (a larger one goes alone);
-well under the 64 MiB message limit, so a burst of large bodies never fails
-the stream every request on the agent shares."""
 
 
 def pack_opens(
@@ -130,7 +177,8 @@ def pack_opens(
 
 class AgentSession:
     """The facade's one Multiplex stream to an agent, opened on first use and
-    again after it breaks. Opens and cancels queued together go in one message."""
+    again after it breaks. Opens, credits and cancels queued together go in one
+    message (a large body alone)."""
 
     def __init__(self, stub: inference_pb2_grpc.InferenceServiceAsyncStub, address: str):
         self._stub = stub
@@ -139,9 +187,15 @@ class AgentSession:
         self._next_id = 1
         self._opens: list[inference_pb2.MultiplexOpen] = []
         self._cancels: list[inference_pb2.MultiplexCancel] = []
+        self._credits: list[inference_pb2.MultiplexCredit] = []
         self._wake = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._call: Any = None
+
+    @property
+    def idle(self) -> bool:
+        """No request is open on the stream."""
+        return not self._exchanges
 
     def open(
         self, kind: int, envelope: inference_pb2.RequestEnvelope, body: bytes, model: str
@@ -158,15 +212,15 @@ class AgentSession:
                 kind=kind,  # type: ignore[arg-type]
                 envelope=envelope,
                 body=body,
+                window_bytes=WINDOW_BYTES,
             )
         )
         self._wake.set()
         return exchange
 
-    @property
-    def idle(self) -> bool:
-        """No request is open on the stream."""
-        return not self._exchanges
+    def grant(self, stream_id: int, nbytes: int) -> None:
+        self._credits.append(inference_pb2.MultiplexCredit(stream_id=stream_id, bytes=nbytes))
+        self._wake.set()
 
     def cancel(self, stream_id: int) -> None:
         if self._exchanges.pop(stream_id, None) is not None:
@@ -176,6 +230,7 @@ class AgentSession:
     def _start(self) -> None:
         self._opens.clear()
         self._cancels.clear()
+        self._credits.clear()
         self._wake = asyncio.Event()  # a fresh one: the old stream's writer must not take it
         self._call = self._stub.Multiplex(self._outgoing(self._wake))
         self._reader = asyncio.create_task(self._read(self._call))
@@ -186,17 +241,18 @@ class AgentSession:
             wake.clear()
             opens, self._opens = self._opens, []
             cancels, self._cancels = self._cancels, []
+            credits, self._credits = self._credits, []
             if not opens:
-                if cancels:
-                    yield inference_pb2.MultiplexRequest(cancels=cancels)
+                if cancels or credits:
+                    yield inference_pb2.MultiplexRequest(cancels=cancels, credits=credits)
                 continue
             # Never one message past gRPC's limit: large bodies travel alone.
             for batch in pack_opens(opens, MULTIPLEX_BATCH_BYTES):
-                yield inference_pb2.MultiplexRequest(opens=batch, cancels=cancels)
-                cancels = []
+                yield inference_pb2.MultiplexRequest(opens=batch, cancels=cancels, credits=credits)
+                cancels, credits = [], []
 
     async def _read(self, call: Any) -> None:
-        failure = "the agent closed the stream"
+        reason = "the agent closed the stream"
         try:
             async for response in call:
                 for frame in response.frames:
@@ -207,11 +263,11 @@ class AgentSession:
                         del self._exchanges[frame.stream_id]
                     exchange.frames.put_nowait(frame)
         except grpc.aio.AioRpcError as exc:
-            failure = exc.details() or exc.code().name
-            log.warning("multiplex stream to %s broke: %s", self._address, failure)
+            reason = exc.details() or exc.code().name
+            log.warning("multiplex stream to %s broke: %s", self._address, reason)
         # Every request still open on this stream fails now, not later.
         lost = inference_pb2.MultiplexFrame(
-            end=True, error_code=grpc.StatusCode.UNAVAILABLE.value[0], error_message=failure
+            end=True, error=request_error(grpc.StatusCode.UNAVAILABLE, reason)
         )
         for exchange in self._exchanges.values():
             exchange.frames.put_nowait(lost)

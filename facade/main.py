@@ -38,10 +38,17 @@ def parse_settings(argv: list[str] | None = None) -> FacadeSettings:
     return FacadeSettings(**overrides)
 
 
+CLIENT_SEND_BUFFER_BYTES = 256 * 1024
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: a client that stops reading holds at most
+    # this much kernel memory (not the kernel's autotuned megabytes) before the
+    # stream's flow control stops its request.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SEND_BUFFER_BYTES)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)

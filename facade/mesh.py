@@ -29,6 +29,8 @@ from kscope_common.tls import (
 
 log = logging.getLogger(__name__)
 
+PER_CALL_OPTIONS = (("grpc.http2.bdp_probe", 0),)
+
 
 @dataclass(frozen=True)
 class GivenCertificate:
@@ -42,17 +44,25 @@ class GivenCertificate:
 class FacadeMesh:
     """Everything the facade dials, with its own identity."""
 
-    def __init__(self, controller: ControllerConnection, certificate: ProcessCertificate | None):
+    def __init__(
+        self,
+        controller: ControllerConnection,
+        certificate: ProcessCertificate | None,
+        per_call: bool = False,
+    ):
         self.controller = controller
         self.certificate = certificate
+        # One call per request relies on HTTP/2's per-stream windows for flow
+        # control; BDP probing would grow them to megabytes a request.
+        self._options = PER_CALL_OPTIONS if per_call else ()
         self._renewal: asyncio.Task[None] | None = None
 
     def agent_channel(self, address: str, instance_id: str) -> grpc.aio.Channel:
         """A channel to the agent of `instance_id`, which must present that
         instance's certificate (a stolen address is not enough)."""
         if self.certificate is None:
-            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        return self.certificate.agent_channel(address, agent_instance(instance_id))
+            return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *self._options])
+        return self.certificate.agent_channel(address, agent_instance(instance_id), self._options)
 
     def on_renewal(self, listener: Callable[[], None]) -> None:
         if self.certificate is not None:
@@ -79,10 +89,10 @@ async def connect(settings: FacadeSettings, given: GivenCertificate | None) -> F
             "KSCOPE_INSECURE_PLAINTEXT: this facade talks to the controller and agents "
             "WITHOUT TLS. Use this only to debug."
         )
-        return FacadeMesh(PlaintextController(settings.controller), None)
+        return FacadeMesh(PlaintextController(settings.controller), None, not settings.multiplex)
     if given is not None:
         mesh = ControllerMesh(settings.controller, given.certificate, given.mesh_address)
-        return FacadeMesh(mesh, given.certificate)
+        return FacadeMesh(mesh, given.certificate, not settings.multiplex)
     token = settings.enroll_token.get_secret_value() if settings.enroll_token else ""
     if not token:
         raise EnrollmentError(
@@ -97,6 +107,7 @@ async def connect(settings: FacadeSettings, given: GivenCertificate | None) -> F
     facade = FacadeMesh(
         ControllerMesh(settings.controller, enrolled.certificate, enrolled.mesh_address),
         enrolled.certificate,
+        not settings.multiplex,
     )
     facade.start_renewing()
     return facade

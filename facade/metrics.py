@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.core import Metric
 
-from facade import proxy as proxy_module
+from facade import response as response_module
 from facade.proxy import InferenceProxy
 from facade.routing import RouteTable
 from kscope_common.metrics import counter, gauge
@@ -35,7 +35,7 @@ def facade_metrics(
         "kscope_facade_error_responses",
         "Error answers sent, by HTTP status.",
         ("status",),
-        {(str(s),): n for s, n in dict(proxy_module.ERRORS).items()},
+        {(str(s),): n for s, n in dict(response_module.ERRORS).items()},
     )
     yield counter(
         "kscope_facade_cold_waits",

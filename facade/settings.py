@@ -48,8 +48,13 @@ class FacadeSettings(BaseSettings):
     """The web portal (KSCOPE_PORTAL_* variables)."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     """Larger request bodies are refused with 413."""
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    """The longest one request may take end to end."""
+    request_timeout_s: float = Field(default=600.0, ge=0)
+    """The longest one request may take end to end (KSCOPE_REQUEST_TIMEOUT_S);
+    a stream past it ends with an SSE error event (504) and [DONE]. 0: no cap."""
+    stream_idle_timeout_s: float = Field(default=120.0, gt=0)
+    """A stream that gets no chunk for this long (KSCOPE_STREAM_IDLE_TIMEOUT_S)
+    ends with an SSE error event (504) and [DONE], and its engine request is
+    aborted; so does one whose client stopped reading for this long."""
     multiplex: bool = True
     """Carry requests to each agent over one shared Multiplex stream (fast);
     false: one gRPC call per request (what grpcurl users see)."""

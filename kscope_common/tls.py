@@ -115,19 +115,23 @@ class ProcessCertificate:
             require_client_authentication=mutual,
         )
 
-    def channel(self, address: str, server_name: str) -> grpc.aio.Channel:
+    def channel(
+        self, address: str, server_name: str, options: Sequence[tuple[str, int]] = ()
+    ) -> grpc.aio.Channel:
         """A mutual-TLS channel to a server whose certificate names `server_name`."""
         return grpc.aio.secure_channel(
             address,
             self.channel_credentials(),
-            options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name)],
+            options=[*CHANNEL_OPTIONS, *options, ("grpc.ssl_target_name_override", server_name)],
         )
 
     def controller_channel(self, address: str) -> grpc.aio.Channel:
         return self.channel(address, CONTROLLER_DNS_NAME)
 
-    def agent_channel(self, address: str, agent: Identity) -> grpc.aio.Channel:
-        return self.channel(address, agent_server_name(agent.uri))
+    def agent_channel(
+        self, address: str, agent: Identity, options: Sequence[tuple[str, int]] = ()
+    ) -> grpc.aio.Channel:
+        return self.channel(address, agent_server_name(agent.uri), options)
 
 
 def public_channel(address: str, ca_pem: bytes | None) -> grpc.aio.Channel:

@@ -1,9 +1,15 @@
 """The agent's side of InferenceService.Multiplex: many requests, one stream.
 
-Each opened request runs as its own task and puts frames on one outgoing queue;
-the writer sends whatever frames are queued in one message and never waits for
-more. A cancel (or the stream ending) cancels the request's task, which closes
-the engine request.
+Each opened request runs `serve_request` as its own task and puts frames on one
+outgoing queue; the writer sends whatever frames are queued in one message and
+never waits for more. A cancel (or the stream ending) cancels the request's
+task, which closes the engine request.
+
+Flow control: a request may have `window_bytes` of chunks sent and not yet
+granted back by the facade (MultiplexCredit, as its client reads). At the
+window it stops pulling from the engine, whose HTTP connection then stops being
+read: a client that stops reading holds a constant amount of memory here, not
+its whole answer.
 """
 
 from __future__ import annotations
@@ -16,31 +22,59 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kscope.v1 import inference_pb2
-from kscope_common.errors import grpc_code_for_http
-from kscope_common.request_stats import CANCELLED
-from node_agent.engines.base import Endpoint, Engine, EngineError, copy_usage
-from node_agent.load import Load, RequestClock
-from node_agent.queue import RequestQueue
+from node_agent.engines.base import copy_usage
+from node_agent.request_life import (
+    ENDPOINTS,
+    AgentCore,
+    RequestFailed,
+    agent_error,
+    serve_request,
+)
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {
-    inference_pb2.INFERENCE_KIND_CHAT_COMPLETION: Endpoint.CHAT,
-    inference_pb2.INFERENCE_KIND_COMPLETION: Endpoint.COMPLETIONS,
-    inference_pb2.INFERENCE_KIND_EMBEDDING: Endpoint.EMBEDDINGS,
-}
 Frame = inference_pb2.MultiplexFrame
+
+
+class Window:
+    """The bytes one request may still send before the facade grants more."""
+
+    __slots__ = ("_granted", "available")
+
+    def __init__(self, size: int):
+        self.available = size if size > 0 else -1
+        """-1: no flow control (a facade that asked for none)."""
+        self._granted: asyncio.Event | None = None
+
+    def spend(self, nbytes: int) -> None:
+        if self.available >= 0:
+            self.available = max(0, self.available - nbytes)
+
+    async def wait(self) -> None:
+        """Return once some window is open (a frame may overdraw what is left)."""
+        while self.available == 0:
+            self._granted = asyncio.Event()
+            await self._granted.wait()
+
+    def grant(self, nbytes: int) -> None:
+        if self.available >= 0:
+            self.available += nbytes
+            if self._granted is not None:
+                self._granted.set()
+
+
+def frame_size(frame: Frame) -> int:
+    return sum(len(c) for c in frame.chunks)
 
 
 class MultiplexSession:
     """One facade's Multiplex stream."""
 
-    def __init__(self, engine: Engine, load: Load, queue: RequestQueue):
-        self._engine = engine
-        self._load = load
-        self._queue = queue
+    def __init__(self, core: AgentCore):
+        self._core = core
         self._out: asyncio.Queue[Frame] = asyncio.Queue()
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._windows: dict[int, Window] = {}
 
     async def serve(
         self, requests: AsyncIterator[inference_pb2.MultiplexRequest]
@@ -71,8 +105,13 @@ class MultiplexSession:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for request in requests:
                 for opened in request.opens:
+                    self._windows[opened.stream_id] = Window(opened.window_bytes)
                     task = asyncio.create_task(self._run(opened))
                     self._tasks[opened.stream_id] = task
+                for credit in request.credits:
+                    window = self._windows.get(credit.stream_id)
+                    if window is not None:
+                        window.grant(credit.bytes)
                 for cancel in request.cancels:
                     running = self._tasks.pop(cancel.stream_id, None)
                     if running is not None:
@@ -80,51 +119,24 @@ class MultiplexSession:
 
     async def _run(self, opened: inference_pb2.MultiplexOpen) -> None:
         sid = opened.stream_id
-        load = self._load
-        if load.draining:
-            self._fail(sid, grpc.StatusCode.UNAVAILABLE, "agent is draining")
-            self._tasks.pop(sid, None)
-            return
-        endpoint = ENDPOINTS.get(opened.kind)
-        if endpoint is None:
-            self._fail(sid, grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {opened.kind}")
-            self._tasks.pop(sid, None)
-            return
-        clock = RequestClock(load.stats, opened.envelope.stream)
-        status = CANCELLED
+        window = self._windows[sid]
+        put = self._out.put_nowait
         try:
-            async with self._queue.slot():
-                async for output in self._engine.generate(
-                    endpoint, opened.body, opened.envelope.stream
-                ):
-                    clock.saw(output)
+            endpoint = ENDPOINTS.get(opened.kind)
+            if endpoint is None:
+                raise agent_error(grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {opened.kind}")
+            life = serve_request(self._core, endpoint, opened.body, opened.envelope)
+            async with contextlib.aclosing(life) as outputs:
+                async for output in outputs:
                     frame = Frame(stream_id=sid, chunks=output.chunks)
                     copy_usage(output, frame.usage)
-                    self._out.put_nowait(frame)
-            self._out.put_nowait(Frame(stream_id=sid, end=True))
-            status = 200
-        except EngineError as exc:
-            status = exc.http_status
-            log.info("request %s failed in the engine: %s", opened.envelope.request_id, exc.message)
-            self._out.put_nowait(
-                Frame(
-                    stream_id=sid,
-                    end=True,
-                    error_code=grpc_code_for_http(exc.http_status).value[0],
-                    error_message=exc.message,
-                    http_status=exc.http_status,
-                    error_body=exc.openai_error(),
-                )
-            )
-        except Exception:  # an engine bug fails its request; it must not hang it
-            status = 500
-            log.exception("request %s failed unexpectedly", opened.envelope.request_id)
-            self._fail(sid, grpc.StatusCode.INTERNAL, "the engine failed unexpectedly")
+                    put(frame)
+                    window.spend(frame_size(frame))
+                    if window.available == 0:
+                        await window.wait()
+            put(Frame(stream_id=sid, end=True))
+        except RequestFailed as failed:
+            put(Frame(stream_id=sid, end=True, error=failed.error))
         finally:
-            clock.end(status)
             self._tasks.pop(sid, None)
-
-    def _fail(self, sid: int, code: grpc.StatusCode, message: str) -> None:
-        self._out.put_nowait(
-            Frame(stream_id=sid, end=True, error_code=code.value[0], error_message=message)
-        )
+            self._windows.pop(sid, None)

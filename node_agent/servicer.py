@@ -1,23 +1,27 @@
 """InferenceService: hands each request's OpenAI body to the engine unchanged and
-streams the engine's answer back. Cancelling the call aborts the engine request."""
+streams the engine's answer back. Cancelling the call aborts the engine request.
+
+The request's life is node_agent/request_life.py's; this module only encodes
+its outputs (one message each) and its failure (the call's status, with the
+RequestError in the trailing metadata, as the facade reads it)."""
 
 from __future__ import annotations
 
-import logging
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import grpc
 
 from kscope.v1 import inference_pb2, inference_pb2_grpc
-from kscope_common.errors import grpc_code_for_http
-from kscope_common.request_stats import CANCELLED
-from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput, copy_usage
-from node_agent.load import Load, RequestClock
+from node_agent.engines.base import Endpoint, Engine, copy_usage
+from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
 from node_agent.queue import QueueLimits, RequestQueue
+from node_agent.request_life import AgentCore, RequestFailed, serve_request
 
-log = logging.getLogger(__name__)
+ERROR_METADATA_KEY = "kscope-request-error-bin"
+"""Trailing metadata carrying the serialized RequestError of a failed call."""
 
 
 class _Request(Protocol):
@@ -28,44 +32,22 @@ class _Request(Protocol):
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _error_metadata(exc: EngineError) -> tuple[tuple[str, str | bytes], ...]:
-    return (("kscope-http-status", str(exc.http_status)), ("kscope-error-bin", exc.openai_error()))
-
-
 def _handler(
     endpoint: Endpoint, response_cls: Callable[..., Any]
 ) -> Callable[[InferenceServicer, _Request, Context], AsyncIterator[Any]]:
     async def handle(
         self: InferenceServicer, request: _Request, context: Context
     ) -> AsyncIterator[Any]:
-        if self.load.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "agent is draining")
-        clock = RequestClock(self.load.stats, request.envelope.stream)
-        status = CANCELLED
+        life = serve_request(self.core, endpoint, request.body, request.envelope)
         try:
-            # The queue counts this request as queued, then in flight.
-            async with self.queue.slot():
-                output: EngineOutput
-                async for output in self.engine.generate(
-                    endpoint, request.body, request.envelope.stream
-                ):
-                    clock.saw(output)
+            async with contextlib.aclosing(life) as outputs:
+                async for output in outputs:
                     message = response_cls(chunks=output.chunks)
                     copy_usage(output, message.usage)
                     yield message
-            status = 200
-        except EngineError as exc:
-            status = exc.http_status
-            log.info(
-                "request %s failed in the engine: %s", request.envelope.request_id, exc.message
-            )
-            context.set_trailing_metadata(_error_metadata(exc))
-            await context.abort(grpc_code_for_http(exc.http_status), exc.message)
-        except Exception:
-            status = 500
-            raise
-        finally:
-            clock.end(status)
+        except RequestFailed as failed:
+            context.set_trailing_metadata(((ERROR_METADATA_KEY, failed.error.SerializeToString()),))
+            await context.abort(failed.code, failed.error.message)
 
     return handle
 
@@ -74,9 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """One engine behind the three OpenAI endpoints."""
 
     def __init__(self, engine: Engine, load: Load, queue: RequestQueue | None = None):
-        self.engine = engine
-        self.load = load
-        self.queue = queue or RequestQueue(QueueLimits(), load)
+        self.core = AgentCore(engine, load, queue or RequestQueue(QueueLimits(), load))
 
     ChatCompletion = _handler(Endpoint.CHAT, inference_pb2.ChatCompletionResponse)  # type: ignore[assignment]
     Completion = _handler(Endpoint.COMPLETIONS, inference_pb2.CompletionResponse)  # type: ignore[assignment]
@@ -87,6 +67,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.MultiplexRequest],
         context: Context,
     ) -> AsyncIterator[inference_pb2.MultiplexResponse]:
-        session = MultiplexSession(self.engine, self.load, self.queue)
+        session = MultiplexSession(self.core)
         async for response in session.serve(request_iterator):
             yield response

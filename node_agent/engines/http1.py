@@ -12,12 +12,18 @@ parses (Content-Length, chunked, close-delimited).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import cast
 
 import httptools
 
 CONNECT_TIMEOUT_S = 5.0
+READ_AHEAD_BYTES = 256 * 1024
+"""Body bytes read from the engine and not yet taken: past this, the socket is
+not read until the consumer catches up (its kernel buffer is capped likewise),
+so a request whose client stopped reading stops its engine instead of growing."""
 
 
 class HttpError(Exception):
@@ -34,6 +40,8 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._unread = 0
+        self._paused = False
         self.failure: HttpError | None = None
         self.reused = False
         """It carried a request before (the server may have closed it since)."""
@@ -41,6 +49,7 @@ class Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self._unread = 0
         self.status = 0
         self.content_type = b""
         self.headers_done = False
@@ -52,9 +61,17 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, READ_AHEAD_BYTES)
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self._unread += len(data)
+        if self._unread > READ_AHEAD_BYTES and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -135,6 +152,10 @@ class Connection(asyncio.Protocol):
             await self._wait(timeout_s)
         data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
         self._pieces.clear()
+        self._unread = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
         return data
 
     async def read_all(self, timeout_s: float) -> bytes:

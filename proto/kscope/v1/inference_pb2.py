@@ -25,41 +25,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kscope/v1/inference.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\rMultiplexOpen\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.kscope.v1.InferenceKind\x12,\n\x08\x65nvelope\x18\x03 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\"$\n\x0fMultiplexCancel\x12\x11\n\tstream_id\x18\x01 \x01(\x04\"h\n\x10MultiplexRequest\x12\'\n\x05opens\x18\x01 \x03(\x0b\x32\x18.kscope.v1.MultiplexOpen\x12+\n\x07\x63\x61ncels\x18\x02 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCancel\"\xb5\x01\n\x0eMultiplexFrame\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\x0c\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.kscope.v1.Usage\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x13\n\x0bhttp_status\x18\x07 \x01(\x05\x12\x12\n\nerror_body\x18\x08 \x01(\x0c\">\n\x11MultiplexResponse\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.kscope.v1.MultiplexFrame\"\x94\x01\n\x0fRequestEnvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\x08\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"S\n\x15\x43hatCompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"I\n\x16\x43hatCompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"O\n\x11\x43ompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"E\n\x12\x43ompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"N\n\x10\x45mbeddingRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"D\n\x11\x45mbeddingResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage*\x90\x01\n\rInferenceKind\x12\x1e\n\x1aINFERENCE_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eINFERENCE_KIND_CHAT_COMPLETION\x10\x01\x12\x1d\n\x19INFERENCE_KIND_COMPLETION\x10\x02\x12\x1c\n\x18INFERENCE_KIND_EMBEDDING\x10\x03\x32\xce\x02\n\x10InferenceService\x12W\n\x0e\x43hatCompletion\x12 .kscope.v1.ChatCompletionRequest\x1a!.kscope.v1.ChatCompletionResponse0\x01\x12K\n\nCompletion\x12\x1c.kscope.v1.CompletionRequest\x1a\x1d.kscope.v1.CompletionResponse0\x01\x12H\n\tEmbedding\x12\x1b.kscope.v1.EmbeddingRequest\x1a\x1c.kscope.v1.EmbeddingResponse0\x01\x12J\n\tMultiplex\x12\x1b.kscope.v1.MultiplexRequest\x1a\x1c.kscope.v1.MultiplexResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kscope/v1/inference.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x01\n\rMultiplexOpen\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.kscope.v1.InferenceKind\x12,\n\x08\x65nvelope\x18\x03 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x14\n\x0cwindow_bytes\x18\x05 \x01(\r\"3\n\x0fMultiplexCredit\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\r\"$\n\x0fMultiplexCancel\x12\x11\n\tstream_id\x18\x01 \x01(\x04\"\x95\x01\n\x10MultiplexRequest\x12\'\n\x05opens\x18\x01 \x03(\x0b\x32\x18.kscope.v1.MultiplexOpen\x12+\n\x07\x63\x61ncels\x18\x02 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCancel\x12+\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCredit\"\xed\x01\n\x0eMultiplexFrame\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\x0c\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.kscope.v1.Usage\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12\x16\n\nerror_code\x18\x05 \x01(\x05\x42\x02\x18\x01\x12\x19\n\rerror_message\x18\x06 \x01(\tB\x02\x18\x01\x12\x17\n\x0bhttp_status\x18\x07 \x01(\x05\x42\x02\x18\x01\x12\x16\n\nerror_body\x18\x08 \x01(\x0c\x42\x02\x18\x01\x12&\n\x05\x65rror\x18\t \x01(\x0b\x32\x17.kscope.v1.RequestError\"[\n\x0cRequestError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x12\n\nerror_body\x18\x04 \x01(\x0c\">\n\x11MultiplexResponse\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.kscope.v1.MultiplexFrame\"\x94\x01\n\x0fRequestEnvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\x08\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"S\n\x15\x43hatCompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"I\n\x16\x43hatCompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"O\n\x11\x43ompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"E\n\x12\x43ompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"N\n\x10\x45mbeddingRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"D\n\x11\x45mbeddingResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage*\x90\x01\n\rInferenceKind\x12\x1e\n\x1aINFERENCE_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eINFERENCE_KIND_CHAT_COMPLETION\x10\x01\x12\x1d\n\x19INFERENCE_KIND_COMPLETION\x10\x02\x12\x1c\n\x18INFERENCE_KIND_EMBEDDING\x10\x03\x32\xce\x02\n\x10InferenceService\x12W\n\x0e\x43hatCompletion\x12 .kscope.v1.ChatCompletionRequest\x1a!.kscope.v1.ChatCompletionResponse0\x01\x12K\n\nCompletion\x12\x1c.kscope.v1.CompletionRequest\x1a\x1d.kscope.v1.CompletionResponse0\x01\x12H\n\tEmbedding\x12\x1b.kscope.v1.EmbeddingRequest\x1a\x1c.kscope.v1.EmbeddingResponse0\x01\x12J\n\tMultiplex\x12\x1b.kscope.v1.MultiplexRequest\x1a\x1c.kscope.v1.MultiplexResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kscope.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFERENCEKIND']._serialized_start=1297
-  _globals['_INFERENCEKIND']._serialized_end=1441
+  _globals['_MULTIPLEXFRAME'].fields_by_name['error_code']._loaded_options = None
+  _globals['_MULTIPLEXFRAME'].fields_by_name['error_code']._serialized_options = b'\030\001'
+  _globals['_MULTIPLEXFRAME'].fields_by_name['error_message']._loaded_options = None
+  _globals['_MULTIPLEXFRAME'].fields_by_name['error_message']._serialized_options = b'\030\001'
+  _globals['_MULTIPLEXFRAME'].fields_by_name['http_status']._loaded_options = None
+  _globals['_MULTIPLEXFRAME'].fields_by_name['http_status']._serialized_options = b'\030\001'
+  _globals['_MULTIPLEXFRAME'].fields_by_name['error_body']._loaded_options = None
+  _globals['_MULTIPLEXFRAME'].fields_by_name['error_body']._serialized_options = b'\030\001'
+  _globals['_INFERENCEKIND']._serialized_start=1567
+  _globals['_INFERENCEKIND']._serialized_end=1711
   _globals['_MULTIPLEXOPEN']._serialized_start=74
-  _globals['_MULTIPLEXOPEN']._serialized_end=208
-  _globals['_MULTIPLEXCANCEL']._serialized_start=210
-  _globals['_MULTIPLEXCANCEL']._serialized_end=246
-  _globals['_MULTIPLEXREQUEST']._serialized_start=248
-  _globals['_MULTIPLEXREQUEST']._serialized_end=352
-  _globals['_MULTIPLEXFRAME']._serialized_start=355
-  _globals['_MULTIPLEXFRAME']._serialized_end=536
-  _globals['_MULTIPLEXRESPONSE']._serialized_start=538
-  _globals['_MULTIPLEXRESPONSE']._serialized_end=600
-  _globals['_REQUESTENVELOPE']._serialized_start=603
-  _globals['_REQUESTENVELOPE']._serialized_end=751
-  _globals['_USAGE']._serialized_start=753
-  _globals['_USAGE']._serialized_end=832
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_start=834
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=917
-  _globals['_CHATCOMPLETIONRESPONSE']._serialized_start=919
-  _globals['_CHATCOMPLETIONRESPONSE']._serialized_end=992
-  _globals['_COMPLETIONREQUEST']._serialized_start=994
-  _globals['_COMPLETIONREQUEST']._serialized_end=1073
-  _globals['_COMPLETIONRESPONSE']._serialized_start=1075
-  _globals['_COMPLETIONRESPONSE']._serialized_end=1144
-  _globals['_EMBEDDINGREQUEST']._serialized_start=1146
-  _globals['_EMBEDDINGREQUEST']._serialized_end=1224
-  _globals['_EMBEDDINGRESPONSE']._serialized_start=1226
-  _globals['_EMBEDDINGRESPONSE']._serialized_end=1294
-  _globals['_INFERENCESERVICE']._serialized_start=1444
-  _globals['_INFERENCESERVICE']._serialized_end=1778
+  _globals['_MULTIPLEXOPEN']._serialized_end=230
+  _globals['_MULTIPLEXCREDIT']._serialized_start=232
+  _globals['_MULTIPLEXCREDIT']._serialized_end=283
+  _globals['_MULTIPLEXCANCEL']._serialized_start=285
+  _globals['_MULTIPLEXCANCEL']._serialized_end=321
+  _globals['_MULTIPLEXREQUEST']._serialized_start=324
+  _globals['_MULTIPLEXREQUEST']._serialized_end=473
+  _globals['_MULTIPLEXFRAME']._serialized_start=476
+  _globals['_MULTIPLEXFRAME']._serialized_end=713
+  _globals['_REQUESTERROR']._serialized_start=715
+  _globals['_REQUESTERROR']._serialized_end=806
+  _globals['_MULTIPLEXRESPONSE']._serialized_start=808
+  _globals['_MULTIPLEXRESPONSE']._serialized_end=870
+  _globals['_REQUESTENVELOPE']._serialized_start=873
+  _globals['_REQUESTENVELOPE']._serialized_end=1021
+  _globals['_USAGE']._serialized_start=1023
+  _globals['_USAGE']._serialized_end=1102
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_start=1104
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=1187
+  _globals['_CHATCOMPLETIONRESPONSE']._serialized_start=1189
+  _globals['_CHATCOMPLETIONRESPONSE']._serialized_end=1262
+  _globals['_COMPLETIONREQUEST']._serialized_start=1264
+  _globals['_COMPLETIONREQUEST']._serialized_end=1343
+  _globals['_COMPLETIONRESPONSE']._serialized_start=1345
+  _globals['_COMPLETIONRESPONSE']._serialized_end=1414
+  _globals['_EMBEDDINGREQUEST']._serialized_start=1416
+  _globals['_EMBEDDINGREQUEST']._serialized_end=1494
+  _globals['_EMBEDDINGRESPONSE']._serialized_start=1496
+  _globals['_EMBEDDINGRESPONSE']._serialized_end=1564
+  _globals['_INFERENCESERVICE']._serialized_start=1714
+  _globals['_INFERENCESERVICE']._serialized_end=2048
 # @@protoc_insertion_point(module_scope)

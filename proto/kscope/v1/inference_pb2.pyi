@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _InferenceKind:
@@ -50,11 +55,16 @@ class MultiplexOpen(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ENVELOPE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
+    WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.int
     """Chosen by the facade, unique within the stream."""
     kind: Global___InferenceKind.ValueType
     body: _builtins.bytes
     """The client's OpenAI request body, JSON, unchanged."""
+    window_bytes: _builtins.int
+    """Flow control: bytes of chunks the agent may send for this request before
+    the facade grants more (MultiplexCredit); 0 means no limit.
+    """
     @_builtins.property
     def envelope(self) -> Global___RequestEnvelope: ...
     def __init__(
@@ -64,14 +74,42 @@ class MultiplexOpen(_message.Message):
         kind: Global___InferenceKind.ValueType = ...,
         envelope: Global___RequestEnvelope | None = ...,
         body: _builtins.bytes = ...,
+        window_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "envelope", b"envelope", "kind", b"kind", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "envelope", b"envelope", "kind", b"kind", "stream_id", b"stream_id", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MultiplexOpen: _TypeAlias = MultiplexOpen  # noqa: Y015
+
+@_typing.final
+class MultiplexCredit(_message.Message):
+    """MultiplexCredit lets the agent send `bytes` more of one request's chunks:
+    the facade grants it as its client reads, so a client that stops reading
+    stops its request (and the engine behind it) instead of filling memory.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiplexCredit: _TypeAlias = MultiplexCredit  # noqa: Y015
 
 @_typing.final
 class MultiplexCancel(_message.Message):
@@ -100,19 +138,23 @@ class MultiplexRequest(_message.Message):
 
     OPENS_FIELD_NUMBER: _builtins.int
     CANCELS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opens(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexOpen]: ...
     @_builtins.property
     def cancels(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexCancel]: ...
+    @_builtins.property
+    def credits(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultiplexCredit]: ...
     def __init__(
         self,
         *,
         opens: _abc.Iterable[Global___MultiplexOpen] | None = ...,
         cancels: _abc.Iterable[Global___MultiplexCancel] | None = ...,
+        credits: _abc.Iterable[Global___MultiplexCredit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "opens", b"opens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancels", b"cancels", "credits", b"credits", "opens", b"opens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,21 +174,48 @@ class MultiplexFrame(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
     ERROR_BODY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.int
     end: _builtins.bool
     """The request's last frame."""
-    error_code: _builtins.int
-    """With end: the gRPC status code number the request failed with (0: it did not)."""
-    error_message: _builtins.str
-    http_status: _builtins.int
-    """With an engine's error: its HTTP status and OpenAI error object (JSON)."""
-    error_body: _builtins.bytes
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def error_code(self) -> _builtins.int:
+        """Unused since RequestError (field 9): kept for wire compatibility."""
+
+    @error_code.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def error_code(self, value: _builtins.int) -> None:
+        """Unused since RequestError (field 9): kept for wire compatibility."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def error_message(self) -> _builtins.str: ...
+    @error_message.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def error_message(self, value: _builtins.str) -> None: ...
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def http_status(self) -> _builtins.int: ...
+    @http_status.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def http_status(self, value: _builtins.int) -> None: ...
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def error_body(self) -> _builtins.bytes: ...
+    @error_body.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def error_body(self, value: _builtins.bytes) -> None: ...
     @_builtins.property
     def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """As in ChatCompletionResponse.chunks."""
 
     @_builtins.property
     def usage(self) -> Global___Usage: ...
+    @_builtins.property
+    def error(self) -> Global___RequestError:
+        """With end: why the request failed (unset: it did not)."""
+
     def __init__(
         self,
         *,
@@ -158,14 +227,51 @@ class MultiplexFrame(_message.Message):
         error_message: _builtins.str = ...,
         http_status: _builtins.int = ...,
         error_body: _builtins.bytes = ...,
+        error: Global___RequestError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "end", b"end", "error_body", b"error_body", "error_code", b"error_code", "error_message", b"error_message", "http_status", b"http_status", "stream_id", b"stream_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "end", b"end", "error", b"error", "error_body", b"error_body", "error_code", b"error_code", "error_message", b"error_message", "http_status", b"http_status", "stream_id", b"stream_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MultiplexFrame: _TypeAlias = MultiplexFrame  # noqa: Y015
+
+@_typing.final
+class RequestError(_message.Message):
+    """RequestError is how a failed request is told, on both transports: in the
+    last MultiplexFrame, or (one call per request) serialized in the trailing
+    metadata `kscope-request-error-bin` beside the call's status.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRPC_CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_BODY_FIELD_NUMBER: _builtins.int
+    grpc_code: _builtins.int
+    """The gRPC status code number."""
+    message: _builtins.str
+    http_status: _builtins.int
+    """An engine's own answer: its HTTP status (0: the failure is the agent's)."""
+    error_body: _builtins.bytes
+    """The engine's OpenAI error object (JSON), passed to the client as it is."""
+    def __init__(
+        self,
+        *,
+        grpc_code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+        error_body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_body", b"error_body", "grpc_code", b"grpc_code", "http_status", b"http_status", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestError: _TypeAlias = RequestError  # noqa: Y015
 
 @_typing.final
 class MultiplexResponse(_message.Message):

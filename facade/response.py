@@ -1,0 +1,119 @@
+"""One request's response: the only place that knows whether it has begun.
+
+Before the first byte an error is an HTTP error (its status, an OpenAI error
+body, Retry-After); after it, the same error is an SSE `data:` error event
+followed by `data: [DONE]`, and the request counts with the error's status,
+never as 200. It also notes, for the metrics, the status a request ended with
+and when its first token left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from facade.errors import ApiError
+from kscope_common.request_stats import CANCELLED
+
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+LAST_WORDS_TIMEOUT_S = 1.0
+"""How long an error event may take to reach a client that stopped reading."""
+
+ERRORS: dict[int, int] = {}
+"""Error answers sent, by HTTP status (for /metrics)."""
+
+
+async def send_error(send: Send, error: ApiError) -> None:
+    """An HTTP error response (nothing else was sent on this request)."""
+    ERRORS[error.status] = ERRORS.get(error.status, 0) + 1
+    headers = list(JSON_HEADERS)
+    if error.retry_after_s is not None:
+        headers.append((b"retry-after", str(error.retry_after_s).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error.body()})
+
+
+class ResponseWriter:
+    """Writes one request's response through ASGI `send`."""
+
+    __slots__ = ("_send", "finished", "first_token_at", "start", "started", "status")
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.start = time.monotonic()
+        self.status = CANCELLED
+        """What the request ended with; until a response starts, one its client left."""
+        self.first_token_at = 0.0
+        self.started = False
+        """Bytes went out: errors are now SSE events."""
+        self.finished = False
+
+    async def json(self, body: bytes) -> None:
+        self.status = 200
+        self.started = True
+        await self._send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+        await self._send({"type": "http.response.body", "body": body})
+        self.finished = True
+
+    async def begin_stream(self) -> None:
+        if not self.started:
+            self.started = True
+            self.status = 200
+            await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+
+    async def events(self, chunks: list[bytes] | Any) -> None:
+        """SSE `data:` events, one per chunk, in one write."""
+        if not self.started:
+            await self.begin_stream()
+        if not self.first_token_at:
+            self.first_token_at = time.monotonic()
+        payload = b"".join([b"data: " + c + b"\n\n" for c in chunks])
+        await self._send({"type": "http.response.body", "body": payload, "more_body": True})
+
+    async def comment(self, text: str) -> None:
+        """An SSE comment line: clients ignore it, proxies see the connection live."""
+        if not self.started:
+            await self.begin_stream()
+        line = ": " + text.replace("\r", " ").replace("\n", " ") + "\n\n"
+        await self._send({"type": "http.response.body", "more_body": True, "body": line.encode()})
+
+    async def done(self) -> None:
+        if not self.started:
+            await self.begin_stream()
+        await self._send({"type": "http.response.body", "body": DONE})
+        self.finished = True
+
+    async def fail(self, error: ApiError) -> None:
+        """The error, as an HTTP error or (once begun) an SSE error event + [DONE]."""
+        if self.finished:
+            return
+        self.finished = True
+        if not self.started:
+            self.status = error.status
+            await send_error(self._send, error)
+            return
+        self.status = error.status  # what the request ended with, though HTTP said 200
+        ERRORS[error.status] = ERRORS.get(error.status, 0) + 1
+        event = b"data: " + error.body() + b"\n\n" + DONE
+        # A client that stopped reading must not hold the request open.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._send({"type": "http.response.body", "body": event}), LAST_WORDS_TIMEOUT_S
+            )
+
+    def client_left(self) -> None:
+        """Nobody to answer: the request counts as cancelled."""
+        self.status = CANCELLED
+        self.finished = True
