@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 VLLM_VENV ?= .venv-vllm
 PROTO_FILES := $(wildcard proto/kscope/v1/*.proto)
 
-.PHONY: run test install install-vllm proto proto-check lint check bench clean slurm-up slurm-down
+.PHONY: run test install install-vllm proto proto-check lint check bench clean slurm-up slurm-down system-deps
 
 TINY_MODEL := .cache/tiny-qwen2
 CPU_VLLM_ARGS := --max-model-len 2048 --enforce-eager --kv-cache-memory-bytes 64M --dtype float32
@@ -16,8 +16,13 @@ run: install install-vllm ## start controller, facade and one vLLM agent on a ti
 	$(VENV)/bin/kscope serve --engine vllm --model-path $(TINY_MODEL) --model tiny \
 		--engine-args "$(CPU_VLLM_ARGS)" --port $${PORT:-8000}
 
-test: install install-vllm slurm-up ## every test, real processes included (SLURM too)
+test: system-deps install install-vllm slurm-up ## every test, real processes included (SLURM too)
 	$(PY) -m pytest tests
+
+# The Debian packages the tests use (SLURM, munge, sshd, slapd, chromium …):
+# installed when missing (as root), or the exact command is printed.
+system-deps:
+	scripts/system-deps.sh
 
 # A one-node SLURM (munged, slurmctld, slurmd) and an sshd on 127.0.0.1, from
 # Debian's packages; state, configs and logs in $KSCOPE_SLURM_DIR (/tmp/kscope-slurm).
