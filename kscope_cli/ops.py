@@ -361,8 +361,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(users_app, name="users")
     from kscope_cli.identities import register as register_identity_commands
+    from kscope_cli.operate import register as register_operate_commands
 
     register_identity_commands(app)
+    register_operate_commands(app)
     app.command()(models)
     app.command()(instances)
     app.command()(agents)
