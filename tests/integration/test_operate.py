@@ -32,8 +32,9 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]
         env={"MIN_UPDATE_INTERVAL_SECONDS": "0.5"},
     )
     try:
-        wait_until(lambda: any(i.state == control_pb2.INSTANCE_STATE_READY
-                               for i in ctl.list_instances("echo")), 30, what="echo ready")  # fmt: skip
+        ready = control_pb2.INSTANCE_STATE_READY
+        wait_until(lambda: any(i.state == ready for i in ctl.list_instances("echo")), 30,
+                   what="echo ready")  # fmt: skip
         yield ctl
     finally:
         ctl.proc.stop()
