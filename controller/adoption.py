@@ -19,6 +19,7 @@ from controller.fleet import Fleet
 from controller.launchers.base import LaunchError
 from controller.launchers.slurm import SlurmLauncher
 from controller.launchers.ssh import RemoteError
+from kscope_common.retry import SLURM, Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,14 @@ async def adopt_jobs(fleet: Fleet, launcher: SlurmLauncher, stored: Collection[s
 
 
 async def adopt_jobs_when_reachable(
-    fleet: Fleet, launcher: SlurmLauncher, stored: Collection[str], max_delay_s: float = 30.0
+    fleet: Fleet, launcher: SlurmLauncher, stored: Collection[str], policy: RetryPolicy = SLURM
 ) -> None:
     """Run adopt_jobs once, retrying with backoff while SLURM cannot be reached."""
     if not any(fleet.instances[i].launcher == launcher.name for i in stored):
         return  # nothing of SLURM's in the store: nothing to match
-    delay = 1.0
+    backoff = Backoff(policy)
     while True:
+        delay = backoff.next_delay()
         try:
             await adopt_jobs(fleet, launcher, stored)
             return
@@ -74,4 +76,3 @@ async def adopt_jobs_when_reachable(
             log.warning("matching SLURM jobs with instances failed (%s); retrying in %.0fs",
                         exc, delay)  # fmt: skip
         await asyncio.sleep(delay)
-        delay = min(max_delay_s, delay * 2)

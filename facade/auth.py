@@ -25,6 +25,7 @@ import grpc
 
 from facade.errors import ApiError
 from kscope.v1 import keys_pb2, keys_pb2_grpc
+from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class KeyChecker:
         """Follow WatchKeyEvents forever, reconnecting with backoff."""
         if not self.required:
             return
-        backoff = 0.1
+        backoff = Backoff(RECONNECT)
         while True:
             try:
                 async for event in self._stub.WatchKeyEvents(keys_pb2.WatchKeyEventsRequest()):
@@ -215,14 +216,13 @@ class KeyChecker:
                         # Revocations may have been missed while disconnected.
                         self._cache.clear()
                         self.watching = True
-                        backoff = 0.1
+                        backoff.reset()
                     self.revoked(event.revoked_key_hashes)
             except grpc.aio.AioRpcError as exc:
                 if self.watching:
                     log.warning("key event stream lost: %s", exc.code().name)
             self.watching = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            await asyncio.sleep(backoff.next_delay())
 
     async def close(self) -> None:
         """The controller connection is the facade's, closed by its owner."""

@@ -18,6 +18,7 @@ import grpc
 from facade.exchange import AgentSession
 from kscope.v1 import control_pb2, control_pb2_grpc, inference_pb2_grpc
 from kscope_common.grpc_server import CHANNEL_OPTIONS
+from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
@@ -180,14 +181,14 @@ class RouteWatcher:
         return control_pb2_grpc.ControlServiceStub(self._controller.channel())
 
     async def run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(RECONNECT)
         while True:
             try:
                 async for update in self._stub.WatchRoutes(control_pb2.WatchRoutesRequest()):
                     if not self.connected:
                         log.info("route stream from %s connected", self._controller.mesh_address)
                     self.connected = True
-                    backoff = 0.1
+                    backoff.reset()
                     self._table.apply(update)
             except grpc.aio.AioRpcError as exc:
                 if self.connected or exc.code() is not grpc.StatusCode.UNAVAILABLE:
@@ -195,8 +196,7 @@ class RouteWatcher:
                 if exc.code() is grpc.StatusCode.UNAVAILABLE:
                     await self._controller.rediscover()
             self.connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            await asyncio.sleep(backoff.next_delay())
 
     async def ensure_model(
         self, model: str, timeout_s: float

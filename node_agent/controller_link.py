@@ -19,6 +19,7 @@ import grpc
 
 from kscope.v1 import agent_pb2, agent_pb2_grpc
 from kscope_common.request_stats import RequestTotals
+from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class ControllerLink:
     async def run(self) -> None:
         """Register and hold the Session until `close`; raise RegistrationRefused
         when the controller refuses the agent for good."""
-        backoff = 0.1
+        backoff = Backoff(RECONNECT)
         lost_since = time.monotonic()  # not attached yet
         while not self._closing.is_set():
             # A fresh channel after a renewal or a move; otherwise the same one.
@@ -114,7 +115,7 @@ class ControllerLink:
             try:
                 await self._register(stub)
                 registered = True
-                backoff = 0.1
+                backoff.reset()
                 await self._session(stub)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _PERMANENT:
@@ -131,10 +132,9 @@ class ControllerLink:
             if alone_s > self._orphan_timeout_s:
                 raise Orphaned(f"no controller for {alone_s:.0f} s")
             try:
-                await asyncio.wait_for(self._closing.wait(), backoff)
+                await asyncio.wait_for(self._closing.wait(), backoff.next_delay())
             except TimeoutError:
                 pass
-            backoff = min(backoff * 2, 1.0)
 
     async def _register(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         ident = self._identity

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import asyncssh
 
+from kscope_common.retry import SLURM, Backoff, RetryLater
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ class RemoteError(Exception):
     """Base of the runners' errors."""
 
 
-class RemoteUnavailable(RemoteError):
+class RemoteUnavailable(RemoteError, RetryLater):
     """The command could not run now; worth retrying later (the delay says when)."""
 
     def __init__(self, message: str, retry_in_s: float = 1.0, maybe_ran: bool = False):
@@ -136,9 +138,6 @@ class _Client(asyncssh.SSHClient):
         self._runner._lost(self, exc)
 
 
-_BACKOFF_MAX_S = 30.0
-
-
 class SshRunner:
     """One long-lived SSH connection, re-established with backoff when it drops."""
 
@@ -152,7 +151,7 @@ class SshRunner:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._client: _Client | None = None
         self._connecting = asyncio.Lock()
-        self._failures = 0
+        self._backoff = Backoff(SLURM)
         self._next_attempt_at = 0.0
         self._last_error: RemoteUnavailable | None = None
 
@@ -174,17 +173,17 @@ class SshRunner:
             try:
                 self._conn, self._client = await self._connect()
             except RemoteUnavailable as exc:
-                self._failures += 1
-                delay = min(_BACKOFF_MAX_S, 2.0 ** (self._failures - 1))
+                delay = self._backoff.next_delay()
                 self._next_attempt_at = time.monotonic() + delay
                 exc.retry_in_s = delay
                 self._last_error = exc
                 log.error("%s", exc)
                 raise
-            if self._failures:
+            if self._backoff.failures:
                 log.info("%s: connected again after %d failed attempts", self.target,
-                         self._failures)  # fmt: skip
-            self._failures, self._last_error = 0, None
+                         self._backoff.failures)  # fmt: skip
+            self._backoff.reset()
+            self._last_error = None
             return self._conn
 
     async def _connect(self) -> tuple[asyncssh.SSHClientConnection, _Client]:
