@@ -96,10 +96,17 @@ def _described(exc: grpc.aio.AioRpcError) -> inference_pb2.RequestError:
     return request_error(exc.code(), exc.details() or exc.code().name)
 
 
+CALL_DEADLINE_SLACK_S = 5.0
+"""The call's gRPC deadline is this much later than the proxy's own total cap,
+so the proxy's timer (which knows to say request_timeout) always fires first;
+the deadline only makes sure the agent gives up too."""
+
+
 def open_per_call(
     target: Target, kind: int, request: Any, model: str, rpc: str, timeout_s: float | None
 ) -> Exchange:
-    call = getattr(target.stub, rpc)(request, timeout=timeout_s)
+    deadline = timeout_s + CALL_DEADLINE_SLACK_S if timeout_s else None
+    call = getattr(target.stub, rpc)(request, timeout=deadline)
     return PerCallExchange(call, model)
 
 

@@ -291,11 +291,13 @@ class InferenceProxy:
         cap_at = loop.time() + total_s if total_s else float("inf")
         # The idle deadline moves every `step`, a little past idle_s, so a
         # stream is cut between idle_s and idle_s + step after its last chunk.
+        # Before the first chunk only the cap counts: a request may wait in
+        # the agent's queue (queue_timeout_s) for longer than idle_s.
         step = min(RESCHEDULE_EVERY_S, idle_s / 4)
         events = 0
-        moved_at = loop.time()
+        moved_at = -step  # the first chunk moves the deadline
         try:
-            async with asyncio.timeout_at(min(moved_at + idle_s + step, cap_at)) as timer:
+            async with asyncio.timeout_at(cap_at if total_s else None) as timer:
                 async for chunks in exchange.chunks():
                     await writer.events(chunks)
                     exchange.consumed(sum([len(c) for c in chunks]))

@@ -28,8 +28,10 @@ if _version_not_supported:
 class InferenceServiceStub:
     """InferenceService is served by every node agent. Each RPC carries the
     client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. One call per request: cancelling
-    the call aborts the engine's request.
+    field works without this file knowing it. ChatCompletion, Completion and
+    Embedding take one call per request (what grpcurl users see; cancelling the
+    call aborts the engine's request); Multiplex carries many. A failed request
+    is told the same way on both: a RequestError. Only facades may call it.
     """
 
     def __init__(self, channel):
@@ -63,8 +65,10 @@ class InferenceServiceStub:
 class InferenceServiceServicer:
     """InferenceService is served by every node agent. Each RPC carries the
     client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. One call per request: cancelling
-    the call aborts the engine's request.
+    field works without this file knowing it. ChatCompletion, Completion and
+    Embedding take one call per request (what grpcurl users see; cancelling the
+    call aborts the engine's request); Multiplex carries many. A failed request
+    is told the same way on both: a RequestError. Only facades may call it.
     """
 
     def ChatCompletion(self, request, context):
@@ -92,8 +96,9 @@ class InferenceServiceServicer:
         """Multiplex carries many requests over one long-lived stream between a
         facade and an agent, because grpc.aio's per-call cost dominates the token
         path. Same bodies and chunks as the RPCs above; each request can be
-        cancelled on its own, and frames of different requests never wait for
-        each other (only frames already queued share a message).
+        cancelled on its own, frames of different requests never wait for each
+        other (only frames already queued share a message), and each request has
+        a flow-control window (MultiplexOpen.window_bytes, MultiplexCredit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,8 +138,10 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 class InferenceService:
     """InferenceService is served by every node agent. Each RPC carries the
     client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. One call per request: cancelling
-    the call aborts the engine's request.
+    field works without this file knowing it. ChatCompletion, Completion and
+    Embedding take one call per request (what grpcurl users see; cancelling the
+    call aborts the engine's request); Multiplex carries many. A failed request
+    is told the same way on both: a RequestError. Only facades may call it.
     """
 
     @staticmethod

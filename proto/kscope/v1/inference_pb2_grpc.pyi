@@ -29,8 +29,10 @@ GRPC_VERSION: str
 class InferenceServiceStub:
     """InferenceService is served by every node agent. Each RPC carries the
     client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. One call per request: cancelling
-    the call aborts the engine's request.
+    field works without this file knowing it. ChatCompletion, Completion and
+    Embedding take one call per request (what grpcurl users see; cancelling the
+    call aborts the engine's request); Multiplex carries many. A failed request
+    is told the same way on both: a RequestError. Only facades may call it.
     """
 
     @_typing.overload
@@ -47,16 +49,19 @@ class InferenceServiceStub:
     """Multiplex carries many requests over one long-lived stream between a
     facade and an agent, because grpc.aio's per-call cost dominates the token
     path. Same bodies and chunks as the RPCs above; each request can be
-    cancelled on its own, and frames of different requests never wait for
-    each other (only frames already queued share a message).
+    cancelled on its own, frames of different requests never wait for each
+    other (only frames already queued share a message), and each request has
+    a flow-control window (MultiplexOpen.window_bytes, MultiplexCredit).
     """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
     """InferenceService is served by every node agent. Each RPC carries the
     client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. One call per request: cancelling
-    the call aborts the engine's request.
+    field works without this file knowing it. ChatCompletion, Completion and
+    Embedding take one call per request (what grpcurl users see; cancelling the
+    call aborts the engine's request); Multiplex carries many. A failed request
+    is told the same way on both: a RequestError. Only facades may call it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -70,15 +75,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Multiplex carries many requests over one long-lived stream between a
     facade and an agent, because grpc.aio's per-call cost dominates the token
     path. Same bodies and chunks as the RPCs above; each request can be
-    cancelled on its own, and frames of different requests never wait for
-    each other (only frames already queued share a message).
+    cancelled on its own, frames of different requests never wait for each
+    other (only frames already queued share a message), and each request has
+    a flow-control window (MultiplexOpen.window_bytes, MultiplexCredit).
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService is served by every node agent. Each RPC carries the
     client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. One call per request: cancelling
-    the call aborts the engine's request.
+    field works without this file knowing it. ChatCompletion, Completion and
+    Embedding take one call per request (what grpcurl users see; cancelling the
+    call aborts the engine's request); Multiplex carries many. A failed request
+    is told the same way on both: a RequestError. Only facades may call it.
     """
 
     @_abc_1.abstractmethod
@@ -114,8 +122,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Multiplex carries many requests over one long-lived stream between a
         facade and an agent, because grpc.aio's per-call cost dominates the token
         path. Same bodies and chunks as the RPCs above; each request can be
-        cancelled on its own, and frames of different requests never wait for
-        each other (only frames already queued share a message).
+        cancelled on its own, frames of different requests never wait for each
+        other (only frames already queued share a message), and each request has
+        a flow-control window (MultiplexOpen.window_bytes, MultiplexCredit).
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
