@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -12,24 +10,25 @@ from controller.ca import CAError
 from controller.catalog import CatalogError
 from controller.server import start_controller
 from controller.settings import ControllerSettings
+from kscope_common.cli import CommandLine
 from kscope_common.daemon import run, wait_for_stop_signal
 from kscope_common.logs import configure_logging
 
 log = logging.getLogger("controller")
 
 
+COMMAND_LINE = CommandLine(
+    "kscope-controller",
+    ControllerSettings,
+    description=__doc__ or "",
+    docs_defaults={"agent_python": "the Python running the controller"},
+)
+"""One flag per ControllerSettings field (kscope_common/cli.py)."""
+
+
 def parse_settings(argv: list[str] | None = None) -> ControllerSettings:
     """Flags override KSCOPE_* environment variables, which override defaults."""
-    parser = argparse.ArgumentParser(prog="kscope-controller", description=__doc__)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--port-file", type=Path)
-    parser.add_argument("--state-dir", type=Path)
-    parser.add_argument("--catalog", type=Path)
-    parser.add_argument("--mesh-port", type=int, help="the mutual-TLS port (0: any)")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return ControllerSettings(**overrides)
+    return COMMAND_LINE.parse(argv)
 
 
 async def serve(settings: ControllerSettings) -> None:

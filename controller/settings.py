@@ -12,7 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ControllerSettings(BaseSettings):
     """Everything the controller process is configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="KSCOPE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KSCOPE_", extra="ignore", use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     """Address the gRPC server binds (0.0.0.0 to reach agents on other nodes)."""

@@ -23,6 +23,7 @@ import grpc
 
 from facade.errors import failure, request_error
 from kscope.v1 import inference_pb2, inference_pb2_grpc
+from kscope_common.mailbox import Mailbox
 
 if TYPE_CHECKING:
     from facade.routing import Target
@@ -134,22 +135,27 @@ class MultiplexExchange:
         self._session = session
         self._id = stream_id
         self._model = model
-        self.frames: asyncio.Queue[inference_pb2.MultiplexFrame] = asyncio.Queue()
+        self.frames: Mailbox[inference_pb2.MultiplexFrame] = Mailbox()
         self.ended = False
         self._ungranted = 0
         """Bytes the client took that the agent was not yet told of."""
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         while True:
-            frame = await self.frames.get()
-            if frame.end:
-                self.ended = True
-                if frame.HasField("error"):
-                    raise failure(frame.error, self._model)
-                if frame.chunks:
-                    yield frame.chunks
-                return
-            yield frame.chunks
+            frames = await self.frames.take()
+            if len(frames) > 1 and not any(f.end for f in frames):
+                # Several arrived at once: the client gets them in one write.
+                yield [c for f in frames for c in f.chunks]
+                continue
+            for frame in frames:
+                if frame.end:
+                    self.ended = True
+                    if frame.HasField("error"):
+                        raise failure(frame.error, self._model)
+                    if frame.chunks:
+                        yield frame.chunks
+                    return
+                yield frame.chunks
 
     def consumed(self, nbytes: int) -> None:
         # Granted in halves of the window: one small message per 128 KiB read.
@@ -162,7 +168,7 @@ class MultiplexExchange:
         if not self.ended:
             self.ended = True
             self._session.cancel(self._id)
-            self.frames.put_nowait(_CANCELLED)
+            self.frames.put(_CANCELLED)
 
 
 def pack_opens(
@@ -268,7 +274,7 @@ class AgentSession:
                         continue
                     if frame.end:
                         del self._exchanges[frame.stream_id]
-                    exchange.frames.put_nowait(frame)
+                    exchange.frames.put(frame)
         except grpc.aio.AioRpcError as exc:
             reason = exc.details() or exc.code().name
             log.warning("multiplex stream to %s broke: %s", self._address, reason)
@@ -277,7 +283,7 @@ class AgentSession:
             end=True, error=request_error(grpc.StatusCode.UNAVAILABLE, reason)
         )
         for exchange in self._exchanges.values():
-            exchange.frames.put_nowait(lost)
+            exchange.frames.put(lost)
         self._exchanges.clear()
 
     async def close(self) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -17,6 +15,7 @@ from pydantic import ValidationError
 from facade.app import create_app
 from facade.mesh import GivenCertificate
 from facade.settings import FacadeSettings
+from kscope_common.cli import CommandLine
 from kscope_common.daemon import run, wait_for_stop_signal
 from kscope_common.grpc_server import write_port_file
 from kscope_common.handoff import reexec_without, take_handed_over
@@ -25,17 +24,16 @@ from kscope_common.logs import configure_logging
 log = logging.getLogger("facade")
 
 
+COMMAND_LINE = CommandLine(
+    "kscope-facade", FacadeSettings, description=__doc__ or "", aliases={"--ca": "tls_ca"}
+)
+"""One flag per FacadeSettings field (the portal's as --portal-*); --api-key and
+the other secrets are refused (kscope_common/cli.py)."""
+
+
 def parse_settings(argv: list[str] | None = None) -> FacadeSettings:
-    parser = argparse.ArgumentParser(prog="kscope-facade", description=__doc__)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--port-file", type=Path)
-    parser.add_argument("--controller")
-    parser.add_argument("--api-key")
-    parser.add_argument("--ca", dest="tls_ca", help="the cluster CA certificate (file or PEM)")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    return FacadeSettings(**overrides)
+    """Flags override KSCOPE_* environment variables, which override defaults."""
+    return COMMAND_LINE.parse(argv)
 
 
 CLIENT_SEND_BUFFER_BYTES = 256 * 1024
@@ -109,12 +107,19 @@ async def serve_http(
         raise SystemExit("kscope-facade: could not start (the log above says why)")
 
 
-SECRET_ENVIRONMENT = ("KSCOPE_ENROLL_TOKEN", "KSCOPE_API_KEY", "KSCOPE_PORTAL_SERVICE_KEY")
+SECRET_ENVIRONMENT = (
+    "KSCOPE_ENROLL_TOKEN", "KSCOPE_API_KEY", "KSCOPE_PORTAL_SERVICE_KEY",
+    "KSCOPE_PORTAL_SESSION_SECRET", "KSCOPE_PORTAL_LDAP_BIND_PASSWORD",
+)  # fmt: skip
 """Read once at start, then gone from /proc/<pid>/environ (kscope_common/handoff.py)."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    if argv is None:
+def main(argv: list[str] | None = None, hand_off: bool | None = None) -> None:
+    """`hand_off` (default: when argv is this process's own) first moves the
+    secrets out of the environment the kernel shows (kscope_common/handoff.py)."""
+    if hand_off is None:
+        hand_off = argv is None
+    if hand_off:
         reexec_without(SECRET_ENVIRONMENT)
         take_handed_over()
     configure_logging("facade")

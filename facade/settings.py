@@ -13,7 +13,9 @@ from facade.portal.settings import PortalSettings
 class FacadeSettings(BaseSettings):
     """Everything one facade process is configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="KSCOPE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="KSCOPE_", extra="ignore", populate_by_name=True, use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     """Address the HTTP server binds."""
@@ -37,7 +39,8 @@ class FacadeSettings(BaseSettings):
     insecure_plaintext: bool = False
     """Debugging only: talk to a plaintext controller and agents (no TLS)."""
     api_key: SecretStr | None = None
-    """A static key accepted beside the controller's stored keys (`kscope serve --api-key`)."""
+    """A static key accepted beside the controller's stored keys (KSCOPE_API_KEY;
+    `kscope serve --api-key`). Environment only."""
     require_key: bool = True
     """Every /v1 request must carry a valid key (a stored one or api_key); false
     leaves /v1 open (a trusted network, benchmarks)."""
@@ -49,12 +52,15 @@ class FacadeSettings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     """Larger request bodies are refused with 413."""
     request_timeout_s: float = Field(default=600.0, ge=0)
-    """The longest one request may take end to end (KSCOPE_REQUEST_TIMEOUT_S);
-    a stream past it ends with an SSE error event (504) and [DONE]. 0: no cap."""
+    """The longest one request may take from when it is sent to an instance
+    (KSCOPE_REQUEST_TIMEOUT_S; a cold start's wait is not counted); a stream past
+    it ends with an SSE error event (504) and [DONE]. 0: no cap."""
     stream_idle_timeout_s: float = Field(default=120.0, gt=0)
-    """A stream that gets no chunk for this long (KSCOPE_STREAM_IDLE_TIMEOUT_S)
-    ends with an SSE error event (504) and [DONE], and its engine request is
-    aborted; so does one whose client stopped reading for this long."""
+    """A stream that, once its first chunk came, gets no chunk for this long
+    (KSCOPE_STREAM_IDLE_TIMEOUT_S) ends with an SSE error event (504) and
+    [DONE], and its engine request is aborted; so does one whose client stopped
+    reading for this long. Before the first chunk (a queued request) only
+    request_timeout_s and the agent's queue_timeout_s apply."""
     multiplex: bool = True
     """Carry requests to each agent over one shared Multiplex stream (fast);
     false: one gRPC call per request (what grpcurl users see)."""

@@ -149,6 +149,35 @@ def slurm_script(
     typer.echo(dry_run_script(spec, SlurmOptions.from_settings(settings), address), nl=False)
 
 
+# The processes' own command lines, as subcommands: `kscope agent --help` is
+# `kscope-agent --help` (typer passes every argument through untouched).
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def controller(ctx: typer.Context) -> None:
+    """The control plane (`kscope-controller`); `kscope controller --help` lists its flags."""
+    from controller.main import main as controller_main
+
+    controller_main(list(ctx.args))
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def facade(ctx: typer.Context) -> None:
+    """The OpenAI-compatible HTTP front door (`kscope-facade`); `kscope facade --help`."""
+    from facade.main import main as facade_main
+
+    facade_main(list(ctx.args), hand_off=True)
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def agent(ctx: typer.Context) -> None:
+    """A node agent or host agent (`kscope-agent`); `kscope agent --help`."""
+    from node_agent.main import main as agent_main
+
+    agent_main(list(ctx.args), hand_off=True)
+
+
 register_operator_commands(app)
 
 

@@ -27,8 +27,11 @@ from node_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
-SECRET_ENVIRONMENT = ("KSCOPE_ENROLL_TOKEN", "KSCOPE_REGISTRATION_TOKEN")
-"""Variables that hold secrets: removed from the process's environment once read."""
+SECRET_ENVIRONMENT = (
+    "KSCOPE_ENROLL_TOKEN", "KSCOPE_REGISTRATION_TOKEN", "KSCOPE_UPSTREAM_API_KEY",
+)  # fmt: skip
+"""Variables that hold secrets: out of /proc/<pid>/environ (kscope_common/handoff.py)
+and, for the enrollment token, out of os.environ once read."""
 
 
 @dataclass

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 from prometheus_client.core import Metric
 
 from kscope.v1 import agent_pb2
+from kscope_common.cli import AgentCommand, agent_argv
 from kscope_common.metrics import gauge, maybe_serve
 from kscope_common.tls import EnrollmentError
 from node_agent.controller_link import (
@@ -101,18 +100,18 @@ class _Instance:
 
 def instance_argv(load: agent_pb2.LoadModelCommand, path: Path) -> list[str]:
     """The instance agent's command: the catalog's engine and queue settings,
-    this host's copy of the weights."""
-    argv = [sys.executable, "-m", "node_agent.main", "--engine", load.engine,
-            "--model", load.model, "--model-path", str(path)]  # fmt: skip
-    if load.engine_args:
-        argv += ["--engine-args-json", json.dumps(list(load.engine_args))]
-    if load.HasField("max_concurrency"):
-        argv += ["--max-concurrency", str(load.max_concurrency)]
-    if load.HasField("queue_size"):
-        argv += ["--queue-size", str(load.queue_size)]
-    if load.HasField("queue_timeout_s"):
-        argv += ["--queue-timeout", str(load.queue_timeout_s)]
-    return argv
+    this host's copy of the weights (kscope_common.cli.agent_argv, as launchers)."""
+    return agent_argv(
+        AgentCommand(
+            engine=load.engine,
+            model=load.model,
+            model_path=str(path),
+            engine_args=tuple(load.engine_args),
+            max_concurrency=load.max_concurrency if load.HasField("max_concurrency") else None,
+            queue_size=load.queue_size if load.HasField("queue_size") else None,
+            queue_timeout_s=load.queue_timeout_s if load.HasField("queue_timeout_s") else None,
+        )
+    )
 
 
 def _tied_to_us(argv: list[str]) -> list[str]:

@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
+from kscope_common.cli import CommandLine
 from kscope_common.daemon import run
 from kscope_common.handoff import reexec_without, take_handed_over
 from kscope_common.logs import configure_logging
@@ -25,53 +24,32 @@ from node_agent.settings import AgentSettings
 log = logging.getLogger("node_agent")
 
 
+COMMAND_LINE = CommandLine(
+    "kscope-agent",
+    AgentSettings,
+    description=__doc__ or "",
+    aliases={
+        "--model-type": "engine",
+        "--engine-args-json": "engine_args",
+        "--queue-timeout": "queue_timeout_s",
+        "--models": "host_models",
+        "--ca": "tls_ca",
+        "--registration-token": "enroll_token",  # refused, as every secret is
+    },
+    file_flags={"enroll_token": "--token-file"},
+    docs_defaults={
+        "vllm_python": ".venv-vllm/bin/python beside KScope when it exists, "
+        "else the Python running the agent"
+    },
+)
+"""One flag per AgentSettings field, the older names kept (kscope_common/cli.py)."""
+
+
 def parse_settings(argv: list[str] | None = None) -> AgentSettings:
-    """Flags override KSCOPE_* environment variables. The enrollment token and
-    instance id come from the environment only (KSCOPE_ENROLL_TOKEN,
-    KSCOPE_INSTANCE_ID) or the token file, never from flags that `ps` would show."""
-    parser = argparse.ArgumentParser(prog="kscope-agent", description=__doc__)
-    parser.add_argument("--controller", help="controller host:port")
-    parser.add_argument("--engine", "--model-type", dest="engine", help="vllm, openai or mlx_vlm")
-    parser.add_argument("--model", help="model name clients use")
-    parser.add_argument("--model-path")
-    parser.add_argument("--upstream-url")
-    parser.add_argument("--upstream-model")
-    parser.add_argument("--engine-args-json", dest="engine_args")
-    parser.add_argument("--host", help="address to bind; @node: this machine's own address")
-    parser.add_argument("--ca", dest="tls_ca", help="the cluster CA certificate (file or PEM)")
-    parser.add_argument(
-        "--insecure-plaintext", action="store_const", const=True,
-        help="debugging only: no TLS (the controller must run the same way)",
-    )  # fmt: skip
-    parser.add_argument("--advertise-host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument(
-        "--max-concurrency", type=int, help="requests the engine works on at once (0: no limit)"
-    )
-    parser.add_argument("--queue-size", type=int, help="requests that may wait for the engine")
-    parser.add_argument(
-        "--queue-timeout",
-        dest="queue_timeout_s",
-        type=float,
-        help="seconds a request may wait in the queue",
-    )
-    parser.add_argument(
-        "--host-agent",
-        action="store_const",
-        const=True,
-        help="no instance of its own: load the models it offers on request",
-    )
-    parser.add_argument(
-        "--models",
-        dest="host_models",
-        help="host agent: NAME=PATH entries or model directories, comma-separated",
-    )
-    parser.add_argument(
-        "--token-file", type=Path, help="read the enrollment token from this private file"
-    )
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = AgentSettings(**overrides)
+    """Flags override KSCOPE_* environment variables. The enrollment token comes
+    from the environment (KSCOPE_ENROLL_TOKEN) or the token file only, never
+    from a flag that `ps` would show."""
+    settings = COMMAND_LINE.parse(argv)
     if settings.token_file is not None:
         token = read_token_file(settings.token_file.expanduser())
         settings = settings.model_copy(update={"enroll_token": SecretStr(token)})
@@ -87,11 +65,15 @@ async def serve(settings: AgentSettings) -> None:
         raise SystemExit(code)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, hand_off: bool | None = None) -> None:
+    """`hand_off` (default: when argv is this process's own) first moves the
+    secrets out of the environment the kernel shows (kscope_common/handoff.py)."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("install-launchd", "uninstall-launchd"):
         sys.exit(launchd.main(args))
-    if argv is None:
+    if hand_off is None:
+        hand_off = argv is None
+    if hand_off:
         reexec_without(SECRET_ENVIRONMENT)
         take_handed_over()
     configure_logging("agent")

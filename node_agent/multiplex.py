@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kscope.v1 import inference_pb2
+from kscope_common.mailbox import Mailbox
 from node_agent.engines.base import copy_usage
 from node_agent.request_life import (
     ENDPOINTS,
@@ -72,7 +73,7 @@ class MultiplexSession:
 
     def __init__(self, core: AgentCore):
         self._core = core
-        self._out: asyncio.Queue[Frame] = asyncio.Queue()
+        self._out: Mailbox[Frame] = Mailbox()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._windows: dict[int, Window] = {}
 
@@ -80,22 +81,15 @@ class MultiplexSession:
         self, requests: AsyncIterator[inference_pb2.MultiplexRequest]
     ) -> AsyncIterator[inference_pb2.MultiplexResponse]:
         reader = asyncio.create_task(self._read(requests))
+        reader.add_done_callback(lambda _: self._out.wake())
         try:
             while True:
-                if self._out.empty():
-                    if reader.done() and not self._tasks:
-                        return  # the facade closed its side and nothing is running
-                    getter = asyncio.ensure_future(self._out.get())
-                    await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        continue
-                    frames = [getter.result()]
-                else:
-                    frames = []
-                while not self._out.empty():
-                    frames.append(self._out.get_nowait())
-                yield inference_pb2.MultiplexResponse(frames=frames)
+                if not self._out and reader.done() and not self._tasks:
+                    return  # the facade closed its side and nothing is running
+                # Whatever every request queued since the last message, in one.
+                frames = await self._out.take()
+                if frames:
+                    yield inference_pb2.MultiplexResponse(frames=frames)
         finally:
             reader.cancel()
             for task in self._tasks.values():
@@ -120,7 +114,7 @@ class MultiplexSession:
     async def _run(self, opened: inference_pb2.MultiplexOpen) -> None:
         sid = opened.stream_id
         window = self._windows[sid]
-        put = self._out.put_nowait
+        put = self._out.put
         try:
             endpoint = ENDPOINTS.get(opened.kind)
             if endpoint is None:
@@ -140,3 +134,4 @@ class MultiplexSession:
         finally:
             self._tasks.pop(sid, None)
             self._windows.pop(sid, None)
+            self._out.wake()  # the writer may be waiting for the last request to end

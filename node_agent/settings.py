@@ -18,7 +18,9 @@ _DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "
 class AgentSettings(BaseSettings):
     """Everything one node agent is configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="KSCOPE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KSCOPE_", extra="ignore", use_attribute_docstrings=True
+    )
 
     controller: str = "127.0.0.1:50051"
     """host:port of the controller's public gRPC port (enrollment, discovery)."""
@@ -81,7 +83,8 @@ class AgentSettings(BaseSettings):
     health_interval_s: float = Field(default=1.0, gt=0)
     """How often the engine's health is checked once ready."""
     upstream_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest a single engine request may take."""
+    """Longest wait for the engine's next bytes (its headers, or the next piece
+    of its answer); the engine connection is closed after it."""
     max_concurrency: int | None = Field(default=None, ge=0)
     """Requests the engine works on at once; more wait in the queue. 0: no limit;
     unset: the engine's default (1 for mlx_vlm, no limit for vllm and openai)."""

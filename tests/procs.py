@@ -305,9 +305,9 @@ def start_facade(
     port_file = tmp / f"{name}.port"
     argv = [PYTHON, "-m", "facade.main", "--port", "0", "--port-file", str(port_file),
             "--controller", controller.address]  # fmt: skip
-    if api_key:
-        argv += ["--api-key", api_key]
     env = {
+        # Secrets travel in the environment, never on a command line.
+        **({"KSCOPE_API_KEY": api_key} if api_key else {}),
         "KSCOPE_MULTIPLEX": "1" if multiplex else "0",
         "KSCOPE_REQUIRE_KEY": "1" if api_key else "0",
         **controller.facade_env(f"{name}-{time.monotonic_ns()}"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Protocol
 
 from controller.catalog import ModelSpec
 from controller.lifecycle import LauncherPhase
+from kscope_common.cli import AgentCommand, agent_argv
 
 
 class LaunchError(RuntimeError):
@@ -76,21 +76,20 @@ def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInv
     """The `kscope-agent` command for an instance. Secrets travel in env only,
     never on the command line, where `ps` shows them."""
     model = spec.model
-    argv = [python, "-m", "node_agent.main", "--engine", model.engine.value, "--model", model.name]
-    if model.model_path:
-        argv += ["--model-path", model.model_path]
-    if model.upstream_url:
-        argv += ["--upstream-url", model.upstream_url]
-    if model.upstream_model:
-        argv += ["--upstream-model", model.upstream_model]
-    if model.engine_args:
-        argv += ["--engine-args-json", json.dumps(list(model.engine_args))]
-    if model.max_concurrency is not None:
-        argv += ["--max-concurrency", str(model.max_concurrency)]
-    if model.queue_size is not None:
-        argv += ["--queue-size", str(model.queue_size)]
-    if model.queue_timeout_s is not None:
-        argv += ["--queue-timeout", str(model.queue_timeout_s)]
+    argv = agent_argv(
+        AgentCommand(
+            engine=model.engine.value,
+            model=model.name,
+            model_path=model.model_path,
+            upstream_url=model.upstream_url,
+            upstream_model=model.upstream_model,
+            engine_args=model.engine_args,
+            max_concurrency=model.max_concurrency,
+            queue_size=model.queue_size,
+            queue_timeout_s=model.queue_timeout_s,
+        ),
+        python,
+    )
     env = {
         "KSCOPE_CONTROLLER": spec.controller_address,
         "KSCOPE_INSTANCE_ID": spec.instance_id,

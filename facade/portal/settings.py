@@ -14,7 +14,9 @@ class PortalSettings(BaseSettings):
     With `ldap_url` set, users log in against LDAP; otherwise against the local
     users file (`kscope users add`)."""
 
-    model_config = SettingsConfigDict(env_prefix="KSCOPE_PORTAL_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KSCOPE_PORTAL_", extra="ignore", use_attribute_docstrings=True
+    )
 
     enabled: bool = True
     """Serve the portal under /portal."""
