@@ -72,6 +72,7 @@ class PerCallExchange:
     def __init__(self, call: Any, model: str):
         self._call = call
         self._model = model
+        self._cancelled = False
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         try:
@@ -79,11 +80,20 @@ class PerCallExchange:
                 yield message.chunks
         except grpc.aio.AioRpcError as exc:
             raise failure(_described(exc), self._model) from exc
+        except asyncio.CancelledError:
+            # grpc.aio ends a call cancelled here (the client left) with
+            # CancelledError in its reader; only a cancelled task may see one.
+            task = asyncio.current_task()
+            if self._cancelled and task is not None and not task.cancelling():
+                cancelled = request_error(grpc.StatusCode.CANCELLED, "cancelled")
+                raise failure(cancelled, self._model) from None
+            raise
 
     def consumed(self, nbytes: int) -> None:
         """HTTP/2 flow control does it: the call is read as the client reads."""
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -225,7 +235,9 @@ class AgentSession:
                 kind=kind,  # type: ignore[arg-type]
                 envelope=envelope,
                 body=body,
-                window_bytes=WINDOW_BYTES,
+                # A whole answer is sent as one JSON body anyway: only streams
+                # are flow-controlled (a large one-piece answer must not stall).
+                window_bytes=WINDOW_BYTES if envelope.stream else 0,
             )
         )
         self._wake.set()

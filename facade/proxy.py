@@ -235,7 +235,8 @@ class InferenceProxy:
         writer: ResponseWriter,
     ) -> None:
         for attempt in range(2):
-            target.outstanding += 1
+            attempted = target  # a retry switches `target`; the count is this one's
+            attempted.outstanding += 1
             exchange = self._open(
                 target, kind.multiplex_kind, request, model, kind.rpc, self._total_timeout_s()
             )
@@ -270,7 +271,7 @@ class InferenceProxy:
             finally:
                 watcher.cancel()
                 exchange.cancel()
-                target.outstanding -= 1
+                attempted.outstanding -= 1
 
     async def _unary(self, exchange: Exchange, writer: ResponseWriter, model: str) -> None:
         parts: list[bytes] = []
@@ -278,6 +279,7 @@ class InferenceProxy:
             async with asyncio.timeout(self._total_timeout_s()):
                 async for chunks in exchange.chunks():
                     parts.extend(chunks)
+                    exchange.consumed(sum([len(c) for c in chunks]))
         except TimeoutError:
             raise StreamTimeout(_timed_out(model, self._total_timeout_s(), total=True)) from None
         await writer.json(parts[0] if len(parts) == 1 else b"".join(parts))

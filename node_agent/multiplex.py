@@ -38,30 +38,35 @@ Frame = inference_pb2.MultiplexFrame
 
 
 class Window:
-    """The bytes one request may still send before the facade grants more."""
+    """The bytes one request may still send before the facade grants more. A
+    frame may overdraw it (a frame is never split); the overdraw is paid back
+    from the next grants, so the window never creeps up."""
 
-    __slots__ = ("_granted", "available")
+    __slots__ = ("_granted", "available", "limited")
 
     def __init__(self, size: int):
-        self.available = size if size > 0 else -1
-        """-1: no flow control (a facade that asked for none)."""
+        self.limited = size > 0
+        """False: no flow control (a facade that asked for none, or a one-piece answer)."""
+        self.available = size
         self._granted: asyncio.Event | None = None
 
     def spend(self, nbytes: int) -> None:
-        if self.available >= 0:
-            self.available = max(0, self.available - nbytes)
+        self.available -= nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self.limited and self.available <= 0
 
     async def wait(self) -> None:
-        """Return once some window is open (a frame may overdraw what is left)."""
-        while self.available == 0:
+        """Return once the window is open again."""
+        while self.closed:
             self._granted = asyncio.Event()
             await self._granted.wait()
 
     def grant(self, nbytes: int) -> None:
-        if self.available >= 0:
-            self.available += nbytes
-            if self._granted is not None:
-                self._granted.set()
+        self.available += nbytes
+        if self._granted is not None:
+            self._granted.set()
 
 
 def frame_size(frame: Frame) -> int:
@@ -126,7 +131,7 @@ class MultiplexSession:
                     copy_usage(output, frame.usage)
                     put(frame)
                     window.spend(frame_size(frame))
-                    if window.available == 0:
+                    if window.closed:
                         await window.wait()
             put(Frame(stream_id=sid, end=True))
         except RequestFailed as failed:

@@ -9,6 +9,7 @@ consumer (the client left) cancels the engine request and counts it as such.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -87,9 +88,13 @@ async def serve_request(
     try:
         # The queue counts this request as queued, then in flight.
         async with core.queue.slot():
-            async for output in core.engine.generate(endpoint, body, envelope.stream):
-                clock.saw(output)
-                yield output
+            # Closed here, at once, when the consumer leaves (the client went
+            # away): that is what aborts the engine's request.
+            generation = core.engine.generate(endpoint, body, envelope.stream)
+            async with contextlib.aclosing(generation) as outputs:  # type: ignore[type-var]
+                async for output in outputs:
+                    clock.saw(output)
+                    yield output
         status = 200
     except EngineError as exc:
         status = exc.http_status

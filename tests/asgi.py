@@ -31,12 +31,14 @@ def http_scope(
 
 class ClientReceive:
     """ASGI `receive`: the request body (in the parts given), then nothing
-    until `disconnect()`, as a client that sent its request and waits."""
+    until `disconnect()`, as a client that sent its request and waits.
+    `complete=False` leaves the body unfinished (the last part says more_body)."""
 
-    def __init__(self, *parts: bytes):
+    def __init__(self, *parts: bytes, complete: bool = True):
+        parts = parts or (b"",)
         self._messages: deque[Message] = deque(
-            {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
-            for i, part in enumerate(parts or (b"",))
+            {"type": "http.request", "body": part, "more_body": i < len(parts) - 1 or not complete}
+            for i, part in enumerate(parts)
         )
         self._gone = asyncio.Event()
         self.calls = 0
@@ -54,23 +56,24 @@ class ClientReceive:
 
 
 class ClientSend:
-    """ASGI `send` that keeps every message; `stall()` makes it block forever
-    from then on, as a client that stopped reading once its buffers are full."""
+    """ASGI `send` that keeps every message; `stall(after)` makes every send
+    past the first `after` messages block forever, as a client that stopped
+    reading once its buffers filled."""
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
-        self._stalled = False
+        self._stall_after: int | None = None
         self.sent = asyncio.Event()
         """Set on every message (tests wait for the first one)."""
 
     async def __call__(self, message: Message) -> None:
-        if self._stalled:
+        if self._stall_after is not None and len(self.messages) >= self._stall_after:
             await asyncio.Event().wait()
         self.messages.append(dict(message))
         self.sent.set()
 
-    def stall(self) -> None:
-        self._stalled = True
+    def stall(self, after: int = 0) -> None:
+        self._stall_after = after
 
     @property
     def start(self) -> Message:

@@ -108,7 +108,7 @@ def chunks(*texts: str) -> list[EngineOutput]:
 
 def core_of(engine: FakeEngine, limits: QueueLimits | None = None, **load: Any) -> AgentCore:
     state = Load(**load)
-    return AgentCore(engine, state, RequestQueue(limits or QueueLimits(), state))  # type: ignore[arg-type]
+    return AgentCore(engine, state, RequestQueue(limits or QueueLimits(), state))
 
 
 def envelope(stream: bool = True, request_id: str = "req-test") -> inference_pb2.RequestEnvelope:
@@ -579,6 +579,7 @@ class FakeFailedCall:
             grpc.aio.Metadata(),
             grpc.aio.Metadata(*context.trailing_metadata),
             details,
+            None,
         )
 
     def __aiter__(self) -> FakeFailedCall:
@@ -613,12 +614,12 @@ class FakeAgentSession:
 async def test_both_transports_carry_the_same_request_error(error: BaseException) -> None:
     # Per call: the servicer's handler, as grpc would run it.
     per_call_engine = FakeEngine(chunks("a"), error=error)
-    servicer = InferenceServicer(per_call_engine, Load())  # type: ignore[arg-type]
+    servicer = InferenceServicer(per_call_engine, Load())
     context = FakeServicerContext()
     request = inference_pb2.ChatCompletionRequest(envelope=envelope(), body=b"{}")
     messages: list[inference_pb2.ChatCompletionResponse] = []
     with pytest.raises(FakeServicerContext.Aborted):
-        async for message in servicer.ChatCompletion(request, context):  # type: ignore[attr-defined]
+        async for message in servicer.ChatCompletion(request, context):  # type: ignore[arg-type]
             messages.append(message)
     assert [list(m.chunks) for m in messages] == [[b"a"]]
     ((key, value),) = context.trailing_metadata
@@ -641,9 +642,7 @@ async def test_both_transports_carry_the_same_request_error(error: BaseException
         async for _ in PerCallExchange(FakeFailedCall(context), "m").chunks():
             pass
     exchange = MultiplexExchange(FakeAgentSession(), 1, "m")  # type: ignore[arg-type]
-    exchange.frames.put_nowait(
-        inference_pb2.MultiplexFrame(stream_id=1, end=True, error=multiplexed)
-    )
+    exchange.frames.put(inference_pb2.MultiplexFrame(stream_id=1, end=True, error=multiplexed))
     with pytest.raises(AgentFailure) as from_stream:
         async for _ in exchange.chunks():
             pass
