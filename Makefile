@@ -71,6 +71,7 @@ lint: install ## ruff, ruff format --check, mypy strict, buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy -p tests
 	$(VENV)/bin/buf lint
 
 check: lint proto-check

@@ -5,6 +5,12 @@ an upstream that costs almost nothing. It generates `max_tokens` copies of one
 token (default 16), optionally paced, and never looks at the prompt beyond a
 crude token count for `usage`.
 
+So tests can check what reached it, every completion answer echoes a digest of
+the request: the `x-upstream-body-sha256` header (SHA-256 of the exact body
+bytes received), and a `kscope_echo` object (that digest, `max_tokens`, `model`
+and the number of chat messages) at the top of a JSON answer or in the first
+chunk of a stream.
+
 Served by uvicorn (uvloop, httptools, no access log) as a raw ASGI app with
 orjson; no framework sits on the hot path.
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import logging
 import os
@@ -51,6 +58,8 @@ DONE_EVENT = b"data: [DONE]\n\n"
 BREAK_MARKER = b"kscope-test-break-stream"
 """A request whose body holds this gets three events, then its connection is
 dropped (what a crashing engine looks like to its client): for tests."""
+ECHO_HEADER = b"x-upstream-body-sha256"
+ECHO_FIELD = "kscope_echo"
 SENT = {"events": 0}
 """Stream events sent so far (GET /stats): tests watch generation pause."""
 
@@ -99,6 +108,8 @@ class Completion:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    echo: Json
+    """What this server received: `kscope_echo` of the answer."""
 
 
 _ids = itertools.count(1)
@@ -119,15 +130,27 @@ def parse_completion(body: bytes, chat: bool) -> Completion:
         raise BadRequestError("max_tokens must be a non-negative integer")
     options = req.get("stream_options") or {}
     prompt = req.get("messages") if chat else req.get("prompt")
+    model = str(req.get("model", "bench"))
     return Completion(
         chat=chat,
-        model=str(req.get("model", "bench")),
+        model=model,
         max_tokens=max_tokens,
         # Crude on purpose: about four bytes per token.
         prompt_tokens=max(1, len(orjson.dumps(prompt)) // 4),
         stream=bool(req.get("stream", False)),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        echo={
+            "sha256": body_digest(body),
+            "max_tokens": max_tokens,
+            "model": model,
+            "n_messages": len(prompt) if chat and isinstance(prompt, list) else 0,
+        },
     )
+
+
+def body_digest(body: bytes) -> str:
+    """SHA-256 (hex) of a request body exactly as it arrived."""
+    return hashlib.sha256(body).hexdigest()
 
 
 def usage_of(c: Completion) -> Json:
@@ -160,6 +183,7 @@ def full_response(c: Completion) -> Json:
         "model": c.model,
         "choices": [choice],
         "usage": usage_of(c),
+        ECHO_FIELD: c.echo,
     }
 
 
@@ -172,7 +196,8 @@ def stream_events(c: Completion) -> Iterator[bytes]:
 
     Chat: a role chunk, then one chunk per token, then a finish chunk, then
     (with `include_usage`) a usage chunk, then `[DONE]`. Completions: one
-    chunk per token, a finish chunk, the usage chunk, `[DONE]`.
+    chunk per token, a finish chunk, the usage chunk, `[DONE]`. The first
+    chunk also carries `kscope_echo`.
     """
     head: Json = {
         "id": f"{'chatcmpl' if c.chat else 'cmpl'}-bench-{next(_ids)}",
@@ -183,20 +208,24 @@ def stream_events(c: Completion) -> Iterator[bytes]:
     if c.include_usage:
         head["usage"] = None
 
-    def chunk(delta: Json | str | None, finish: str | None) -> bytes:
+    def chunk(delta: Json | str | None, finish: str | None, first: bool = False) -> bytes:
         if c.chat:
             choice: Json = {"index": 0, "delta": delta or {}, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None}
         choice["finish_reason"] = finish
-        return _event({**head, "choices": [choice]})
+        extra = {ECHO_FIELD: c.echo} if first else {}
+        return _event({**head, "choices": [choice], **extra})
 
+    token_delta: Json | str = {"content": TOKEN_TEXT} if c.chat else TOKEN_TEXT
     if c.chat:
-        yield chunk({"role": "assistant", "content": ""}, None)
-    token = chunk({"content": TOKEN_TEXT} if c.chat else TOKEN_TEXT, None)
-    for _ in range(c.max_tokens):
+        yield chunk({"role": "assistant", "content": ""}, None, first=True)
+    elif c.max_tokens:
+        yield chunk(token_delta, None, first=True)
+    token = chunk(token_delta, None)
+    for _ in range(c.max_tokens - (0 if c.chat else 1)):
         yield token
-    yield chunk(None, "length")
+    yield chunk(None, "length", first=not c.chat and not c.max_tokens)
     if c.include_usage:
         yield _event({**head, "choices": [], "usage": usage_of(c)})
     yield DONE_EVENT
@@ -218,8 +247,12 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(parts)
 
 
-async def send_json(send: Send, status: int, obj: Json) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+async def send_json(
+    send: Send, status: int, obj: Json, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": JSON_HEADERS + (headers or [])}
+    )
     await send({"type": "http.response.body", "body": orjson.dumps(obj)})
 
 
@@ -231,7 +264,8 @@ async def send_stream(send: Send, c: Completion, pacing: Pacing, crash: bool = F
     """Send the events one `send` call each, sleeping between tokens if paced."""
     if pacing.first_token_delay_s:
         await asyncio.sleep(pacing.first_token_delay_s)
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    echo = [(ECHO_HEADER, str(c.echo["sha256"]).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + echo})
     interval = pacing.token_interval_s
     body = "http.response.body"
     for index, event in enumerate(stream_events(c)):
@@ -246,11 +280,13 @@ async def send_stream(send: Send, c: Completion, pacing: Pacing, crash: bool = F
 
 
 async def answer_completion(receive: Receive, send: Send, chat: bool, pacing: Pacing) -> None:
+    echo: list[tuple[bytes, bytes]] = []
     try:
         body = await read_body(receive)
+        echo = [(ECHO_HEADER, body_digest(body).encode())]
         c = parse_completion(body, chat)
     except BadRequestError as exc:
-        await send_json(send, 400, error_body(str(exc), "invalid_request_error"))
+        await send_json(send, 400, error_body(str(exc), "invalid_request_error"), echo)
         return
     if c.stream:
         await send_stream(send, c, pacing, crash=BREAK_MARKER in body)
@@ -258,7 +294,7 @@ async def answer_completion(receive: Receive, send: Send, chat: bool, pacing: Pa
     generation_s = pacing.first_token_delay_s + pacing.token_interval_s * max(0, c.max_tokens - 1)
     if generation_s:
         await asyncio.sleep(generation_s)
-    await send_json(send, 200, full_response(c))
+    await send_json(send, 200, full_response(c), echo)
 
 
 def create_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

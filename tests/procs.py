@@ -196,7 +196,7 @@ class Controller:
         }
 
 
-class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Adds `authorization: Bearer KEY` to every call on a channel."""
 
     def __init__(self, key: str):
@@ -221,7 +221,7 @@ class _Details(
         "_Details",
         ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
     ),
-    grpc.ClientCallDetails,  # type: ignore[misc]
+    grpc.ClientCallDetails,
 ):
     pass
 

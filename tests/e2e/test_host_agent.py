@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import plistlib
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from tests.procs import (
     stop_instances_left_behind,
     wait_until,
 )
+from tests.slurm_cluster import descendants
 
 pytestmark = pytest.mark.mlx
 
@@ -152,7 +154,7 @@ def test_host_agent_loads_on_demand_and_unloads_when_idle(fleet: Fleet) -> None:
 
             idle_from = time.monotonic()
             wait_until(
-                lambda i=live.id: any(  # type: ignore[misc]
+                lambda i=live.id: any(
                     x.id == i and x.state == control_pb2.INSTANCE_STATE_STOPPED
                     for x in fleet.instances()
                 ),
@@ -163,9 +165,37 @@ def test_host_agent_loads_on_demand_and_unloads_when_idle(fleet: Fleet) -> None:
                        what="the host agent's instance process ended")  # fmt: skip
             assert fleet.state() == "cold"
             assert fleet.host_agents()[0].id == agent.id  # the host agent stays
+        # A clean stop, as launchd's SIGTERM to the agent: it exits 0 and leaves
+        # no process behind (neither its own children nor its process group).
+        started = [host.pid, *descendants(host.pid)]
+        os.kill(host.pid, signal.SIGTERM)
+        exit_code = host.popen.wait(30)
+        left = [pid for pid in started + _group(host.pid) if _alive(pid)]
     finally:
         host.stop()
-    assert "host agent stopped" in host.log()
+    assert exit_code == 0, host.log()[-3000:]
+    assert left == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of process group `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 def _install(fleet: Fleet, plist: Path, token_file: Path, extra_env: dict[str, str]) -> Any:

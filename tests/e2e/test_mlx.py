@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionContentPartParam
 
 from tests.procs import (
     ROOT,
@@ -192,7 +193,9 @@ def _text(reply: Any) -> str:
     return text
 
 
-def _ask(image_url: str, question: str = "What is in this image?") -> list[dict[str, Any]]:
+def _ask(
+    image_url: str, question: str = "What is in this image?"
+) -> list[ChatCompletionContentPartParam]:
     return [
         {"type": "text", "text": question},
         {"type": "image_url", "image_url": {"url": image_url}},

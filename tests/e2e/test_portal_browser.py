@@ -5,6 +5,7 @@ Screenshots of the keys and models pages go to test-artifacts/."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests import ldap_server
+from tests.conftest import CHROMIUM_HOW, SLAPD_HOW, require
 from tests.ldap_server import ALLOWED_GROUP, PEOPLE, USERS, start_ldap
 from tests.procs import (
     ROOT,
@@ -27,20 +30,18 @@ from tests.procs import (
     wait_until,
 )
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.ldap,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists() or not ldap_server.available(),
-        reason="needs /usr/bin/chromium, slapd and ldap-utils",
-    ),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.ldap]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _chromium_and_slapd() -> None:
+    playwright = importlib.util.find_spec("playwright") is not None
+    require("Chromium and Playwright", Path(CHROMIUM).exists() and playwright, CHROMIUM_HOW)
+    require("OpenLDAP (slapd, ldap-utils)", ldap_server.available(), SLAPD_HOW)
 
 
 @dataclass
@@ -100,7 +101,9 @@ expected_startup_s = 3
 def test_log_in_create_key_chat_revoke(site: Site) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     base = site.facade.base_url
-    with playwright_api.sync_playwright() as pw:
+    from playwright.sync_api import sync_playwright  # present: the module fixture checked
+
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=shutil.which(CHROMIUM) or CHROMIUM,
             headless=True,
@@ -123,7 +126,7 @@ def test_log_in_create_key_chat_revoke(site: Site) -> None:
             page.screenshot(path=str(ARTIFACTS / "portal-keys.png"), full_page=True)
 
             client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0, timeout=10)
-            reply = client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+            reply = client.chat.completions.create(model="alpha", messages=HI)
             assert reply.choices[0].message.content
 
             page.get_by_role("navigation").get_by_role("link", name="Models").click()
@@ -157,7 +160,7 @@ def test_log_in_create_key_chat_revoke(site: Site) -> None:
             browser.close()
     while True:
         try:
-            client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+            client.chat.completions.create(model="alpha", messages=HI)
         except openai.AuthenticationError:
             break
         assert time.monotonic() - revoked_at < 1.0, "the revoked key still works after 1 s"

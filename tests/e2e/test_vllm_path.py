@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from kscope.v1 import control_pb2
 from tests.procs import (
@@ -177,7 +178,9 @@ def test_cold_model_answers_503_then_serves(system: System) -> None:
 
     wait_until(lambda: system.models()[MODEL]["state"] == "ready", READY_TIMEOUT_S, 0.5,
                what="vLLM instance ready")  # fmt: skip
-    answer = system.client().chat.completions.create(**body)
+    answer = system.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
     assert answer.choices[0].message.content
     assert answer.usage is not None and answer.usage.completion_tokens == 4
     assert len(system.controller.list_instances(model=MODEL)) == 1
@@ -212,7 +215,10 @@ def _comparable(response: Any) -> list[dict[str, Any]]:
     return [c.model_dump(exclude={"message": {"reasoning_content"}}) for c in response.choices]
 
 
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a fox."},
+]
 
 
 @pytest.mark.parametrize(
@@ -335,16 +341,25 @@ def test_the_agent_counts_what_vllm_generated(ready: System) -> None:
     ids=["max_tokens", "temperature", "messages", "n"],
 )
 def test_engine_rejections_are_openai_400s(ready: System, bad: dict[str, Any]) -> None:
+    """What vLLM refuses reaches the client as vLLM said it: same status, same
+    OpenAI error type and message as asking vLLM directly."""
     body = {"model": MODEL, "messages": CHAT, **bad}
-    reply = httpx.post(
+    via_gateway = httpx.post(
         f"{ready.facade.base_url}/v1/chat/completions",
         json=body,
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=30,
     )
-    assert 400 <= reply.status_code < 500, reply.text
-    error = reply.json()["error"]
-    assert error["message"] and "type" in error
+    direct = httpx.post(
+        f"{ready.engine_root()}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {ready.engine_key()}"},
+        timeout=30,
+    )
+    assert 400 <= direct.status_code < 500, direct.text  # vLLM itself refuses it
+    assert via_gateway.status_code == direct.status_code, (via_gateway.text, direct.text)
+    ours, theirs = via_gateway.json()["error"], direct.json()["error"]
+    assert (ours["type"], ours["message"]) == (theirs["type"], theirs["message"])
 
 
 def test_embeddings_when_the_engine_offers_them(system: System) -> None:

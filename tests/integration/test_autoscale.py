@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from kscope.v1 import control_pb2
 from tests.procs import (
@@ -30,6 +31,8 @@ from tests.procs import (
 pytestmark = pytest.mark.autoscale
 
 READY = control_pb2.INSTANCE_STATE_READY
+LOAD_TOKENS = 25
+"""max_tokens of each load stream."""
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,22 @@ def _ready(controller: Controller) -> int:
     return sum(1 for i in _live(controller) if i.state == READY)
 
 
+def _decisions(controller: Controller, model: str) -> list[tuple[str, str]]:
+    """(action, reason) of the reconciler's decisions about `model`, oldest first."""
+    with controller.channel() as channel:
+        decided = (
+            controller.stub(channel)
+            .ListDecisions(control_pb2.ListDecisionsRequest(model=model), timeout=5)
+            .decisions
+        )
+    return [(d.action, d.reason) for d in reversed(decided)]
+
+
+def _content_chunks(stream: Iterable[ChatCompletionChunk]) -> int:
+    """Chunks that carry generated text: one per token the upstream generated."""
+    return sum(1 for c in stream if c.choices and c.choices[0].delta.content)
+
+
 class Load:
     """Workers that each run one SDK stream after another until told to stop."""
 
@@ -121,14 +140,14 @@ class Load:
             try:
                 stream = self._client.chat.completions.create(
                     model="scaled", messages=[{"role": "user", "content": "hi"}],
-                    max_tokens=25, stream=True,
+                    max_tokens=LOAD_TOKENS, stream=True,
                 )  # fmt: skip
-                chunks = sum(1 for _ in stream)
+                tokens = _content_chunks(stream)
                 with self._lock:
-                    if chunks == 27:
+                    if tokens == LOAD_TOKENS:
                         self.done += 1
                     else:
-                        self.errors.append(f"{chunks} chunks")
+                        self.errors.append(f"{tokens} of {LOAD_TOKENS} tokens")
             except Exception as exc:
                 with self._lock:
                     self.errors.append(repr(exc))
@@ -172,9 +191,10 @@ def test_scales_from_zero_to_max_under_load_and_back_to_zero(
             time.sleep(0.2)
         assert most == 3, f"{most} instances at once; max_replicas is 3"
         assert len(busiest) == 3 and min(busiest.values()) >= 1, f"not spread: {busiest}"
-        assert "decision: Launch(model='scaled', reason='1 of 3 wanted instances: load called" in (
-            controller.proc.log()
-        )
+        # The first launch was the demand's doing, the next the load's.
+        launches = [r for a, r in _decisions(controller, "scaled") if a == "launch"]
+        assert launches[0] == "0 of 1 wanted instances", launches
+        assert any(r.startswith("1 of 3 wanted instances: load called") for r in launches)
 
         # The load drops to one stream at a time: drained down to one, every request served.
         load.remove(7)
@@ -187,13 +207,7 @@ def test_scales_from_zero_to_max_under_load_and_back_to_zero(
         load.close()
     assert not load.errors, load.errors[:5]
     assert load.done > 20
-    with controller.channel() as channel:
-        decided = (
-            controller.stub(channel)
-            .ListDecisions(control_pb2.ListDecisionsRequest(model="scaled"), timeout=5)
-            .decisions
-        )
-    reasons = [(d.action, d.reason) for d in reversed(decided)]  # oldest first
+    reasons = _decisions(controller, "scaled")
     assert [a for a, _ in reasons].count("launch") == 3, reasons
     assert any(a == "launch" and "load called for 3 instances" in r for a, r in reasons)
     assert any(a == "drain" and "load called for at most 1" in r for a, r in reasons), reasons
@@ -228,8 +242,11 @@ def test_waiting_stream_gets_progress_comments_then_its_completion(
     # A comment when the state changes, not only every interval.
     assert len({c.rsplit(";", 1)[0] for c in comments[:-1]}) >= 2, comments
     assert data[-1] == "data: [DONE]"
-    assert all(not orjson.loads(d[6:]).get("error") for d in data[:-1])
-    assert len(data) == 8  # role, 5 tokens, finish, [DONE]
+    chunks = [orjson.loads(d[6:]) for d in data[:-1]]
+    assert all(not c.get("error") for c in chunks)
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 5  # max_tokens
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all(lines.index(c) < lines.index(data[0]) for c in comments)
     assert time.monotonic() - started < 30
     assert len(controller.list_instances(model="waited-stream", include_ended=True)) == 1
@@ -280,15 +297,22 @@ def test_metrics_parse_and_counters_move(system: tuple[Controller, Facade]) -> N
     controller, facade = system
     tmp = controller.state_dir.parent
     client = openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0)
+    asked = 3  # max_tokens of each request
+    received: list[int] = []  # chunks each stream brought the client
 
     def once() -> None:
-        stream = client.chat.completions.create(
-            model="waited", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-            stream=True, extra_headers={"X-KScope-Wait": "60"},
-        )  # fmt: skip
-        assert sum(1 for _ in stream) == 5
+        # With usage: the engine's own count of what it generated.
+        chunks = list(client.chat.completions.create(
+            model="waited", messages=[{"role": "user", "content": "hi"}], max_tokens=asked,
+            stream=True, stream_options={"include_usage": True},
+            extra_headers={"X-KScope-Wait": "60"},
+        ))  # fmt: skip
+        assert _content_chunks(chunks) == asked
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == asked
+        received.append(len(chunks))
 
     once()  # the instance is READY (and its agent serves /metrics)
+    received.clear()
     agent_port = int((tmp / "agent-metrics.port").read_text())
     controller_port = int((tmp / "controller-metrics.port").read_text())
     urls = {
@@ -317,12 +341,12 @@ def test_metrics_parse_and_counters_move(system: tuple[Controller, Facade]) -> N
         assert moved("agent", f"kscope_agent_{histogram}_count", model) == 3
         inf = (("le", "+Inf"), ("model", "waited"))
         assert moved("agent", f"kscope_agent_{histogram}_bucket", inf) == 3
-    assert moved("facade", "kscope_facade_stream_chunks_total") == 3 * 5  # role, 3, finish
+    assert moved("facade", "kscope_facade_stream_chunks_total") == sum(received)
     assert moved("facade", "kscope_facade_error_responses_total", (("status", "503"),)) >= 1
     assert after["facade"][("kscope_facade_ready_instances", model)] == 1
     assert moved("agent", "kscope_agent_requests_total", ok) == 3
-    # No usage in these streams: a token per chunk.
-    assert moved("agent", "kscope_agent_generation_tokens_total", model) == 3 * 5
+    # What the engine generated, as its usage says: what was asked.
+    assert moved("agent", "kscope_agent_generation_tokens_total", model) == 3 * asked
     assert after["agent"][("kscope_agent_in_flight_requests", model)] == 0
     assert after["controller"][
         ("kscope_controller_instances", (("model", "waited"), ("state", "ready")))

@@ -1,21 +1,33 @@
 """The whole request path with real processes: controller, facade and agents
 (the `openai` engine) in front of bench/upstream.py, a minimal OpenAI-compatible
-server. The same paths with real vLLM are in tests/e2e/test_vllm_path.py."""
+server. The same paths with real vLLM are in tests/e2e/test_vllm_path.py.
+
+Two facades share one controller and its agents: one multiplexes requests on a
+stream per agent, the other opens one gRPC call per request. Tests of what the
+facade decides alone (bad input, 401, 413, routes, models, cold start) and of
+the controller's ports run once; tests of what travels between facade and agent
+(streams, cancellation, agent death, drains, large bodies, spreading load) run
+on both transports.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import openai
+import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -34,13 +46,23 @@ from tests.procs import (
 )
 
 API_KEY = "test-key-123"
+TRANSPORTS = ("multiplex", "per-call")
 
 
-@pytest.fixture(scope="module", params=["multiplex", "per-call"])
-def system(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Controller, Facade]]:
-    """The same tests over both transports between facade and agent."""
+@dataclass
+class Gateway:
+    controller: Controller
+    facades: dict[str, Facade]
+    """By transport."""
+
+    @property
+    def facade(self) -> Facade:
+        """The facade of tests that do not depend on the transport."""
+        return self.facades["multiplex"]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("gateway")
     upstream = start_upstream(tmp)
     paced = start_upstream(tmp, "--token-interval-ms", "20", name="paced")
@@ -75,19 +97,29 @@ upstream_model = "renamed-upstream"
 expected_startup_s = 3
 """
     controller = start_controller(tmp, catalog)
-    facade = start_facade(tmp, controller, api_key=API_KEY, multiplex=request.param == "multiplex")
+    facades: dict[str, Facade] = {}
     try:
-        wait_until(lambda: _state(facade, "echo") == "ready", 30, what="echo ready")
-        wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")
-        wait_until(lambda: _models(facade)["echo-pair"]["ready_replicas"] == 2, 30,
-                   what="pair ready")  # fmt: skip
-        yield controller, facade
+        for transport in TRANSPORTS:
+            facades[transport] = start_facade(
+                tmp, controller, api_key=API_KEY, name=f"facade-{transport}",
+                multiplex=transport == "multiplex",
+            )  # fmt: skip
+        for facade in facades.values():
+            wait_until(lambda f=facade: _all_ready(f), 30, what="all ready")
+        yield Gateway(controller, facades)
     finally:
-        facade.proc.stop()
+        for facade in facades.values():
+            facade.proc.stop()
         controller.proc.stop()
         stop_instances_left_behind(controller.state_dir)
         upstream.proc.stop()
         paced.proc.stop()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def system(request: pytest.FixtureRequest, gateway: Gateway) -> tuple[Controller, Facade]:
+    """The controller and the facade of one transport between facade and agent."""
+    return gateway.controller, gateway.facades[request.param]
 
 
 def _models(facade: Facade) -> dict[str, dict[str, object]]:
@@ -98,6 +130,14 @@ def _models(facade: Facade) -> dict[str, dict[str, object]]:
     return {m["id"]: m for m in reply.json()["data"]}
 
 
+def _all_ready(facade: Facade) -> bool:
+    models = _models(facade)
+    return (
+        models["echo"]["state"] == models["echo-paced"]["state"] == "ready"
+        and models["echo-pair"]["ready_replicas"] == 2
+    )
+
+
 def _state(facade: Facade, model: str) -> object:
     return _models(facade).get(model, {}).get("state")
 
@@ -106,8 +146,8 @@ def _client(facade: Facade, key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key=key, max_retries=0, timeout=30)
 
 
-def test_models_list_and_get(system: tuple[Controller, Facade]) -> None:
-    _, facade = system
+def test_models_list_and_get(gateway: Gateway) -> None:
+    facade = gateway.facade
     models = _models(facade)
     assert set(models) == {"echo", "echo-paced", "echo-pair", "echo-cold"}
     assert models["echo"]["object"] == "model"
@@ -143,6 +183,50 @@ def test_sdk_chat_completion_and_stream(system: tuple[Controller, Facade]) -> No
     assert completion.usage is not None and completion.usage.completion_tokens == 3
 
 
+# Unusual on purpose: spacing, key order, escapes, raw UTF-8, numbers as written and
+# a field KScope does not know. Any re-encoding on the way changes the digest.
+_ODD_CHAT = (
+    b'{ "messages" : [ {"content": "caf\\u00e9 \xf0\x9f\xa6\x8a \\"q\\"", "role":"user"},\n'
+    b'  {"role": "assistant", "content": ""}, {"role": "user", "content": "again"} ],\n'
+    b'  "temperature": 0.50, "max_tokens" : 3, "model": "echo", "x_vendor": {"n": [1e0, null]} }'
+)
+_ODD_COMPLETION = b'{"prompt": ["a\\tb", "c"],  "model":"echo","max_tokens":2 , "seed": 7.0E+0}'
+
+
+def _sse_data(reply: httpx.Response) -> list[dict[str, Any]]:
+    lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines
+    return [orjson.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "messages", "max_tokens"),
+    [("/v1/chat/completions", _ODD_CHAT, 3, 3), ("/v1/completions", _ODD_COMPLETION, 0, 2)],
+    ids=["chat", "completions"],
+)
+def test_the_body_reaches_the_engine_byte_for_byte(
+    system: tuple[Controller, Facade], path: str, body: bytes, messages: int, max_tokens: int
+) -> None:
+    """The upstream echoes the SHA-256 of the body it received: for a model the
+    agent does not rename, that is the digest of the client's bytes, whole
+    answer or stream."""
+    _, facade = system
+    sent = hashlib.sha256(body).hexdigest()
+    whole = _post(facade, path, body)
+    assert whole.status_code == 200, whole.text
+    expected = {"sha256": sent, "max_tokens": max_tokens, "model": "echo", "n_messages": messages}
+    assert whole.json()["kscope_echo"] == expected
+    streamed = body[:-1] + b', "stream": true}'
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with httpx.stream("POST", f"{facade.base_url}{path}", content=streamed, headers=headers,
+                      timeout=10) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        chunks = _sse_data(reply)
+    echo = {**expected, "sha256": hashlib.sha256(streamed).hexdigest()}
+    assert chunks[0]["kscope_echo"] == echo
+    assert all("kscope_echo" not in c for c in chunks[1:])
+
+
 def _post(facade: Facade, path: str, body: bytes, key: str | None = API_KEY) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if key is not None:
@@ -163,10 +247,9 @@ def _post(facade: Facade, path: str, body: bytes, key: str | None = API_KEY) -> 
     ],
 )
 def test_bad_input_gets_openai_error(
-    system: tuple[Controller, Facade], body: bytes, status: int, param: str | None
+    gateway: Gateway, body: bytes, status: int, param: str | None
 ) -> None:
-    _, facade = system
-    reply = _post(facade, "/v1/chat/completions", body)
+    reply = _post(gateway.facade, "/v1/chat/completions", body)
     assert reply.status_code == status
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -174,16 +257,16 @@ def test_bad_input_gets_openai_error(
     assert error["message"]
 
 
-def test_oversized_body_is_413(system: tuple[Controller, Facade]) -> None:
-    _, facade = system
+def test_oversized_body_is_413(gateway: Gateway) -> None:
+    facade = gateway.facade
     big = b'{"model": "echo", "prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
     reply = _post(facade, "/v1/completions", big)
     assert reply.status_code == 413
     assert reply.json()["error"]["code"] == "request_too_large"
 
 
-def test_api_key_is_enforced(system: tuple[Controller, Facade]) -> None:
-    _, facade = system
+def test_api_key_is_enforced(gateway: Gateway) -> None:
+    facade = gateway.facade
     with pytest.raises(openai.AuthenticationError) as info:
         _client(facade, key="wrong").chat.completions.create(
             model="echo", messages=[{"role": "user", "content": "hi"}]
@@ -196,8 +279,8 @@ def test_api_key_is_enforced(system: tuple[Controller, Facade]) -> None:
     assert listing.status_code == 401
 
 
-def test_unknown_routes_and_methods_are_openai_errors(system: tuple[Controller, Facade]) -> None:
-    _, facade = system
+def test_unknown_routes_and_methods_are_openai_errors(gateway: Gateway) -> None:
+    facade = gateway.facade
     auth = {"Authorization": f"Bearer {API_KEY}"}
     wrong_method = httpx.get(f"{facade.base_url}/v1/chat/completions", headers=auth, timeout=5)
     assert wrong_method.status_code == 405
@@ -207,8 +290,8 @@ def test_unknown_routes_and_methods_are_openai_errors(system: tuple[Controller, 
     assert "error" in no_route.json()
 
 
-def test_cold_model_gets_503_then_serves(system: tuple[Controller, Facade]) -> None:
-    controller, facade = system
+def test_cold_model_gets_503_then_serves(gateway: Gateway) -> None:
+    controller, facade = gateway.controller, gateway.facade
     assert _state(facade, "echo-cold") == "cold"
     started = time.monotonic()
     reply = _post(
@@ -229,6 +312,8 @@ def test_cold_model_gets_503_then_serves(system: tuple[Controller, Facade]) -> N
     )
     # The agent renamed the model for its upstream, and the upstream echoes it back.
     assert answer.model == "renamed-upstream"
+    assert answer.model_extra is not None
+    assert answer.model_extra["kscope_echo"]["model"] == "renamed-upstream"
     assert len(controller.list_instances(model="echo-cold")) == 1  # exactly one launch
 
 
@@ -243,10 +328,10 @@ def _facade_cert_files(controller: Controller, folder: Path) -> tuple[Path, Path
     return cert, key
 
 
-def test_grpcurl_list_and_describe(system: tuple[Controller, Facade], tmp_path: Path) -> None:
+def test_grpcurl_list_and_describe(gateway: Gateway, tmp_path: Path) -> None:
     """Operators: the CA and an admin key on the controller's public port; the
     agent's port wants a facade certificate (mutual TLS) and its instance's name."""
-    controller, _ = system
+    controller = gateway.controller
     grpcurl = str(Path(ROOT / ".venv" / "bin" / "grpcurl"))
     instance = controller.list_instances(model="echo")[0]
     cert, key = _facade_cert_files(controller, tmp_path)
@@ -296,10 +381,8 @@ def test_grpcurl_list_and_describe(system: tuple[Controller, Facade], tmp_path: 
         assert done.returncode != 0, refused
 
 
-def test_agents_cannot_register_without_an_agent_certificate(
-    system: tuple[Controller, Facade],
-) -> None:
-    controller, _ = system
+def test_agents_cannot_register_without_an_agent_certificate(gateway: Gateway) -> None:
+    controller = gateway.controller
     instance = controller.list_instances(model="echo")[0]
     with controller.channel() as channel:  # an admin key, but no agent certificate
         stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -318,7 +401,8 @@ def test_agent_sigkill_mid_stream_ends_the_stream_with_an_error(
     system: tuple[Controller, Facade],
 ) -> None:
     controller, facade = system
-    victim = controller.list_instances(model="echo-paced")[0]
+    wait_until(lambda: _state(facade, "echo-paced") == "ready", 30, what="paced ready")
+    victim, _ = _paced_agent(controller)
     agent = next(a for a in controller.list_agents() if a.instance_id == victim.id)
     stream = _client(facade).chat.completions.create(
         model="echo-paced", messages=[{"role": "user", "content": "hi"}], max_tokens=500,

@@ -11,11 +11,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from kscope.v1 import keys_pb2, keys_pb2_grpc
 from tests.procs import (
@@ -31,11 +33,12 @@ from tests.procs import (
 
 STATIC_KEY = "static-test-key"
 LOCAL_PASSWORD = "erin-password-9"
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @dataclass
 class KeySystem:
+    tmp: Path
     controller: Controller
     facade: Facade
     admin_key: str
@@ -89,7 +92,7 @@ expected_startup_s = 3
         tmp, controller, api_key=STATIC_KEY,
         env={"KSCOPE_PORTAL_SERVICE_KEY": admin_key, "KSCOPE_PORTAL_USERS_FILE": str(users)},
     )  # fmt: skip
-    system = KeySystem(controller, facade, admin_key)
+    system = KeySystem(tmp, controller, facade, admin_key)
     try:
 
         def ready() -> bool:
@@ -123,13 +126,13 @@ def test_created_key_works_and_revocation_reaches_the_facade_within_a_second(
     created = keys_system.create(name="revoke-me")
     assert created.secret.startswith("ks-") and created.key.prefix == created.secret[:8]
     client = keys_system.client(created.secret)
-    reply = client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model="alpha", messages=HI)
     assert reply.choices[0].message.content
     keys_system.rpc("RevokeKey", keys_pb2.RevokeKeyRequest(key_id=created.key.id))
     revoked_at = time.monotonic()
     while True:
         try:
-            client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+            client.chat.completions.create(model="alpha", messages=HI)
         except openai.AuthenticationError:
             break
         assert time.monotonic() - revoked_at < 1.0, "a revoked key still works after 1 s"
@@ -140,26 +143,36 @@ def test_created_key_works_and_revocation_reaches_the_facade_within_a_second(
 def test_expired_key_is_401(keys_system: KeySystem) -> None:
     created = keys_system.create(name="short", expires_in_seconds=1)
     client = keys_system.client(created.secret)
-    client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+    client.chat.completions.create(model="alpha", messages=HI)
     time.sleep(max(0.0, created.key.expires_at.ToNanoseconds() / 1e9 - time.time()) + 0.1)
     with pytest.raises(openai.AuthenticationError) as info:
-        client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+        client.chat.completions.create(model="alpha", messages=HI)
     assert info.value.status_code == 401
-    assert info.value.body["code"] == "expired_api_key"  # type: ignore[index]
-    # A facade that never saw the key hears the same from the controller.
-    fresh = httpx.post(
-        f"{keys_system.facade.base_url}/v1/models", timeout=5,
-        headers={"Authorization": f"Bearer {created.secret}x"},
-    )  # fmt: skip
-    assert fresh.status_code == 401
+    expired = {"code": "expired_api_key", "message": "The API key has expired.",
+               "type": "authentication_error", "param": None}  # fmt: skip
+    assert info.value.body == expired
+    # A facade that never saw the key has nothing cached: it learns "expired"
+    # from the controller's answer, not from a grant it kept.
+    fresh = start_facade(keys_system.tmp, keys_system.controller, api_key=STATIC_KEY,
+                         name="facade-never-saw-it")  # fmt: skip
+    try:
+        reply = httpx.post(
+            f"{fresh.base_url}/v1/chat/completions", timeout=5,
+            json={"model": "alpha", "messages": HI},
+            headers={"Authorization": f"Bearer {created.secret}"},
+        )  # fmt: skip
+    finally:
+        fresh.proc.stop()
+    assert reply.status_code == 401
+    assert reply.json()["error"] == expired
 
 
 def test_key_limited_to_one_model_gets_403_for_another(keys_system: KeySystem) -> None:
     created = keys_system.create(name="alpha-only", models=["alph*"])
     client = keys_system.client(created.secret)
-    client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+    client.chat.completions.create(model="alpha", messages=HI)
     with pytest.raises(openai.PermissionDeniedError) as info:
-        client.chat.completions.create(model="beta", messages=HI)  # type: ignore[arg-type]
+        client.chat.completions.create(model="beta", messages=HI)
     error = info.value.body
     assert isinstance(error, dict)
     assert set(error) == {"message", "type", "param", "code"}
@@ -183,7 +196,7 @@ def test_unknown_missing_and_malformed_keys_are_401_and_never_echoed(
 
 
 def test_static_api_key_is_still_accepted(keys_system: KeySystem) -> None:
-    reply = keys_system.client(STATIC_KEY).chat.completions.create(model="beta", messages=HI)  # type: ignore[arg-type]
+    reply = keys_system.client(STATIC_KEY).chat.completions.create(model="beta", messages=HI)
     assert reply.choices
 
 
@@ -210,17 +223,17 @@ def test_key_management_permissions(keys_system: KeySystem) -> None:
     ):
         with pytest.raises(grpc.RpcError) as info:
             keys_system.rpc("CreateKey", request, key=user)
-        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
     listed = keys_system.rpc("ListKeys", keys_pb2.ListKeysRequest(), key=user)
     assert isinstance(listed, keys_pb2.ListKeysResponse)
     assert {k.owner for k in listed.keys} == {"bob"}
     alices = keys_system.create(owner="alice", name="not bob's")
     with pytest.raises(grpc.RpcError) as info:
         keys_system.rpc("RevokeKey", keys_pb2.RevokeKeyRequest(key_id=alices.key.id), key=user)
-    assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as info:
         keys_system.rpc("ListKeys", keys_pb2.ListKeysRequest(), key="")
-    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     # An admin key makes admin keys; a user key cannot.
     admin = keys_system.rpc(
         "CreateKey",
@@ -234,7 +247,7 @@ def test_key_management_permissions(keys_system: KeySystem) -> None:
             keys_pb2.CreateKeyRequest(owner="bob", name="up", role=keys_pb2.KEY_ROLE_ADMIN),
             key=user,
         )
-    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 def _kscope(keys_system: KeySystem, *args: str) -> str:
@@ -254,7 +267,7 @@ def test_cli_keys_models_instances_agents(keys_system: KeySystem) -> None:
                 "--model", "beta", "--days", "3", "--json")
     )  # fmt: skip
     assert created["secret"].startswith("ks-") and created["key"]["owner"] == "dora"
-    keys_system.client(created["secret"]).chat.completions.create(model="beta", messages=HI)  # type: ignore[arg-type]
+    keys_system.client(created["secret"]).chat.completions.create(model="beta", messages=HI)
     listing = json.loads(_kscope(keys_system, "keys", "list", "--owner", "dora", "--json"))
     assert [k["name"] for k in listing] == ["cli"]
     assert "secret" not in json.dumps(listing) and created["secret"] not in json.dumps(listing)

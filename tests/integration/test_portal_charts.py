@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from facade.portal import charts
 from facade.portal.charts import SeriesSpec, line_chart, model_charts, nice_max, scale, span_label
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.autoscale
 PASSWORD = "chart-viewer-pw-7"
 KEEP = 8
 """MAX_NUM_HISTORIC_RECORDS: once full, every page shows exactly this many samples."""
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 # --- charts.py on its own -------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ def test_model_page_charts_real_telemetry(system: System) -> None:
 
     def traffic() -> None:
         while not stop.is_set():
-            client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
+            client.chat.completions.create(model="alpha", messages=HI)
             time.sleep(0.05)
 
     sender = threading.Thread(target=traffic, daemon=True)
@@ -289,26 +290,58 @@ def test_model_page_charts_real_telemetry(system: System) -> None:
     assert len(requests_line) == KEEP
 
 
+def _legend(figure: ET.Element) -> dict[str, str]:
+    """Each series' legend line: "name: latest X, max Y"."""
+    return {li.attrib["data-series"]: "".join(li.itertext()) for li in figure.iter("li")}
+
+
+def _largest(legend_line: str) -> float:
+    """The "max" of a legend line as a number (k for thousands, ms for milliseconds)."""
+    found = re.search(r"max ([\d.]+)(k| ms| s)?$", legend_line)
+    assert found, legend_line
+    scale_by = {"k": 1000.0, " ms": 0.001}.get(found.group(2) or "", 1.0)
+    return float(found.group(1)) * scale_by
+
+
 def test_requests_and_latency_charts_show_the_traffic(system: System) -> None:
-    client = system.client()
-    for _ in range(10):
-        client.chat.completions.create(model="alpha", messages=HI)  # type: ignore[arg-type]
-    # A sample taken while they were being served carries their rate and latency.
+    # First a whole window (KEEP samples) without traffic, so the earlier tests'
+    # requests are out of the page: whatever it shows after is this test's.
     wait_until(
-        lambda: any(r.requests_per_second > 0 and r.latency_seconds > 0
-                    for r in system.records("alpha")),
-        10, what="a sample with requests/s and latency",
+        lambda: (r := system.records("alpha")) and len(r) == KEEP
+        and all(x.requests_per_second == 0 for x in r),
+        30, what=f"{KEEP} quiet samples",
     )  # fmt: skip
-    with _logged_in(system) as http:
-        page = http.get("/models/alpha").text
-    legend = {li.attrib["data-series"]: li for li in _figure(page, "requests").iter("li")}
-    maximum = re.search(r"max ([\d.]+k?)$", "".join(legend["requests/s"].itertext()))
-    assert maximum and maximum.group(1) != "0", page
+    quiet_until = system.records("alpha")[-1].time_unix_seconds
+    client = system.client()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            client.chat.completions.create(model="alpha", messages=HI)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        wait_until(
+            lambda: sum(1 for r in system.records("alpha")
+                        if r.time_unix_seconds > quiet_until and r.requests_per_second > 0) >= 2,
+            15, what="two samples of this test's requests",
+        )  # fmt: skip
+        with _logged_in(system) as http:
+            page = http.get("/models/alpha").text
+        ours = [r for r in system.records("alpha") if r.time_unix_seconds > quiet_until]
+    finally:
+        stop.set()
+        sender.join(15)
+    busy = [r for r in ours if r.requests_per_second > 0]
+    assert len(busy) >= 2, ours
+    assert all(r.latency_seconds > 0 for r in busy), busy
+    requests = _legend(_figure(page, "requests"))
+    assert _largest(requests["requests/s"]) > 0, page
     latency = _figure(page, "latency")
     assert _polylines(latency, "latency"), "no latency drawn while requests finished"
-    latency_legend = {li.attrib["data-series"]: li for li in latency.iter("li")}
-    assert float(latency_legend["latency"].attrib["data-latest"] or 0) >= 0
-    assert charts.NO_VALUE not in "".join(latency_legend["latency"].itertext()).split("max")[1]
+    assert _largest(_legend(latency)["latency"]) > 0, page
+    assert "No request finished in this period." not in page
 
 
 def test_model_page_for_a_cold_model_with_a_slash_in_its_name(system: System) -> None:

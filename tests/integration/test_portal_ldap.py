@@ -12,13 +12,17 @@ import httpx
 import pytest
 
 from tests import ldap_server
+from tests.conftest import SLAPD_HOW, require
 from tests.ldap_server import ALLOWED_GROUP, PEOPLE, ROOT_DN, ROOT_PW, USERS, start_ldap
 from tests.procs import Facade, start_controller, start_facade
 
-pytestmark = [
-    pytest.mark.ldap,
-    pytest.mark.skipif(not ldap_server.available(), reason="needs slapd and ldap-utils"),
-]
+pytestmark = pytest.mark.ldap
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _slapd() -> None:
+    require("OpenLDAP (slapd, ldap-utils)", ldap_server.available(), SLAPD_HOW)
+
 
 BAD = "Invalid username or password."
 

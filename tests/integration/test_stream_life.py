@@ -77,7 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         facades = [*strict.values(), *lenient.values()]
         for facade in facades:
             for model in upstreams:
-                wait_until(lambda f=facade, m=model: _ready(f, m), 30,  # type: ignore[misc]
+                wait_until(lambda f=facade, m=model: _ready(f, m), 30,
                            what=f"{model} ready")  # fmt: skip
         yield Stack(controller, upstreams, strict, lenient)
     finally:

@@ -58,12 +58,17 @@ def test_traffic_shows_as_rates_and_means_per_model_and_instance(tmp_path: Path)
                    what="instance ready")  # fmt: skip
         client = openai.OpenAI(base_url=f"{facade.base_url}/v1", api_key="none", max_retries=0)
         start = _records(ctl)[-1].time_unix_seconds
-        for _ in range(4):
-            stream = client.chat.completions.create(
-                model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
-            )
-            assert sum(1 for _ in stream) == 5  # role, 3 tokens, finish
-        client.completions.create(model="t", prompt="hi", max_tokens=2)  # usage: 2 tokens
+        streamed, unary = [3, 4, 5, 6], 2  # max_tokens asked for
+        for asked in streamed:
+            # With usage: the engine's own count of the tokens it generated.
+            chunks = list(client.chat.completions.create(
+                model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=asked,
+                stream=True, stream_options={"include_usage": True},
+            ))  # fmt: skip
+            assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == asked
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == asked
+        done = client.completions.create(model="t", prompt="hi", max_tokens=unary)
+        assert done.usage is not None and done.usage.completion_tokens == unary
         # The agent reports within a second; then a sample or two later the window shows it.
         wait_until(lambda: _records(ctl)[-1].served == 5, 20, what="5 requests served")
         after = [r for r in _records(ctl, instances=True) if r.time_unix_seconds > start]
@@ -78,7 +83,7 @@ def test_traffic_shows_as_rates_and_means_per_model_and_instance(tmp_path: Path)
             requests = sum(r.requests_per_second * t for r, t in zip(records, spans, strict=True))
             tokens = sum(r.tokens_per_second * t for r, t in zip(records, spans, strict=True))
             assert requests == pytest.approx(5, rel=0.02), records
-            assert tokens == pytest.approx(4 * 5 + 2, rel=0.02), records
+            assert tokens == pytest.approx(sum(streamed) + unary, rel=0.02), records
             busy = [r for r in records if r.requests_per_second > 0]
             assert all(r.latency_seconds > 0 for r in busy)
             assert any(r.ttft_seconds > 0 for r in busy)

@@ -3,14 +3,18 @@ key check, local portal users."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.keys import (
     Caller,
@@ -23,9 +27,13 @@ from controller.keys import (
 )
 from controller.store.keys import KeyStore
 from facade.auth import EXPIRED, INVALID, MISSING, OPEN, STATIC, Grant, KeyChecker, PendingCheck
+from facade.errors import ApiError
 from facade.portal.local_users import add_user, check_local_user, hash_password, verify_password
+from kscope.v1 import keys_pb2, keys_pb2_grpc
+from kscope_common.tls import PlaintextController
 
 ADMIN = Caller(owner="ops", admin=True)
+Context = grpc.aio.ServicerContext[object, object]
 
 
 @pytest.fixture
@@ -124,45 +132,136 @@ def _scope(auth: bytes | None) -> dict[str, Any]:
     return {"headers": [] if auth is None else [(b"authorization", auth)]}
 
 
-async def test_facade_check_is_a_hash_lookup() -> None:
-    checker = KeyChecker("127.0.0.1:1", static_key="static", required=True, cache_ttl_s=30)
+class FakeKeyService(keys_pb2_grpc.KeyServiceServicer):
+    """A fake controller KeyService (the facade's seam): it knows the keys it is
+    given by secret and records every AuthenticateKey call it answers."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, keys_pb2.ApiKey] = {}
+        self.calls: list[str] = []
+        """The hash of each secret asked about, in order."""
+
+    def add(self, secret: str, owner: str, expires_in_s: float = 3600.0) -> None:
+        expires_at = Timestamp()
+        expires_at.FromNanoseconds(int((time.time() + expires_in_s) * 1e9))
+        self.keys[secret] = keys_pb2.ApiKey(owner=owner, expires_at=expires_at)
+
+    async def AuthenticateKey(
+        self, request: keys_pb2.AuthenticateKeyRequest, context: Context
+    ) -> keys_pb2.AuthenticateKeyResponse:
+        key_hash = hash_secret(request.secret)
+        self.calls.append(key_hash)
+        key = self.keys.get(request.secret)
+        if key is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
+        elif key.expires_at.ToNanoseconds() / 1e9 <= time.time():
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the API key has expired")
+        return keys_pb2.AuthenticateKeyResponse(key=key, key_hash=key_hash)
+
+    # The rest of the service is not the facade's key check: refused.
+    async def CreateKey(
+        self, request: keys_pb2.CreateKeyRequest, context: Context
+    ) -> keys_pb2.CreateKeyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        raise AssertionError("unreachable")
+
+    async def ListKeys(
+        self, request: keys_pb2.ListKeysRequest, context: Context
+    ) -> keys_pb2.ListKeysResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        raise AssertionError("unreachable")
+
+    async def RevokeKey(
+        self, request: keys_pb2.RevokeKeyRequest, context: Context
+    ) -> keys_pb2.RevokeKeyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        raise AssertionError("unreachable")
+
+    async def WatchKeyEvents(
+        self, request: keys_pb2.WatchKeyEventsRequest, context: Context
+    ) -> AsyncIterator[keys_pb2.WatchKeyEventsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        yield keys_pb2.WatchKeyEventsResponse()
+
+
+@pytest.fixture
+async def key_service() -> AsyncIterator[tuple[FakeKeyService, PlaintextController]]:
+    """A real gRPC server on 127.0.0.1 port 0 serving FakeKeyService, and the
+    plaintext controller connection a KeyChecker talks to it through."""
+    service = FakeKeyService()
+    server = grpc.aio.server()
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    controller = PlaintextController(f"127.0.0.1:{port}")
     try:
-        secret = "ks-" + "x" * 43
-        key_hash = hashlib.sha256(secret.encode()).hexdigest()
-        lookups: list[str] = []
+        yield service, controller
+    finally:
+        await controller.close()
+        await server.stop(None)
 
-        class SpyCache(dict[str, Any]):
-            def get(self, key: str, default: Any = None) -> Any:
-                lookups.append(key)
-                return super().get(key, default)
 
-        checker._cache = SpyCache()
-        pending = checker.check(_scope(b"Bearer " + secret.encode()))
-        assert isinstance(pending, PendingCheck) and pending.key_hash == key_hash
-        assert lookups == [key_hash]
-        # Once the controller answered, the check is a dict lookup (no await).
-        grant = Grant("alice", expires_at=time.time() + 60)
-        from facade.auth import _Cached
+def _secret(tail: str) -> str:
+    return "ks-" + tail * 43
 
-        checker._cache[key_hash] = _Cached(grant, time.monotonic())
-        checker.watching = True
-        assert checker.check(_scope(b"Bearer " + secret.encode())) is grant
-        # A key that shares all but its last character is just another hash.
-        near = secret[:-1] + "y"
-        assert isinstance(checker.check(_scope(b"Bearer " + near.encode())), PendingCheck)
-        assert all(secret not in str(k) for k in checker._cache)
-        checker._cache[key_hash] = _Cached(
-            Grant("alice", expires_at=time.time() - 1), time.monotonic()
-        )
-        assert checker.check(_scope(b"Bearer " + secret.encode())) is EXPIRED
-        checker.revoked([key_hash])
-        assert checker.check(_scope(b"Bearer " + secret.encode())) is INVALID
+
+async def _resolve(checker: KeyChecker, secret: str) -> Grant | ApiError:
+    """What the facade does for a request: check, and ask the controller if pending."""
+    checked = checker.check(_scope(b"Bearer " + secret.encode()))
+    return await checker.fetch(checked) if isinstance(checked, PendingCheck) else checked
+
+
+async def test_facade_key_cache_asks_the_controller_once_per_key(
+    key_service: tuple[FakeKeyService, PlaintextController],
+) -> None:
+    service, controller = key_service
+    alice, near = _secret("a"), _secret("a")[:-1] + "b"
+    service.add(alice, "alice")
+    checker = KeyChecker(controller, static_key="static", required=True, cache_ttl_s=30)
+    try:
+        # First sight: the cache cannot answer; the controller is asked, by hash.
+        pending = checker.check(_scope(b"Bearer " + alice.encode()))
+        assert isinstance(pending, PendingCheck) and pending.key_hash == hash_secret(alice)
+        grant = await checker.fetch(pending)
+        assert isinstance(grant, Grant) and grant.owner == "alice"
+        assert service.calls == [hash_secret(alice)]
+        # The same key again: answered from the cache, no call, no await.
+        again = checker.check(_scope(b"Bearer " + alice.encode()))
+        assert isinstance(again, Grant) and again.owner == "alice"
+        assert service.calls == [hash_secret(alice)]
+        # A key that shares all but its last character is another hash: asked about.
+        assert await _resolve(checker, near) is INVALID
+        assert service.calls == [hash_secret(alice), hash_secret(near)]
+        assert await _resolve(checker, near) is INVALID  # refused from the cache
+        assert len(service.calls) == 2
+        # Concurrent requests with one new key share one call.
+        bob = _secret("c")
+        service.add(bob, "bob")
+        both = await asyncio.gather(_resolve(checker, bob), _resolve(checker, bob))
+        assert [g.owner for g in both if isinstance(g, Grant)] == ["bob", "bob"]
+        assert service.calls.count(hash_secret(bob)) == 1
+        # A revocation pushed by the controller is refused at once, without a call.
+        calls = len(service.calls)
+        checker.revoked([hash_secret(alice)])
+        assert checker.check(_scope(b"Bearer " + alice.encode())) is INVALID
+        carol = _secret("d")
+        service.add(carol, "carol")
+        checker.revoked([hash_secret(carol)])  # revoked before this facade saw it
+        assert checker.check(_scope(b"Bearer " + carol.encode())) is INVALID
+        assert len(service.calls) == calls
+        # What the controller says about an expired key reaches the client.
+        dave = _secret("e")
+        service.add(dave, "dave", expires_in_s=-1)
+        assert await _resolve(checker, dave) is EXPIRED
+        # Decided without the controller: no key, the static key, not a KScope key.
+        calls = len(service.calls)
         assert checker.check(_scope(None)) is MISSING
         assert checker.check(_scope(b"Bearer static")) is STATIC
         assert checker.check(_scope(b"Bearer nope")) is INVALID
+        assert len(service.calls) == calls
     finally:
         await checker.close()
-    open_checker = KeyChecker("127.0.0.1:1", static_key=None, required=False, cache_ttl_s=30)
+    open_checker = KeyChecker(controller, static_key=None, required=False, cache_ttl_s=30)
     assert open_checker.check(_scope(None)) is OPEN
     await open_checker.close()
 

@@ -223,7 +223,9 @@ def test_rotation_never_drains_the_replacement_as_excess() -> None:
     # Two live instances for a wish of one: the expiring one goes, not the newest.
     old = inst("old", S.READY, seq=1, ends_in_s=40)
     new = inst("new", S.READY, seq=2, ends_in_s=120, ready_for_s=30)
-    assert all(d.instance_id == "old" for d in rot({"m": spec()}, [old, new]))  # type: ignore[attr-defined]
+    assert rot({"m": spec()}, [old, new]) == [
+        Drain("old", "time limit in 40s; its replacement is ready")
+    ]
 
 
 def test_rotation_of_several_drains_only_what_ready_replacements_cover() -> None:
