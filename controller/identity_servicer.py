@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.convert import timestamp
 from controller.enrollment import (
     EnrollmentKind,
     EnrollmentRecord,
@@ -28,20 +28,14 @@ _KIND_TO_PROTO = {
 _KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def enrollment_to_proto(record: EnrollmentRecord) -> identity_pb2.Enrollment:
     return identity_pb2.Enrollment(
         id=record.id,
         kind=_KIND_TO_PROTO[record.kind],
         name=record.name,
         identity=record.identity.uri,
-        created_at=_timestamp(record.created_at),
-        expires_at=_timestamp(record.expires_at) if record.expires_at else None,
+        created_at=timestamp(record.created_at),
+        expires_at=timestamp(record.expires_at) if record.expires_at else None,
         revoked=record.revoked,
         uses=record.uses,
     )
@@ -88,7 +82,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             ca_certificate_pem=self._ca_pem,
             identity=identity.uri,
             mesh_address=self._mesh_address(),
-            expires_at=_timestamp(not_after(cert)),
+            expires_at=timestamp(not_after(cert)),
         )
 
     async def Renew(
@@ -105,7 +99,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             raise
         return identity_pb2.RenewResponse(
-            certificate_pem=cert.decode(), expires_at=_timestamp(not_after(cert))
+            certificate_pem=cert.decode(), expires_at=timestamp(not_after(cert))
         )
 
     async def CreateEnrollment(

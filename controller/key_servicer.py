@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.convert import timestamp
 from controller.keys import (
     Caller,
     Forbidden,
@@ -34,12 +34,6 @@ _CODES = {
 }
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def key_to_proto(key: KeyRecord) -> keys_pb2.ApiKey:
     return keys_pb2.ApiKey(
         id=key.id,
@@ -47,8 +41,8 @@ def key_to_proto(key: KeyRecord) -> keys_pb2.ApiKey:
         name=key.name,
         role=_ROLE_TO_PROTO[key.role],
         models=list(key.models),
-        created_at=_timestamp(key.created_at),
-        expires_at=_timestamp(key.expires_at),
+        created_at=timestamp(key.created_at),
+        expires_at=timestamp(key.expires_at),
         revoked=key.revoked,
         prefix=key.prefix,
     )

@@ -19,12 +19,10 @@ from kscope_common.pki import agent_instance
 from kscope_common.tls import (
     ControllerConnection,
     ControllerMesh,
-    EnrollmentError,
     PlaintextController,
     ProcessCertificate,
-    enroll,
+    join,
     keep_renewed,
-    read_ca,
 )
 
 log = logging.getLogger(__name__)
@@ -94,16 +92,7 @@ async def connect(settings: FacadeSettings, given: GivenCertificate | None) -> F
         mesh = ControllerMesh(settings.controller, given.certificate, given.mesh_address)
         return FacadeMesh(mesh, given.certificate, not settings.multiplex)
     token = settings.enroll_token.get_secret_value() if settings.enroll_token else ""
-    if not token:
-        raise EnrollmentError(
-            "no enrollment token: set KSCOPE_ENROLL_TOKEN to a facade token "
-            "(`kscope facades add NAME` prints one)"
-        )
-    if not settings.tls_ca:
-        raise EnrollmentError(
-            "no CA certificate: set KSCOPE_TLS_CA to the cluster CA (`kscope ca` prints it)"
-        )
-    enrolled = await enroll(settings.controller, read_ca(settings.tls_ca), token)
+    enrolled = await join(settings.controller, settings.tls_ca, token, "facade")
     facade = FacadeMesh(
         ControllerMesh(settings.controller, enrolled.certificate, enrolled.mesh_address),
         enrolled.certificate,

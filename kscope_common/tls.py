@@ -174,6 +174,21 @@ async def enroll(controller: str, ca_pem: bytes, token: str) -> Enrolled:
     return Enrolled(ProcessCertificate(ca_pem, key_pem(key), cert), reply.mesh_address)
 
 
+async def join(controller: str, tls_ca: str, token: str, what: str) -> Enrolled:
+    """Enroll `what` (a facade, an agent) with the token and CA its settings give;
+    EnrollmentError naming the missing setting when one is absent."""
+    if not token:
+        raise EnrollmentError(
+            f"no enrollment token for this {what}: set KSCOPE_ENROLL_TOKEN "
+            "(`kscope facades|hosts add NAME` prints one; launchers set it for instances)"
+        )
+    if not tls_ca:
+        raise EnrollmentError(
+            "no CA certificate: set KSCOPE_TLS_CA to the cluster CA (`kscope ca` prints it)"
+        )
+    return await enroll(controller, read_ca(tls_ca), token)
+
+
 async def discover(controller: str, ca_pem: bytes | None, timeout_s: float = 5.0) -> str:
     """The controller's mutual-TLS address (it may change when it restarts)."""
     async with public_channel(controller, ca_pem) as channel:

@@ -16,12 +16,10 @@ from kscope_common.authz import AuthzInterceptor, Revocations
 from kscope_common.tls import (
     ControllerConnection,
     ControllerMesh,
-    EnrollmentError,
     PlaintextController,
     ProcessCertificate,
-    enroll,
+    join,
     keep_renewed,
-    read_ca,
 )
 from node_agent.settings import AgentSettings
 
@@ -77,14 +75,6 @@ async def obtain(settings: AgentSettings, token: str) -> AgentCredentials:
             "reaches its port can send it requests. Use this only to debug."
         )
         return AgentCredentials(PlaintextController(settings.controller), None)
-    if not token:
-        raise EnrollmentError(
-            "no enrollment token: set KSCOPE_ENROLL_TOKEN (launchers do) or --token-file"
-        )
-    if not settings.tls_ca:
-        raise EnrollmentError(
-            "no CA certificate: set KSCOPE_TLS_CA to the cluster CA (`kscope ca` prints it)"
-        )
-    enrolled = await enroll(settings.controller, read_ca(settings.tls_ca), token)
+    enrolled = await join(settings.controller, settings.tls_ca, token, "agent")
     mesh = ControllerMesh(settings.controller, enrolled.certificate, enrolled.mesh_address)
     return AgentCredentials(mesh, enrolled.certificate)

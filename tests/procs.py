@@ -86,6 +86,15 @@ class Proc:
             self.popen.wait(10)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def wait_port_file(path: Path, proc: Proc, timeout_s: float = 30.0) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -32,6 +32,7 @@ from tests.procs import (
     Facade,
     Proc,
     Samples,
+    process_alive,
     scrape_metrics,
     start_controller,
     start_facade,
@@ -170,19 +171,11 @@ def test_host_agent_loads_on_demand_and_unloads_when_idle(fleet: Fleet) -> None:
         started = [host.pid, *descendants(host.pid)]
         os.kill(host.pid, signal.SIGTERM)
         exit_code = host.popen.wait(30)
-        left = [pid for pid in started + _group(host.pid) if _alive(pid)]
+        left = [pid for pid in started + _group(host.pid) if process_alive(pid)]
     finally:
         host.stop()
     assert exit_code == 0, host.log()[-3000:]
     assert left == []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _group(pgid: int) -> list[int]:

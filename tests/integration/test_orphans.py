@@ -15,20 +15,13 @@ import openai
 from tests.procs import (
     PYTHON,
     Proc,
+    process_alive,
     restart_controller,
     start_controller,
     start_upstream,
     stop_instances_left_behind,
     wait_until,
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _agents_of(parent: int) -> list[int]:
@@ -68,7 +61,7 @@ def test_kill_9_of_kscope_serve_leaves_no_agent_behind(tmp_path: Path) -> None:
         assert agents, "kscope serve started no agent"
         os.kill(serve.pid, signal.SIGKILL)  # the process alone: its agents are in their own groups
         serve.popen.wait(10)
-        wait_until(lambda: not any(_alive(p) for p in agents), 5, 0.1,
+        wait_until(lambda: not any(process_alive(p) for p in agents), 5, 0.1,
                    what="the agents of a SIGKILLed kscope serve exited")  # fmt: skip
     finally:
         serve.stop()
@@ -101,12 +94,12 @@ def test_an_orphaned_agent_exits_and_one_whose_controller_returns_stays(tmp_path
         wait_until(lambda: [a.pid for a in controller.list_agents()] == [first], 15,
                    what="the agent re-attached")  # fmt: skip
         time.sleep(6)
-        assert _alive(first)
+        assert process_alive(first)
 
         # Gone for longer: the agent drains and exits on its own.
         controller.proc.kill()
         killed = time.monotonic()
-        wait_until(lambda: not _alive(first), 15, 0.2, what="the orphaned agent exited")
+        wait_until(lambda: not process_alive(first), 15, 0.2, what="the orphaned agent exited")
         assert time.monotonic() - killed > 4  # not before the timeout
     finally:
         controller.proc.stop()
