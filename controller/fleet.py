@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from controller.catalog import Catalog, ModelSpec
 from controller.lifecycle import (
     AgentPhase,
@@ -64,6 +66,10 @@ def check_agent_identity(identity: Identity | None, instance_id: str, host_agent
             raise Forbidden(f"{identity} may register only as its host's host agent")
     else:
         raise Forbidden(f"{identity} is not an agent")
+
+
+class Invalid(FleetError):
+    """The request asks for something impossible (min_replicas above max_replicas)."""
 
 
 class UnknownEntity(FleetError):
@@ -223,6 +229,31 @@ class Fleet:
             self.demanded.add(model)
             self.wake.set()
         return summarize(spec, self._instances_of(model), time.time())
+
+    async def scale(
+        self, model: str, min_replicas: int | None, max_replicas: int | None
+    ) -> ModelSpec:
+        """New replica bounds for `model`, kept in the store like the catalog."""
+        spec = self.catalog.get(model)
+        if spec is None:
+            raise UnknownEntity(f"model {model!r} is not in the catalog")
+        changes = {
+            k: v for k, v in (("min_replicas", min_replicas), ("max_replicas", max_replicas))
+            if v is not None
+        }  # fmt: skip
+        try:
+            scaled = ModelSpec.model_validate({**spec.model_dump(), **changes})
+        except ValidationError as exc:
+            problems = "; ".join(str(e["msg"]) for e in exc.errors())
+            raise Invalid(f"model {model!r}: {problems}") from None
+        self.catalog = Catalog(
+            models=tuple(scaled if m.name == model else m for m in self.catalog.models)
+        )
+        await self._store.save_catalog(self.catalog)
+        log.info("model %s scaled to %d..%d replicas", model, scaled.min_replicas,
+                 scaled.max_replicas)  # fmt: skip
+        self.wake.set()
+        return scaled
 
     def expire_idle_demand(self, now: float) -> None:
         """Forget the demand for models idle past their idle_timeout_s, so the

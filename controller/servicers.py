@@ -25,6 +25,7 @@ from controller.fleet import (
     Fleet,
     FleetError,
     Forbidden,
+    Invalid,
     NotAuthenticated,
     Refused,
     UnknownEntity,
@@ -47,6 +48,7 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], exc: FleetEr
     code = {
         NotAuthenticated: grpc.StatusCode.PERMISSION_DENIED,
         Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+        Invalid: grpc.StatusCode.INVALID_ARGUMENT,
         UnknownEntity: grpc.StatusCode.NOT_FOUND,
         Refused: grpc.StatusCode.FAILED_PRECONDITION,
     }.get(type(exc), grpc.StatusCode.INTERNAL)
@@ -236,6 +238,27 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             raise
         return control_pb2.StopInstanceResponse(
             instance=instance_to_proto(inst, self._fleet.agents.get(inst.agent_id))
+        )
+
+    async def ScaleModel(
+        self,
+        request: control_pb2.ScaleModelRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> control_pb2.ScaleModelResponse:
+        try:
+            spec = await self._fleet.scale(
+                request.model,
+                request.min_replicas if request.HasField("min_replicas") else None,
+                request.max_replicas if request.HasField("max_replicas") else None,
+            )
+        except FleetError as exc:
+            await _abort(context, exc)
+            raise
+        summary = next(r.summary for r in self._fleet.routes() if r.summary.spec.name == spec.name)
+        return control_pb2.ScaleModelResponse(
+            model=model_to_proto(summary),
+            min_replicas=spec.min_replicas,
+            max_replicas=spec.max_replicas,
         )
 
     async def WatchRoutes(

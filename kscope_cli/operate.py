@@ -1,5 +1,6 @@
-"""Operator commands for what was grpcurl-only: stop or drain an instance, the
-scaler's decisions, a model's telemetry, and one status screen. Tables for
+"""Operator commands for what was grpcurl-only: stop or drain an instance, a
+model's replica bounds, the scaler's decisions, a model's telemetry, and one
+status screen. Tables for
 people, `--json` for scripts; an admin key (or operator certificate) as for the
 other commands."""
 
@@ -195,6 +196,40 @@ def status(
                f"({sum(1 for a in agents.agents if a.host_agent)} host agents)")  # fmt: skip
 
 
+def scale(
+    model: Annotated[str, typer.Argument(help="the model")],
+    min_replicas: Annotated[
+        int | None, typer.Option("--min", help="instances kept even when idle", min=0)
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option("--max", help="instances load may add up to", min=1)
+    ] = None,
+    controller: Controller = DEFAULT_CONTROLLER,
+    key: Key = "",
+    ca: Ca = "",
+    plaintext: Plaintext = False,
+    as_json: AsJson = False,
+) -> None:
+    """Change a model's replica bounds. Kept in the controller's store like the
+    catalog; a controller started with --catalog FILE takes the file's again."""
+    if min_replicas is None and max_replicas is None:
+        raise typer.BadParameter("give --min, --max or both")
+    request = control_pb2.ScaleModelRequest(model=model)
+    if min_replicas is not None:
+        request.min_replicas = min_replicas
+    if max_replicas is not None:
+        request.max_replicas = max_replicas
+    reply: control_pb2.ScaleModelResponse = _control_rpc(
+        Endpoint(controller, ca, plaintext), key, "ScaleModel", request
+    )
+    if as_json:
+        _json(reply)
+        return
+    now = reply.model
+    typer.echo(f"{model}: {reply.min_replicas}..{reply.max_replicas} replicas "
+               f"({now.ready_replicas} ready, {now.live_replicas} live now)")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
-    for command in (stop, drain, decisions, telemetry, status):
+    for command in (stop, drain, scale, decisions, telemetry, status):
         app.command()(command)

@@ -60,6 +60,7 @@ RULES: Mapping[str, frozenset[Right]] = {
     },
     _CONTROL + "EnsureModel": frozenset({F, OP, ADMIN}),
     _CONTROL + "StopInstance": frozenset({OP, ADMIN}),
+    _CONTROL + "ScaleModel": frozenset({OP, ADMIN}),
     _CONTROL + "WatchRoutes": frozenset({F}),
     # AgentService: agents only, and (checked by the servicer) only for themselves.
     _AGENT + "Register": frozenset({A}),

@@ -3,7 +3,9 @@ tables for people, --json for scripts, an admin key over TLS."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +98,28 @@ def test_stop_drains_and_ends_the_instance(controller: Controller) -> None:
     wait_until(stopped, 20, what="the instance stopped")
     missing = kscope(controller, "drain", "no-such-instance")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_scale_changes_the_bounds_and_the_fleet_follows(controller: Controller) -> None:
+    ready = control_pb2.INSTANCE_STATE_READY
+
+    def ready_count() -> int:
+        return sum(1 for i in controller.list_instances("echo") if i.state == ready)
+
+    wait_until(lambda: ready_count() == 1, 30, what="one instance")
+    up = kscope(controller, "scale", "echo", "--min", "2", "--max", "2", "--json")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["min_replicas"] == 2
+    wait_until(lambda: ready_count() == 2, 30, what="a second instance for min_replicas 2")
+    wrong = kscope(controller, "scale", "echo", "--min", "3")  # above max: refused
+    assert wrong.returncode == 1 and "INVALID_ARGUMENT" in wrong.stderr
+    assert "min_replicas" in wrong.stderr
+    down = kscope(controller, "scale", "echo", "--min", "1", "--max", "1")
+    assert down.returncode == 0 and "echo: 1..1 replicas" in down.stdout
+    wait_until(lambda: ready_count() == 1, 60, what="back to one instance")
+    # Kept in the store like the catalog (what a controller started without
+    # --catalog serves).
+    with contextlib.closing(sqlite3.connect(controller.state_dir / "kscope.db")) as db:
+        (raw,) = db.execute("SELECT spec_json FROM models WHERE name = 'echo'").fetchone()
+    assert (json.loads(raw)["min_replicas"], json.loads(raw)["max_replicas"]) == (1, 1)
+    assert kscope(controller, "scale", "nope", "--max", "2").returncode == 1

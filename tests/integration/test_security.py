@@ -315,6 +315,9 @@ CONTROLLER_RPCS: dict[str, Rpc] = {
     "ControlService/StopInstance": Rpc(
         C, "StopInstance", control_pb2.StopInstanceRequest(instance_id="no-such"), admitted=NF
     ),
+    "ControlService/ScaleModel": Rpc(
+        C, "ScaleModel", control_pb2.ScaleModelRequest(model="no-such-model"), admitted=NF
+    ),
     "ControlService/WatchRoutes": Rpc(C, "WatchRoutes", control_pb2.WatchRoutesRequest(),
                                       "server"),
     "ControlService/GetTelemetry": Rpc(C, "GetTelemetry", control_pb2.GetTelemetryRequest()),
@@ -368,6 +371,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ControlService/ListAgents": _READERS,
     "ControlService/EnsureModel": _READERS,
     "ControlService/StopInstance": _OPERATORS,
+    "ControlService/ScaleModel": _OPERATORS,
     "ControlService/WatchRoutes": frozenset({FACADE}),
     "ControlService/GetTelemetry": _READERS,
     "ControlService/ListDecisions": _READERS,

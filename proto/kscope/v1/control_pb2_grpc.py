@@ -76,6 +76,11 @@ class ControlServiceStub:
                 request_serializer=kscope_dot_v1_dot_control__pb2.ListDecisionsRequest.SerializeToString,
                 response_deserializer=kscope_dot_v1_dot_control__pb2.ListDecisionsResponse.FromString,
                 _registered_method=True)
+        self.ScaleModel = channel.unary_unary(
+                '/kscope.v1.ControlService/ScaleModel',
+                request_serializer=kscope_dot_v1_dot_control__pb2.ScaleModelRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_control__pb2.ScaleModelResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -144,6 +149,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleModel(self, request, context):
+        """ScaleModel changes a model's replica bounds; kept in the controller's
+        store like the catalog (a catalog file given at start overrides it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +199,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.ListDecisions,
                     request_deserializer=kscope_dot_v1_dot_control__pb2.ListDecisionsRequest.FromString,
                     response_serializer=kscope_dot_v1_dot_control__pb2.ListDecisionsResponse.SerializeToString,
+            ),
+            'ScaleModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleModel,
+                    request_deserializer=kscope_dot_v1_dot_control__pb2.ScaleModelRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_control__pb2.ScaleModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +424,33 @@ class ControlService:
             '/kscope.v1.ControlService/ListDecisions',
             kscope_dot_v1_dot_control__pb2.ListDecisionsRequest.SerializeToString,
             kscope_dot_v1_dot_control__pb2.ListDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kscope.v1.ControlService/ScaleModel',
+            kscope_dot_v1_dot_control__pb2.ScaleModelRequest.SerializeToString,
+            kscope_dot_v1_dot_control__pb2.ScaleModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class ControlServiceStub:
     """ListDecisions returns the reconciler's recent decisions (launch, drain,
     stop) with their reasons, newest first.
     """
+    ScaleModel: _grpc.UnaryUnaryMultiCallable[_control_pb2.ScaleModelRequest, _control_pb2.ScaleModelResponse]
+    """ScaleModel changes a model's replica bounds; kept in the controller's
+    store like the catalog (a catalog file given at start overrides it).
+    """
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -90,6 +94,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     ListDecisions: _aio.UnaryUnaryMultiCallable[_control_pb2.ListDecisionsRequest, _control_pb2.ListDecisionsResponse]  # type: ignore[assignment]
     """ListDecisions returns the reconciler's recent decisions (launch, drain,
     stop) with their reasons, newest first.
+    """
+    ScaleModel: _aio.UnaryUnaryMultiCallable[_control_pb2.ScaleModelRequest, _control_pb2.ScaleModelResponse]  # type: ignore[assignment]
+    """ScaleModel changes a model's replica bounds; kept in the controller's
+    store like the catalog (a catalog file given at start overrides it).
     """
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +175,16 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_control_pb2.ListDecisionsResponse, _abc.Awaitable[_control_pb2.ListDecisionsResponse]]:
         """ListDecisions returns the reconciler's recent decisions (launch, drain,
         stop) with their reasons, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def ScaleModel(
+        self,
+        request: _control_pb2.ScaleModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ScaleModelResponse, _abc.Awaitable[_control_pb2.ScaleModelResponse]]:
+        """ScaleModel changes a model's replica bounds; kept in the controller's
+        store like the catalog (a catalog file given at start overrides it).
         """
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
