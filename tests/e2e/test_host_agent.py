@@ -247,3 +247,30 @@ def test_launchd_plist_starts_a_host_agent_that_registers(fleet: Fleet, tmp_path
     refused = _install(fleet, plist_path, token_file, {})
     assert refused.returncode == 2 and "chmod 600" in refused.stderr
     assert not plist_path.exists()
+
+
+def test_revoking_a_host_stops_its_traffic(fleet: Fleet) -> None:
+    """`kscope hosts revoke NAME`: the host agent's Session is closed and it is
+    refused when it comes back, so it leaves, unloading its instances; the
+    model is no longer served from that Mac."""
+    host = _host_agent(fleet, "revoked-mac")
+    try:
+        wait_until(lambda: len(fleet.host_agents()) == 1, 20, what="host agent registered")
+        hello = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        httpx.post(f"{fleet.facade.base_url}/v1/chat/completions", json=hello, timeout=10)
+        wait_until(lambda: fleet.state() == "ready", 60, 0.2, what="model loaded")
+        assert _ask(fleet)
+        (live,) = [i for i in fleet.instances() if i.state == control_pb2.INSTANCE_STATE_READY]
+
+        fleet.controller.revoke("host", "revoked-mac")
+        assert host.popen.wait(30) == 3  # refused for good: it does not retry
+        wait_until(lambda: not fleet.host_agents(), 15, what="the host agent is gone")
+        wait_until(
+            lambda: all(i.state != control_pb2.INSTANCE_STATE_READY for i in fleet.instances()
+                        if i.id == live.id),
+            30, 0.2, what="its instance no longer serves",
+        )  # fmt: skip
+        refused = httpx.post(f"{fleet.facade.base_url}/v1/chat/completions", json=hello, timeout=10)
+        assert refused.status_code == 503  # nobody serves it now
+    finally:
+        host.stop()
