@@ -214,10 +214,12 @@ class InferenceProxy:
             return model
         request = kind.request_cls(
             envelope=inference_pb2.RequestEnvelope(
-                request_id=f"req-{uuid.uuid4().hex[:16]}", model=model, stream=stream
+                request_id=f"req-{uuid.uuid4().hex[:16]}", model=model, stream=stream,
+                # The agent's queue takes turns by caller: fair share between owners.
+                caller=grant.owner if grant is not None else "",
             ),
             body=body,
-        )
+        )  # fmt: skip
         await self._forward(target, kind, request, model, stream, receive, writer)
         return model
 

@@ -87,7 +87,7 @@ async def serve_request(
     status = CANCELLED
     try:
         # The queue counts this request as queued, then in flight.
-        async with core.queue.slot():
+        async with core.queue.slot(envelope.caller, envelope.priority):
             # Closed here, at once, when the consumer leaves (the client went
             # away): that is what aborts the engine's request.
             generation = core.engine.generate(endpoint, body, envelope.stream)

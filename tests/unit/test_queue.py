@@ -143,3 +143,91 @@ async def test_queue_size_zero_refuses_when_busy() -> None:
     assert isinstance(tasks[2].exception(), QueueFull)
     release.set()
     await asyncio.gather(*tasks[:2])
+
+
+async def _served_in_order(queue: RequestQueue, callers: list[tuple[str, int]]) -> list[str]:
+    """Queue one request per (caller, priority) behind a holder, then let them
+    through one at a time; returns the callers in the order they got the slot."""
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with queue.slot("holder"):
+            await gate.wait()
+
+    async def ask(caller: str, priority: int) -> None:
+        async with queue.slot(caller, priority):
+            order.append(caller)
+            await asyncio.sleep(0)
+
+    holder = asyncio.create_task(hold())
+    await _settle()
+    tasks = []
+    for caller, priority in callers:
+        tasks.append(asyncio.create_task(ask(caller, priority)))
+        await asyncio.sleep(0)  # arrival order is creation order
+    await _settle()
+    assert queue.waiting == len(callers)
+    gate.set()
+    await asyncio.gather(holder, *tasks)
+    assert (queue.active, queue.waiting) == (0, 0)
+    return order
+
+
+async def test_waiting_requests_take_turns_by_caller() -> None:
+    queue = _queue(concurrency=1, size=100)
+    order = await _served_in_order(queue, [("a", 0)] * 20 + [("b", 0)])
+    assert order[:2] == ["a", "b"]  # B second, not twenty-first
+    assert order.count("a") == 20
+
+
+async def test_turns_rotate_over_every_caller_keeping_each_ones_order() -> None:
+    queue = _queue(concurrency=1, size=100)
+    order = await _served_in_order(queue, [("a", 0)] * 3 + [("b", 0)] * 2 + [("c", 0)])
+    assert order == ["a", "b", "c", "a", "b", "a"]
+
+
+async def test_a_higher_priority_goes_first() -> None:
+    queue = _queue(concurrency=1, size=100)
+    order = await _served_in_order(queue, [("batch", 0)] * 5 + [("portal", 5)])
+    assert order[0] == "portal"
+
+
+async def test_waiting_by_caller_counts_the_lines() -> None:
+    queue = _queue(concurrency=1, size=100)
+    gate = asyncio.Event()
+
+    async def hold(caller: str) -> None:
+        async with queue.slot(caller):
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold(c)) for c in ["x", "a", "a", "b"]]
+    await _settle()
+    assert queue.waiting_by_caller() == {"a": 2, "b": 1}
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert queue.waiting_by_caller() == {}
+
+
+async def test_the_caller_at_the_engine_waits_its_turn_behind_a_newcomer() -> None:
+    """A's first request got the slot without queueing; A's next ones queue, then
+    B arrives: B was served least recently (never), so B goes next."""
+    queue = _queue(concurrency=1, size=100)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def ask(caller: str, first: bool = False) -> None:
+        async with queue.slot(caller):
+            order.append(caller)
+            if first:
+                await gate.wait()
+
+    tasks = [asyncio.create_task(ask("a", first=True))]
+    await _settle()
+    tasks += [asyncio.create_task(ask("a")) for _ in range(5)]
+    await _settle()
+    tasks.append(asyncio.create_task(ask("b")))
+    await _settle()
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order[:3] == ["a", "b", "a"]
