@@ -96,12 +96,9 @@ class EnrollmentRegistry:
         self._instance_waiting = instance_waiting
         self._on_revoked = on_revoked
         self.revoked: frozenset[str] = frozenset()
-        self.kinds: dict[str, EnrollmentKind] = {}
-        """Revoked enrollment id → its kind (agents hear of facades and hosts)."""
 
     async def load(self) -> None:
         records = await self._store.list_all(include_instances=False)
-        self.kinds = {r.id: r.kind for r in records}
         self.revoked = frozenset(r.id for r in records if r.revoked)
         self._on_revoked(self.revoked)
 
@@ -126,7 +123,6 @@ class EnrollmentRegistry:
             expires_at=now + expires_in_s if expires_in_s else 0.0,
         )
         await self._store.insert(record)
-        self.kinds[record.id] = kind
         if kind is not EnrollmentKind.INSTANCE:
             log.info("enrollment %s made for %s %s", record.id, kind.value, name)
         return record, token

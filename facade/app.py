@@ -12,12 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from facade.asgi import Receive, Scope, Send
 from facade.auth import GRANT_SCOPE_KEY, KeyChecker, PendingCheck
 from facade.errors import ApiError
 from facade.mesh import FacadeMesh, GivenCertificate, connect
 from facade.metrics import facade_metrics
 from facade.models_api import models_router
-from facade.proxy import KINDS, InferenceProxy, Receive, Scope, Send
+from facade.proxy import KINDS, InferenceProxy
 from facade.queue_api import queue_router
 from facade.response import send_error
 from facade.routing import RouteTable, RouteWatcher

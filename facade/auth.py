@@ -17,12 +17,12 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
+from facade.asgi import Scope
 from facade.errors import ApiError
 from kscope.v1 import keys_pb2, keys_pb2_grpc
 from kscope_common.retry import RECONNECT, Backoff
@@ -30,7 +30,6 @@ from kscope_common.tls import ControllerConnection
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
 
 GRANT_SCOPE_KEY = "kscope.grant"
 """Where the checked grant rides in the ASGI scope, for the model check."""

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
+from facade.asgi import Receive, Scope
 from facade.errors import ApiError
 from facade.response import ResponseWriter
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
 from kscope.v1 import control_pb2
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 ENSURE_CALL_TIMEOUT_S = 5.0
 
 

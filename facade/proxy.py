@@ -19,12 +19,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import orjson
 
+from facade.asgi import Receive, Scope, Send
 from facade.auth import GRANT_SCOPE_KEY, Grant, model_forbidden
 from facade.cold_start import ClientGone, ColdStart
 from facade.errors import AgentFailure, ApiError
@@ -37,10 +38,6 @@ from kscope_common.request_stats import RequestStats
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 RESCHEDULE_EVERY_S = 1.0
 """The idle timer moves at most this often (a timer per chunk would cost more

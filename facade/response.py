@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from facade.asgi import Send
 from facade.errors import ApiError
 from kscope_common.request_stats import CANCELLED
-
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from kscope_common.pki import Identity, PkiError, Role
+from kscope_common.pki import Identity, PkiError, Role, identity_from_uris
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +171,8 @@ class IdentityCache:
 
 
 def _identity_from_uris(uris: list[str]) -> Identity | None:
-    from kscope_common.pki import ENROLLMENT_PREFIX, SPIFFE_PREFIX
-
-    enrollment = next(
-        (u[len(ENROLLMENT_PREFIX) :] for u in uris if u.startswith(ENROLLMENT_PREFIX)), ""
-    )
-    spiffe = [u for u in uris if u.startswith(SPIFFE_PREFIX)]
-    if len(spiffe) != 1:
-        return None
     try:
-        return Identity.parse(spiffe[0], enrollment)
+        return identity_from_uris(uris)
     except PkiError:
         return None
 

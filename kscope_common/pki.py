@@ -301,7 +301,12 @@ def identity_of(cert: x509.Certificate) -> Identity:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise PkiError("the certificate names no identity") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return identity_from_uris(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def identity_from_uris(uris: Sequence[str]) -> Identity:
+    """The identity (and enrollment) a certificate's SAN URIs name: the one
+    parser for certificates here and for the peer URIs a TLS handshake reports."""
     enrollment = next(
         (u[len(ENROLLMENT_PREFIX) :] for u in uris if u.startswith(ENROLLMENT_PREFIX)), ""
     )

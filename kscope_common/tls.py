@@ -288,11 +288,6 @@ def read_ca(path_or_pem: str) -> bytes:
     return data
 
 
-def server_names(identity: Identity) -> Sequence[str]:
-    """The DNS names an agent's certificate carries (what facades verify)."""
-    return [agent_server_name(identity.uri)] if identity.role is Role.AGENT else []
-
-
 class PlaintextController:
     """ControllerMesh's stand-in in plaintext debugging mode: one insecure channel."""
 

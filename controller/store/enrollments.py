@@ -79,9 +79,3 @@ class EnrollmentStore(SqliteFile):
             ).fetchall()
         )
         return [_record(r) for r in rows]
-
-    async def revoked_ids(self) -> list[str]:
-        rows = await self._run(
-            lambda: self._db.execute("SELECT id FROM enrollments WHERE revoked = 1").fetchall()
-        )
-        return [str(r[0]) for r in rows]
