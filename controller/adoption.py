@@ -46,10 +46,10 @@ async def adopt_jobs(fleet: Fleet, launcher: SlurmLauncher, stored: Collection[s
         if job is not None:
             log.info("adopting SLURM job %s for instance %s (its id was never stored)",
                      job.job_id, inst.id)  # fmt: skip
-            inst.launcher_ref = job.job_id
+            await fleet.record_launch(inst.id, job.job_id)
         else:
-            inst.launch_error = "the controller stopped before it submitted the job"
-        await fleet.save(inst)
+            error = "the controller stopped before it submitted the job"
+            await fleet.record_launch_error(inst.id, error)
         changed = True
     for instance_id, job in jobs.items():
         log.warning(

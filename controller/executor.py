@@ -88,8 +88,8 @@ class Executor:
         inst = await self._fleet.create_instance(spec)
         launcher = self._launchers.get(spec.launcher)
         if launcher is None:
-            inst.launch_error = f"no launcher named {spec.launcher!r} is configured"
-            await self._fleet.save(inst)
+            error = f"no launcher named {spec.launcher!r} is configured"
+            await self._fleet.record_launch_error(inst.id, error)
             return
         token = await self._enrollment.mint_for_instance(inst.id) if self._enrollment else ""
         launch_spec = LaunchSpec(
@@ -97,11 +97,12 @@ class Executor:
             self._ca_pem.decode() if self._ca_pem else "",
         )  # fmt: skip
         try:
-            inst.launcher_ref = await launcher.launch(launch_spec)
+            ref = await launcher.launch(launch_spec)
         except LaunchError as exc:
             log.error("launch of instance %s failed: %s", inst.id, exc)
-            inst.launch_error = str(exc)
-        await self._fleet.save(inst)
+            await self._fleet.record_launch_error(inst.id, str(exc))
+        else:
+            await self._fleet.record_launch(inst.id, ref)
         self._fleet.wake.set()
 
     async def _stop(self, decision: Stop) -> None:
@@ -111,21 +112,20 @@ class Executor:
         launcher = self._launchers.get(inst.launcher)
         if launcher is None:
             return
-        inst.stop_sent = True
-        await self._fleet.save(inst)
-        ref = inst.launcher_ref
+        await self._fleet.mark_stop_sent(inst.id)
+        instance_id, ref = inst.id, inst.launcher_ref
 
         async def stop() -> None:
             try:
                 await launcher.stop(ref)
             except Exception as exc:
                 if isinstance(exc, LaunchError):  # the launcher's own words suffice
-                    log.error("stopping instance %s (%s) failed: %s", inst.id, ref, exc)
+                    log.error("stopping instance %s (%s) failed: %s", instance_id, ref, exc)
                 else:
-                    log.exception("stopping instance %s (%s) failed", inst.id, ref)
+                    log.exception("stopping instance %s (%s) failed", instance_id, ref)
                 # The next regular pass tries again; waking the loop now would
                 # spin it while the launcher fails fast (an SSH backoff).
-                inst.stop_sent = False
+                self._fleet.stop_failed(instance_id)
                 return
             self._fleet.wake.set()
 

@@ -1,37 +1,38 @@
 """The fleet: the controller's live view of instances and agents.
 
 Agents and launchers report facts here; `refresh` derives every instance's
-state from them (controller/lifecycle.py), persists what changed and wakes
-route watchers when the route table changes.
+state from them (controller/lifecycle.py, through controller/fleet_views.py),
+persists what changed and wakes route watchers when the route table changes.
+
+The fleet keeps the records, their persistence and the agents' sessions, and
+is the only one that changes them: other modules read `instances` and
+`agents` (read-only mappings) and change records through its methods. What
+the records mean at a moment (facts, the reconciler's views, launch backoff,
+idle models) is computed by the pure functions of controller/fleet_views.py,
+with the `now` the control loop passes down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from pydantic import ValidationError
 
 from controller.catalog import Catalog, ModelSpec
-from controller.lifecycle import (
-    AgentPhase,
-    InstanceFacts,
-    InstanceState,
-    LauncherPhase,
-    derive_state,
+from controller.fleet_views import (
+    agent_of,
+    idle_models,
+    instance_facts,
+    next_state,
+    route_signature,
 )
-from controller.reconciler import (
-    InstanceView,
-    Scale,
-    launch_backoff_s,
-    load_recommendation,
-    stabilised,
-)
+from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
@@ -115,6 +116,28 @@ class RevokedCommand:
 AgentCommand = DrainCommand | LoadModelCommand | UnloadModelCommand | RevokedCommand
 
 
+@dataclass(frozen=True)
+class AgentReport:
+    """One load report from an agent's Session stream, as the controller reads it."""
+
+    agent_id: str
+    """The agent that sent it (the one its session registered as)."""
+    phase: AgentPhase
+    in_flight: int
+    """Requests its engine works on now."""
+    queued: int
+    """Requests waiting in its queue."""
+    detail: str
+    """What it says about its phase, in words."""
+    totals: RequestTotals
+    """The requests that ended since the agent started."""
+    max_concurrency: int = 0
+    """Its queue limits (0: no limit)."""
+    max_queue_size: int = 0
+    hosted: Mapping[str, HostedState] | None = None
+    """A host agent's instances, by instance id; None: not a host agent's report."""
+
+
 @dataclass
 class _Session:
     commands: asyncio.Queue[AgentCommand] = field(default_factory=asyncio.Queue)
@@ -140,47 +163,91 @@ class Fleet:
         store: SqliteStore,
         catalog: Catalog,
         timings: FleetTimings | None = None,
+        clock: Callable[[], float] = time.time,
     ):
+        """`clock` stamps the records (created, updated, reported); what they
+        mean is judged by the `now` the control loop passes to `refresh`."""
         self._store = store
-        self.catalog = catalog
-        self.timings = timings or FleetTimings()
-        self.instances: dict[str, InstanceRecord] = {}
-        self.agents: dict[str, AgentRecord] = {}
+        self._catalog = catalog
+        self._timings = timings or FleetTimings()
+        self._clock = clock
+        self._instances: dict[str, InstanceRecord] = {}
+        self._agents: dict[str, AgentRecord] = {}
         self._sessions: dict[str, _Session] = {}
-        self.demanded: set[str] = set()
-        self.demanded_at: dict[str, float] = {}
+        self._demanded: set[str] = set()
+        self._demanded_at: dict[str, float] = {}
         """When EnsureModel last asked for each model."""
-        self._started_at = time.time()
+        self._started_at = clock()
         self._next_seq = 1
-        self.route_version = 0
+        self._route_version = 0
         self._route_signature: object = None
         self._routes_changed = asyncio.Condition()
-        self._load_samples: dict[str, list[tuple[float, int]]] = {}
-        """Per model with a target_in_flight: (time, instances its load called for)."""
-        self.failures: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
         """Instances that failed since this controller started, by model (/metrics)."""
-        self.revoked_enrollments: frozenset[str] = frozenset()
-        """Revoked facade and host enrollments, which every agent is told."""
+        self._revoked_enrollments: frozenset[str] = frozenset()
         self.wake = asyncio.Event()
         """Set when something happened that the control loop should act on now."""
 
     async def load(self) -> None:
         """Bring back instances and agents from the store after a (re)start."""
         for inst in await self._store.load_instances():
-            self.instances[inst.id] = inst
+            self._instances[inst.id] = inst
             self._next_seq = max(self._next_seq, inst.seq + 1)
             if inst.state is InstanceState.READY:
-                self.demanded.add(inst.model)
+                self._demanded.add(inst.model)
         for agent in await self._store.load_agents():
-            self.agents[agent.id] = agent
-        log.info("loaded %d instances and %d agents", len(self.instances), len(self.agents))
+            self._agents[agent.id] = agent
+        log.info("loaded %d instances and %d agents", len(self._instances), len(self._agents))
+
+    # --- what others read --------------------------------------------------------------------
+
+    @property
+    def instances(self) -> Mapping[str, InstanceRecord]:
+        """Every instance, by id (read-only: change them through the fleet)."""
+        return MappingProxyType(self._instances)
+
+    @property
+    def agents(self) -> Mapping[str, AgentRecord]:
+        """Every registered agent, by id (read-only)."""
+        return MappingProxyType(self._agents)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    @property
+    def timings(self) -> FleetTimings:
+        return self._timings
+
+    @property
+    def demanded(self) -> frozenset[str]:
+        """Models clients want (EnsureModel), until their idle_timeout_s lapses."""
+        return frozenset(self._demanded)
+
+    @property
+    def failures(self) -> Mapping[str, int]:
+        """Instances that failed since this controller started, by model (/metrics)."""
+        return MappingProxyType(self._failures)
+
+    @property
+    def revoked_enrollments(self) -> frozenset[str]:
+        """Revoked facade and host enrollments, which every agent is told."""
+        return self._revoked_enrollments
+
+    @property
+    def route_version(self) -> int:
+        """Goes up each time the route table changes."""
+        return self._route_version
+
+    def specs(self) -> Mapping[str, ModelSpec]:
+        return {m.name: m for m in self._catalog.models}
 
     # --- identities --------------------------------------------------------------------------
 
     def instance_waiting(self, instance_id: str, renewal: bool) -> str | None:
         """None while `instance_id` may take an agent's enrollment (it lives and
         none enrolled yet; for a renewal, while it lives), else why not."""
-        inst = self.instances.get(instance_id)
+        inst = self._instances.get(instance_id)
         if inst is None:
             return "no such instance"
         if inst.state.ended:
@@ -191,16 +258,16 @@ class Fleet:
 
     def set_revoked(self, enrollment_ids: frozenset[str]) -> None:
         """Tell every connected agent the new revoked list."""
-        if enrollment_ids == self.revoked_enrollments:
+        if enrollment_ids == self._revoked_enrollments:
             return
-        self.revoked_enrollments = enrollment_ids
+        self._revoked_enrollments = enrollment_ids
         for session in self._sessions.values():
             session.commands.put_nowait(RevokedCommand(enrollment_ids))
 
     # --- instances ---------------------------------------------------------------------------
 
     async def create_instance(self, spec: ModelSpec) -> InstanceRecord:
-        now = time.time()
+        now = self._clock()
         inst = InstanceRecord(
             id=f"{spec.name.replace('/', '-')}-{uuid.uuid4().hex[:8]}",
             model=spec.name,
@@ -211,30 +278,56 @@ class Fleet:
             reason="waiting to be launched",
         )
         self._next_seq += 1
-        self.instances[inst.id] = inst
+        self._instances[inst.id] = inst
         await self._store.save_instance(inst)
         return inst
 
     async def save(self, inst: InstanceRecord) -> None:
-        inst.updated_at = time.time()
+        inst.updated_at = self._clock()
         await self._store.save_instance(inst)
+
+    async def record_launch(self, instance_id: str, launcher_ref: str) -> None:
+        """The launcher accepted the instance (or, after a restart, its job was
+        found) under `launcher_ref`."""
+        inst = self._instances[instance_id]
+        inst.launcher_ref = launcher_ref
+        await self.save(inst)
+
+    async def record_launch_error(self, instance_id: str, error: str) -> None:
+        """The instance could not be launched, and why (it becomes FAILED)."""
+        inst = self._instances[instance_id]
+        inst.launch_error = error
+        await self.save(inst)
+
+    async def mark_stop_sent(self, instance_id: str) -> None:
+        """Its launcher was told to stop it: the reconciler does not ask again."""
+        inst = self._instances[instance_id]
+        inst.stop_sent = True
+        await self.save(inst)
+
+    def stop_failed(self, instance_id: str) -> None:
+        """Telling its launcher to stop it failed: the next reconcile pass asks again."""
+        inst = self._instances.get(instance_id)
+        if inst is not None:
+            inst.stop_sent = False
 
     def demand(self, model: str) -> ModelSummary:
         """Note that clients want `model`; return its summary now."""
-        spec = self.catalog.get(model)
+        spec = self._catalog.get(model)
         if spec is None:
             raise UnknownEntity(f"model {model!r} is not in the catalog")
-        self.demanded_at[model] = time.time()
-        if model not in self.demanded:
-            self.demanded.add(model)
+        now = self._clock()
+        self._demanded_at[model] = now
+        if model not in self._demanded:
+            self._demanded.add(model)
             self.wake.set()
-        return summarize(spec, self._instances_of(model), time.time())
+        return summarize(spec, self._instances_of(model), now)
 
     async def scale(
         self, model: str, min_replicas: int | None, max_replicas: int | None
     ) -> ModelSpec:
         """New replica bounds for `model`, kept in the store like the catalog."""
-        spec = self.catalog.get(model)
+        spec = self._catalog.get(model)
         if spec is None:
             raise UnknownEntity(f"model {model!r} is not in the catalog")
         changes = {
@@ -246,48 +339,41 @@ class Fleet:
         except ValidationError as exc:
             problems = "; ".join(str(e["msg"]) for e in exc.errors())
             raise Invalid(f"model {model!r}: {problems}") from None
-        self.catalog = Catalog(
-            models=tuple(scaled if m.name == model else m for m in self.catalog.models)
+        self._catalog = Catalog(
+            models=tuple(scaled if m.name == model else m for m in self._catalog.models)
         )
-        await self._store.save_catalog(self.catalog)
+        await self._store.save_catalog(self._catalog)
         log.info("model %s scaled to %d..%d replicas", model, scaled.min_replicas,
                  scaled.max_replicas)  # fmt: skip
         self.wake.set()
         return scaled
 
     def expire_idle_demand(self, now: float) -> None:
-        """Forget the demand for models idle past their idle_timeout_s, so the
-        reconciler drains them down to min_replicas (a host agent unloads them)."""
-        for model in list(self.demanded):
-            spec = self.catalog.get(model)
-            if spec is None or spec.idle_timeout_s is None:
-                continue
-            busy = [self.demanded_at.get(model, 0.0)]
-            for inst in self._instances_of(model):
-                if inst.state.ended or inst.stop_requested:
-                    continue
-                agent = self.agents.get(inst.agent_id)
-                # One still starting (a cold start may outlast the timeout) is not idle.
-                ready = inst.state is InstanceState.READY and agent is not None
-                busy.append(agent.last_busy_at or now if ready and agent else now)
-            if now - max(busy) >= spec.idle_timeout_s:
-                log.info("model %s idle for %.0f s: unloading", model, now - max(busy))
-                self.demanded.discard(model)
-                self.wake.set()
+        """Forget the demand for models idle past their idle_timeout_s at `now`,
+        so the reconciler drains them down to min_replicas (a host agent unloads
+        them)."""
+        idle = idle_models(
+            list(self._demanded), self._demanded_at, self.specs(),
+            list(self._instances.values()), self._agents, now,
+        )  # fmt: skip
+        for model, idle_s in idle.items():
+            log.info("model %s idle for %.0f s: unloading", model, idle_s)
+            self._demanded.discard(model)
+            self.wake.set()
 
     def _instances_of(self, model: str) -> list[InstanceRecord]:
-        return [i for i in self.instances.values() if i.model == model]
+        return [i for i in self._instances.values() if i.model == model]
 
     async def request_stop(self, instance_id: str) -> InstanceRecord:
         """Mark an instance to be drained and stopped."""
-        inst = self.instances.get(instance_id)
+        inst = self._instances.get(instance_id)
         if inst is None:
             raise UnknownEntity(f"instance {instance_id!r} does not exist")
         if not inst.stop_requested and not inst.state.ended:
             inst.stop_requested = True
-            inst.stop_requested_at = time.time()
+            inst.stop_requested_at = self._clock()
             await self.save(inst)
-            agent = self.agents.get(inst.agent_id)
+            agent = self._agents.get(inst.agent_id)
             if agent is not None and agent.connected:
                 self.send(agent.id, DrainCommand("the controller stops this instance"))
             self.wake.set()
@@ -297,7 +383,7 @@ class Fleet:
 
     async def register_agent(self, agent: AgentRecord) -> AgentRecord:
         """Attach a (re)registering agent to its instance; returns it with its id."""
-        inst = self.instances.get(agent.instance_id)
+        inst = self._instances.get(agent.instance_id)
         if not agent.instance_id:
             return await self._register_host_agent(agent)
         if inst is None:
@@ -306,8 +392,8 @@ class Fleet:
             raise Refused(f"instance {inst.id} is {inst.state.value}: {inst.reason}")
         # An agent that reconnects keeps its id, so operators can follow it.
         agent.id = inst.agent_id or f"agent-{uuid.uuid4().hex[:10]}"
-        agent.registered_at = agent.last_report_at = time.time()
-        self.agents[agent.id] = agent
+        agent.registered_at = agent.last_report_at = self._clock()
+        self._agents[agent.id] = agent
         inst.agent_id = agent.id
         inst.agent_address = agent.address
         inst.engine_url = agent.engine_url
@@ -328,10 +414,10 @@ class Fleet:
             # Its certificate names the host; without TLS, only the address can.
             return a.identity == agent.identity if agent.identity else a.address == agent.address
 
-        known = [a for a in self.agents.values() if a.host_agent and same_host(a)]
+        known = [a for a in self._agents.values() if a.host_agent and same_host(a)]
         agent.id = known[0].id if known else f"host-{uuid.uuid4().hex[:10]}"
-        agent.registered_at = agent.last_report_at = time.time()
-        self.agents[agent.id] = agent
+        agent.registered_at = agent.last_report_at = self._clock()
+        self._agents[agent.id] = agent
         await self._store.save_agent(agent)
         log.info("host agent %s registered at %s offering %s", agent.id, agent.address,
                  ", ".join(agent.models) or "no models")  # fmt: skip
@@ -342,48 +428,40 @@ class Fleet:
         """The agent's Session stream opened; returns the queue of its commands.
         `identity` is the caller's certificate identity (None: plaintext mode),
         which must be the one that registered `agent_id`."""
-        agent = self.agents.get(agent_id)
+        agent = self._agents.get(agent_id)
         if agent is None:
             raise UnknownEntity(f"agent {agent_id!r} is not registered")
         if identity is not None and agent.identity != identity:
             raise NotAuthenticated(f"agent {agent_id} is not {identity}")
         session = _Session()
-        session.commands.put_nowait(RevokedCommand(self.revoked_enrollments))
+        session.commands.put_nowait(RevokedCommand(self._revoked_enrollments))
         self._sessions[agent_id] = session
         agent.connected = True
-        agent.last_report_at = time.time()
-        inst = self.instances.get(agent.instance_id)
+        agent.last_report_at = self._clock()
+        inst = self._instances.get(agent.instance_id)
         if inst is not None and inst.stop_requested:
             session.commands.put_nowait(DrainCommand("the controller stops this instance"))
         self.wake.set()
         return session.commands
 
-    def report(
-        self,
-        agent_id: str,
-        phase: AgentPhase,
-        in_flight: int,
-        queued: int,
-        detail: str,
-        totals: RequestTotals,
-        max_concurrency: int = 0,
-        max_queue_size: int = 0,
-        hosted: Mapping[str, HostedState] | None = None,
-    ) -> None:
-        agent = self.agents.get(agent_id)
+    def report(self, report: AgentReport) -> None:
+        """An agent's load report: its phase, load, totals (and hosted instances)."""
+        agent = self._agents.get(report.agent_id)
         if agent is None:
             return
-        changed = agent.phase is not phase
-        now = time.time()
-        if in_flight or queued or totals.served != agent.totals.served or not agent.last_busy_at:
+        changed = agent.phase is not report.phase
+        now = self._clock()
+        served_more = report.totals.served != agent.totals.served
+        if report.in_flight or report.queued or served_more or not agent.last_busy_at:
             agent.last_busy_at = now
-        agent.phase, agent.in_flight, agent.queued, agent.detail = phase, in_flight, queued, detail
-        agent.max_concurrency, agent.max_queue_size = max_concurrency, max_queue_size
-        agent.totals = totals
-        if hosted is not None:
-            changed = changed or dict(hosted) != agent.hosted
-            agent.hosted = dict(hosted)
-        agent.last_report_at = time.time()
+        agent.phase, agent.detail = report.phase, report.detail
+        agent.in_flight, agent.queued = report.in_flight, report.queued
+        agent.max_concurrency, agent.max_queue_size = report.max_concurrency, report.max_queue_size
+        agent.totals = report.totals
+        if report.hosted is not None:
+            changed = changed or dict(report.hosted) != agent.hosted
+            agent.hosted = dict(report.hosted)
+        agent.last_report_at = now
         if changed:
             self.wake.set()
 
@@ -394,11 +472,11 @@ class Fleet:
         if session is None or session.commands is not commands:
             return  # a newer session replaced this one
         del self._sessions[agent_id]
-        agent = self.agents.get(agent_id)
+        agent = self._agents.get(agent_id)
         if agent is None:
             return
         agent.connected = False
-        inst = self.instances.get(agent.instance_id)
+        inst = self._instances.get(agent.instance_id)
         if inst is not None and not inst.stop_requested:
             inst.agent_lost = True
             if agent.phase is AgentPhase.DRAINING:
@@ -415,59 +493,27 @@ class Fleet:
 
     # --- state -------------------------------------------------------------------------------
 
-    def facts(self, inst: InstanceRecord, now: float) -> InstanceFacts:
-        agent = self.agents.get(inst.agent_id) if inst.agent_id else None
-        connected = agent is not None and agent.connected
-        stale = (
-            connected
-            and agent is not None
-            and (now - agent.last_report_at > self.timings.agent_stale_after_s)
-        )
-        reconnect_window = inst.ever_registered and not connected and not inst.agent_lost
-        in_grace = now - self._started_at < self.timings.reconnect_grace_s
-        return InstanceFacts(
-            previous=inst.state,
-            submitted=bool(inst.launcher_ref),
-            launch_error=inst.launch_error,
-            launcher_phase=inst.launcher_phase,
-            launcher_reason=inst.launcher_reason,
-            stop_requested=inst.stop_requested,
-            agent_connected=connected and not stale,
-            agent_phase=agent.phase if agent is not None else None,
-            agent_detail=agent.detail if agent is not None else "",
-            agent_lost=inst.agent_lost or stale,
-            agent_lost_reason=inst.agent_lost_reason
-            or ("agent sent no report for too long" if stale else ""),
-            awaiting_reconnect=reconnect_window and in_grace,
-            reconnect_expired=reconnect_window and not in_grace,
-            age_s=now - inst.created_at,
-            startup_timeout_s=self._startup_timeout(inst.model),
-        )
-
-    def _startup_timeout(self, model: str) -> float:
-        spec = self.catalog.get(model)
-        return spec.startup_timeout_s if spec is not None else 900.0
-
-    async def refresh(self) -> None:
-        """Derive every instance's state from the facts; persist and publish changes."""
-        now = time.time()
+    async def refresh(self, now: float) -> None:
+        """Derive every instance's state at `now` from the facts; persist and
+        publish changes."""
         self.expire_idle_demand(now)
-        for inst in list(self.instances.values()):
-            state, reason = derive_state(self.facts(inst, now))
-            if state is InstanceState.FAILED and inst.state is InstanceState.FAILED:
-                # An instance that failed through its agent (a job's agent leaves
-                # when SLURM signals it) may learn why from its launcher a poll
-                # later: keep both. Only for failures seen by this controller.
-                ended = inst.launcher_phase is LauncherPhase.ENDED and inst.launcher_reason
-                recent = inst.updated_at >= self._started_at
-                if ended and recent and inst.launcher_reason not in inst.reason:
-                    reason = f"{inst.reason}; {inst.launcher_reason}"
+        for inst in list(self._instances.values()):
+            facts = instance_facts(
+                inst,
+                agent_of(inst, self._agents),
+                self._catalog.get(inst.model),
+                now,
+                started_at=self._started_at,
+                agent_stale_after_s=self._timings.agent_stale_after_s,
+                reconnect_grace_s=self._timings.reconnect_grace_s,
+            )
+            state, reason = next_state(inst, facts, self._started_at)
             if state is inst.state and (reason == inst.reason or not reason):
                 continue
             if state is InstanceState.READY and inst.state is not InstanceState.READY:
                 inst.ready_at = now
             if state is InstanceState.FAILED and inst.state is not InstanceState.FAILED:
-                self.failures[inst.model] = self.failures.get(inst.model, 0) + 1
+                self._failures[inst.model] = self._failures.get(inst.model, 0) + 1
             if state is not inst.state:
                 log.info(
                     "instance %s (%s): %s -> %s: %s",
@@ -480,32 +526,31 @@ class Fleet:
 
     def observe_launcher(
         self,
-        inst: InstanceRecord,
+        instance_id: str,
         phase: LauncherPhase,
         reason: str,
         expected_start: float | None = None,
         ends_at: float | None = None,
     ) -> None:
+        """What its launcher saw of the instance's process or job (not stored)."""
+        inst = self._instances[instance_id]
         inst.launcher_phase, inst.launcher_reason = phase, reason
         inst.launcher_expected_start, inst.launcher_ends_at = expected_start, ends_at
 
     # --- routes ------------------------------------------------------------------------------
 
     def routes(self) -> list[ModelRoute]:
-        return build_routes(self.catalog.models, list(self.instances.values()), time.time())
+        return build_routes(self._catalog.models, list(self._instances.values()), self._clock())
 
     async def _publish_if_changed(self, now: float) -> None:
-        routes = build_routes(self.catalog.models, list(self.instances.values()), now)
-        signature = [
-            (r.summary.spec, r.summary.state, r.summary.message, r.summary.ready_replicas,
-             r.summary.live_replicas, r.endpoints)
-            for r in routes
-        ]  # fmt: skip
+        signature = route_signature(
+            build_routes(self._catalog.models, list(self._instances.values()), now)
+        )
         if signature == self._route_signature:
             return
         self._route_signature = signature
         async with self._routes_changed:
-            self.route_version += 1
+            self._route_version += 1
             self._routes_changed.notify_all()
 
     async def wait_for_routes(self, seen_version: int, timeout: float) -> int:
@@ -513,81 +558,9 @@ class Fleet:
         async with self._routes_changed:
             try:
                 await asyncio.wait_for(
-                    self._routes_changed.wait_for(lambda: self.route_version > seen_version),
+                    self._routes_changed.wait_for(lambda: self._route_version > seen_version),
                     timeout,
                 )
             except TimeoutError:
                 pass
-            return self.route_version
-
-    def views(self) -> list[InstanceView]:
-        now = time.time()
-        out = []
-        for inst in self.instances.values():
-            agent = self.agents.get(inst.agent_id)
-            out.append(
-                InstanceView(
-                    id=inst.id,
-                    model=inst.model,
-                    state=inst.state,
-                    created_seq=inst.seq,
-                    process_alive=bool(inst.launcher_ref)
-                    and inst.launcher_phase is not LauncherPhase.ENDED,
-                    stop_requested=inst.stop_requested,
-                    stop_sent=inst.stop_sent,
-                    agent_connected=agent is not None and agent.connected,
-                    draining_for_s=now - inst.stop_requested_at if inst.stop_requested else 0.0,
-                    ends_in_s=inst.launcher_ends_at - now
-                    if inst.launcher_ends_at is not None
-                    and inst.launcher_phase is LauncherPhase.RUNNING
-                    else None,
-                    # READY since before this controller started: long settled.
-                    ready_for_s=now - inst.ready_at if inst.ready_at else math.inf,
-                    load=agent.in_flight + agent.queued if agent is not None else 0,
-                )
-            )
-        return out
-
-    def scale_by_load(self, now: float) -> dict[str, Scale]:
-        """Sample each scaled model's load and return what it calls for once
-        stabilised over the model's windows (see reconciler.stabilised)."""
-        out: dict[str, Scale] = {}
-        for spec in self.catalog.models:
-            if spec.target_in_flight is None:
-                continue
-            live = [
-                i
-                for i in self._instances_of(spec.name)
-                if not i.state.ended and not i.stop_requested
-            ]
-            load = 0
-            for inst in live:
-                agent = self.agents.get(inst.agent_id)
-                if agent is not None and agent.connected:
-                    load += agent.in_flight + agent.queued
-            samples = self._load_samples.setdefault(spec.name, [])
-            samples.append((now, load_recommendation(spec, load)))
-            keep = max(spec.scale_up_window_s, spec.scale_down_window_s) + 5.0
-            # Keep one sample older than the longest window: it shows the window is covered.
-            while len(samples) > 1 and samples[1][0] <= now - keep:
-                samples.pop(0)
-            out[spec.name] = stabilised(samples, now, len(live), spec)
-        return out
-
-    def held_back(self) -> list[str]:
-        """Models whose recent launches failed in a row and whose backoff runs."""
-        now = time.time()
-        held = []
-        for spec in self.catalog.models:
-            newest_first = sorted(self._instances_of(spec.name), key=lambda i: -i.seq)
-            failures = 0
-            for inst in newest_first:
-                if inst.state is not InstanceState.FAILED:
-                    break
-                failures += 1
-            if failures and now - newest_first[0].updated_at < launch_backoff_s(failures):
-                held.append(spec.name)
-        return held
-
-    def specs(self) -> Mapping[str, ModelSpec]:
-        return {m.name: m for m in self.catalog.models}
+            return self._route_version

@@ -22,6 +22,7 @@ from controller.convert import (
 )
 from controller.executor import DecisionRecord
 from controller.fleet import (
+    AgentReport,
     Fleet,
     FleetError,
     Forbidden,
@@ -129,15 +130,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 continue
             report = message.load_report
             self._fleet.report(
-                agent_id,
-                AGENT_PHASE_FROM_PROTO.get(report.phase, AgentPhase.STARTING),
-                report.in_flight,
-                report.queued,
-                report.detail,
-                totals_from_proto(report),
-                max_concurrency=report.max_concurrency,
-                max_queue_size=report.max_queue_size,
-                hosted=hosted_from_proto(report.hosted) if report.hosted else None,
+                AgentReport(
+                    agent_id=agent_id,
+                    phase=AGENT_PHASE_FROM_PROTO.get(report.phase, AgentPhase.STARTING),
+                    in_flight=report.in_flight,
+                    queued=report.queued,
+                    detail=report.detail,
+                    totals=totals_from_proto(report),
+                    max_concurrency=report.max_concurrency,
+                    max_queue_size=report.max_queue_size,
+                    hosted=hosted_from_proto(report.hosted) if report.hosted else None,
+                )
             )
 
 
