@@ -15,7 +15,8 @@ Served by uvicorn (uvloop, httptools, no access log) as a raw ASGI app with
 orjson; no framework sits on the hot path.
 
     python bench/upstream.py --port 0 --port-file /tmp/port \
-        [--first-token-delay-ms 50 --token-interval-ms 10]
+        [--first-token-delay-ms 50 --token-interval-ms 10] \
+        [--ssl-certfile cert.pem --ssl-keyfile key.pem]   # https, for TLS tests
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ class Settings:
     """Model id listed by /v1/models."""
     pacing: Pacing
     """Generation pacing."""
+    ssl_certfile: Path | None = None
+    """Serve https with this certificate (PEM, chain first); plain http without."""
+    ssl_keyfile: Path | None = None
+    """The certificate's private key (PEM)."""
 
 
 class BadRequestError(Exception):
@@ -357,8 +362,11 @@ async def serve(settings: Settings) -> None:
         log_level="warning",
         backlog=4096,
         timeout_graceful_shutdown=2,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
-    logger.warning("bench upstream listening on %s:%d", settings.host, port)
+    scheme = "https" if settings.ssl_certfile else "http"
+    logger.warning("bench upstream listening on %s://%s:%d", scheme, settings.host, port)
     await uvicorn.Server(config).serve(sockets=[sock])
 
 
@@ -370,6 +378,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--model", default="bench")
     p.add_argument("--first-token-delay-ms", type=float, default=0.0)
     p.add_argument("--token-interval-ms", type=float, default=0.0)
+    p.add_argument("--ssl-certfile", type=Path, default=None)
+    p.add_argument("--ssl-keyfile", type=Path, default=None)
     a = p.parse_args(argv)
     return Settings(
         host=a.host,
@@ -377,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         port_file=a.port_file,
         model=a.model,
         pacing=Pacing(a.first_token_delay_ms / 1000, a.token_interval_ms / 1000),
+        ssl_certfile=a.ssl_certfile,
+        ssl_keyfile=a.ssl_keyfile,
     )
 
 

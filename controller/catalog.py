@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -107,6 +108,13 @@ class ModelSpec(BaseModel):
     """Base URL of a running OpenAI-compatible server, ending in /v1 (openai engine)."""
     upstream_model: str = ""
     """The model name the upstream knows; defaults to `name`."""
+    upstream_ca_bundle: str = ""
+    """An https upstream_url's certificate is verified against the CAs in this
+    PEM file (an absolute path, where the agents run too) instead of the
+    system's trust store."""
+    upstream_insecure_skip_verify: bool = False
+    """Do not verify an https upstream_url's certificate at all (testing only);
+    giving upstream_ca_bundle too is an error."""
     launcher: str = "local"
     """Which launcher starts its instances: local (a process here), slurm, or
     host (a host agent that offers the model, e.g. a Mac under launchd)."""
@@ -147,6 +155,7 @@ class ModelSpec(BaseModel):
     def _engine_needs_its_source(self) -> ModelSpec:
         if self.engine == EngineKind.OPENAI and not self.upstream_url:
             raise ValueError(f"model {self.name!r}: engine 'openai' needs upstream_url")
+        self._check_upstream_tls()
         # Host agents find a model's weights on their own disk (they offer it by name).
         needs_path = self.engine != EngineKind.OPENAI and self.launcher != "host"
         if needs_path and not self.model_path:
@@ -154,6 +163,31 @@ class ModelSpec(BaseModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"model {self.name!r}: min_replicas > max_replicas")
         return self
+
+    def _check_upstream_tls(self) -> None:
+        """The TLS settings: for an https upstream_url only, one of the two at
+        most, and a CA bundle that exists and holds a PEM certificate."""
+        if not (self.upstream_ca_bundle or self.upstream_insecure_skip_verify):
+            return
+        given = "upstream_ca_bundle" if self.upstream_ca_bundle else "upstream_insecure_skip_verify"
+        if self.engine != EngineKind.OPENAI or not self.upstream_url.startswith("https://"):
+            raise ValueError(f"model {self.name!r}: {given} needs an https:// upstream_url")
+        if self.upstream_ca_bundle and self.upstream_insecure_skip_verify:
+            raise ValueError(
+                f"model {self.name!r}: upstream_ca_bundle and upstream_insecure_skip_verify "
+                "exclude each other (verify against the bundle, or not at all)"
+            )
+        bundle = self.upstream_ca_bundle
+        if not bundle:
+            return
+        if not Path(bundle).is_absolute():
+            raise ValueError(f"model {self.name!r}: upstream_ca_bundle must be an absolute path")
+        try:
+            ssl.create_default_context(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:  # missing, unreadable, or no PEM certificate
+            raise ValueError(
+                f"model {self.name!r}: upstream_ca_bundle {bundle!r} cannot be used: {exc}"
+            ) from exc
 
 
 class Catalog(BaseModel):

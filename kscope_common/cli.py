@@ -345,6 +345,8 @@ class AgentCommand:
     model_path: str = ""
     upstream_url: str = ""
     upstream_model: str = ""
+    upstream_ca_bundle: str = ""
+    upstream_insecure_skip_verify: bool = False
     engine_args: Sequence[str] = ()
     max_concurrency: int | None = None
     queue_size: int | None = None
@@ -361,6 +363,10 @@ def agent_argv(command: AgentCommand, python: str = sys.executable) -> list[str]
         argv += ["--upstream-url", command.upstream_url]
     if command.upstream_model:
         argv += ["--upstream-model", command.upstream_model]
+    if command.upstream_ca_bundle:
+        argv += ["--upstream-ca-bundle", command.upstream_ca_bundle]
+    if command.upstream_insecure_skip_verify:
+        argv += ["--upstream-insecure-skip-verify"]
     if command.engine_args:
         argv += ["--engine-args-json", json.dumps(list(command.engine_args))]
     if command.max_concurrency is not None:

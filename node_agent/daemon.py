@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
 
+def _health_problem(engine: Engine) -> str:
+    """Why the engine cannot become healthy as it is configured, when it knows
+    (the openai engine: an upstream certificate that does not verify); shown
+    as the not-ready detail that reaches the clients' 503 answers."""
+    return str(getattr(engine, "health_problem", ""))
+
+
 class Agent:
     """One node agent: an engine, its gRPC server, its controller link."""
 
@@ -130,6 +137,7 @@ class Agent:
         FAILED when it died or never came up."""
         started = time.monotonic()
         failures = 0
+        said_problem = False
         while True:
             failure = self.engine.failure()
             if failure:
@@ -148,8 +156,13 @@ class Agent:
                         agent_pb2.AGENT_PHASE_STARTING, "engine stopped answering health"
                     )
             elif time.monotonic() - started > self.settings.engine_startup_timeout_s:
-                self._set_phase(agent_pb2.AGENT_PHASE_FAILED, "engine never became healthy")
+                problem = _health_problem(self.engine)
+                self._set_phase(agent_pb2.AGENT_PHASE_FAILED, "engine never became healthy"
+                                + (f": {problem}" if problem else ""))  # fmt: skip
                 return
+            elif (problem := _health_problem(self.engine)) or said_problem:
+                self._set_phase(agent_pb2.AGENT_PHASE_STARTING, problem or "engine starting")
+                said_problem = bool(problem)
             ready = self.phase == agent_pb2.AGENT_PHASE_READY
             await asyncio.sleep(self.settings.health_interval_s if ready else 0.5)
 

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from node_agent.queue import QueueLimits
@@ -45,6 +45,12 @@ class AgentSettings(BaseSettings):
     """API key the upstream server wants, if any (openai engine)."""
     upstream_model: str = ""
     """The upstream's name for the model; defaults to `model`."""
+    upstream_ca_bundle: str = ""
+    """PEM file of the CA(s) an https upstream_url's certificate is verified
+    against, instead of the system's trust store (openai engine)."""
+    upstream_insecure_skip_verify: bool = False
+    """Do not verify an https upstream_url's certificate at all (testing only;
+    excludes upstream_ca_bundle)."""
     engine_args: list[str] = Field(default_factory=list)
     """Extra engine flags (vllm serve arguments)."""
     host: str = "127.0.0.1"
@@ -107,6 +113,14 @@ class AgentSettings(BaseSettings):
     token_file: Path | None = None
     """Read the enrollment token (and the CA) from this file, readable by its
     owner only, instead of the environment; how launchd starts a host agent."""
+
+    @model_validator(mode="after")
+    def _one_way_to_trust_the_upstream(self) -> AgentSettings:
+        if self.upstream_ca_bundle and self.upstream_insecure_skip_verify:
+            raise ValueError(
+                "upstream_ca_bundle and upstream_insecure_skip_verify exclude each other"
+            )
+        return self
 
     @field_validator("engine_args", mode="before")
     @classmethod

@@ -11,20 +11,26 @@ from node_agent.settings import AgentSettings
 
 
 class UnknownEngine(ValueError):
-    """The settings name an engine this agent does not have."""
+    """The settings name an engine this agent does not have, or one it cannot
+    be built with (a missing or bad URL, CA bundle, weights directory)."""
 
 
 def make_engine(settings: AgentSettings) -> Engine:
     if settings.engine == "openai":
         if not settings.upstream_url:
             raise UnknownEngine("engine 'openai' needs --upstream-url")
-        return OpenAIUpstream(
-            settings.upstream_url,
-            settings.served_model,
-            upstream_model=settings.upstream_model,
-            timeout_s=settings.upstream_timeout_s,
-            api_key=settings.upstream_api_key.get_secret_value(),
-        )
+        try:
+            return OpenAIUpstream(
+                settings.upstream_url,
+                settings.served_model,
+                upstream_model=settings.upstream_model,
+                timeout_s=settings.upstream_timeout_s,
+                api_key=settings.upstream_api_key.get_secret_value(),
+                ca_bundle=settings.upstream_ca_bundle,
+                insecure_skip_verify=settings.upstream_insecure_skip_verify,
+            )
+        except ValueError as exc:  # a bad URL or CA bundle: refused at start, named
+            raise UnknownEngine(f"engine 'openai': {exc}") from exc
     if settings.engine == "vllm":
         if not settings.model_path:
             raise UnknownEngine("engine 'vllm' needs --model-path")

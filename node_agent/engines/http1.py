@@ -4,9 +4,11 @@ The agent forwards every request and every chunk, so its HTTP client is on the
 token path; a general-purpose client (aiohttp, httpx) spends several times
 more CPU per request than this: pre-built request bytes, keep-alive
 connections, httptools' C parser, and body pieces handed over in batches as
-they arrive. Only what talking to an OpenAI-compatible server on a trusted
-network needs is here: POST with a JSON body, any response framing httptools
-parses (Content-Length, chunked, close-delimited).
+they arrive. Only what talking to an OpenAI-compatible server needs is here:
+POST with a JSON body, any response framing httptools parses (Content-Length,
+chunked, close-delimited), over plain TCP or TLS (the event loop's own TLS
+transport: the handshake once per keep-alive connection, then the same
+protocol callbacks, so an https upstream streams the way an http one does).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from typing import cast
 
@@ -28,6 +31,16 @@ so a request whose client stopped reading stops its engine instead of growing.""
 
 class HttpError(Exception):
     """The connection failed, timed out, or the response could not be parsed."""
+
+
+class CertificateError(HttpError):
+    """The server's TLS certificate could not be verified (unknown CA, wrong host
+    name, expired): permanent until the trust settings or the certificate change."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+        """OpenSSL's reason, e.g. "self-signed certificate in certificate chain"."""
 
 
 class Connection(asyncio.Protocol):
@@ -170,11 +183,13 @@ class Connection(asyncio.Protocol):
 
 
 class Http1Pool:
-    """Keep-alive connections to one host:port."""
+    """Keep-alive connections to one host:port, over TLS when given a context
+    (the host name is then the one its certificate must name)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None):
         self._host = host
         self._port = port
+        self._tls = tls
         self._idle: list[Connection] = []
 
     async def acquire(self) -> Connection:
@@ -183,11 +198,22 @@ class Http1Pool:
             if conn.open:
                 return conn
         loop = asyncio.get_running_loop()
+        if self._tls is None:
+            connecting = loop.create_connection(Connection, self._host, self._port)
+        else:
+            connecting = loop.create_connection(
+                Connection, self._host, self._port, ssl=self._tls, server_hostname=self._host,
+                ssl_handshake_timeout=CONNECT_TIMEOUT_S,
+            )  # fmt: skip
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(Connection, self._host, self._port), CONNECT_TIMEOUT_S
-            )
-        except (OSError, TimeoutError) as exc:
+            _, conn = await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
+        except ssl.SSLCertVerificationError as exc:
+            why = str(exc.verify_message or exc.reason or exc)
+            raise CertificateError(
+                f"the TLS certificate of {self._host}:{self._port} could not be verified: {why}",
+                why,
+            ) from exc
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise HttpError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return conn
 

@@ -3,11 +3,19 @@
 vLLM, SGLang, llama.cpp's server, Ollama, mlx_vlm.server... anything that
 speaks the OpenAI HTTP API. Bodies pass through as bytes; stream events are
 forwarded as they arrive, and events that arrived together travel together.
+
+An https:// upstream's certificate is verified against the system's trust
+store, or against a CA bundle (`upstream_ca_bundle`); verification is off only
+when asked (`upstream_insecure_skip_verify`). A certificate that does not verify
+is logged once and named in every answer (the agent's not-ready detail while
+it starts, each request's error after), with the setting that fixes it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -21,7 +29,9 @@ from node_agent.engines.base import (
     EngineUnavailable,
     Usage,
 )
-from node_agent.engines.http1 import Connection, Http1Pool, HttpError
+from node_agent.engines.http1 import CertificateError, Connection, Http1Pool, HttpError
+
+log = logging.getLogger(__name__)
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _USAGE_FIELDS = {
@@ -61,6 +71,24 @@ def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     return payloads, rest
 
 
+def tls_context(ca_bundle: str = "", insecure_skip_verify: bool = False) -> ssl.SSLContext:
+    """TLS settings for an https upstream: certificates verified against the
+    system's trust store, or against `ca_bundle` (a PEM file) when given; not
+    verified at all with `insecure_skip_verify`. ValueError for a bundle that
+    cannot be read, or for both at once."""
+    if ca_bundle and insecure_skip_verify:
+        raise ValueError("upstream_ca_bundle and upstream_insecure_skip_verify exclude each other")
+    try:
+        context = ssl.create_default_context(cafile=ca_bundle or None)
+    except (OSError, ssl.SSLError) as exc:  # missing file, or no PEM certificate in it
+        raise ValueError(f"upstream_ca_bundle {ca_bundle!r} cannot be used: {exc}") from exc
+    if insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 def _error_from(status: int, raw: bytes) -> EngineError:
     """An EngineError carrying the upstream's OpenAI error object when it sent one."""
     message = raw.decode(errors="replace")[:2000] or f"engine answered HTTP {status}"
@@ -89,6 +117,8 @@ class OpenAIUpstream:
         upstream_model: str = "",
         timeout_s: float = 600.0,
         api_key: str = "",
+        ca_bundle: str = "",
+        insecure_skip_verify: bool = False,
     ):
         self.url = base_url.rstrip("/")
         self._rename = upstream_model if upstream_model and upstream_model != served_model else ""
@@ -98,9 +128,21 @@ class OpenAIUpstream:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
         parts = urlsplit(self.url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"only http:// engine URLs are supported: {base_url!r}")
-        self._pool = Http1Pool(parts.hostname, parts.port or 80)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"engine URLs must be http:// or https://: {base_url!r}")
+        if parts.scheme == "http" and (ca_bundle or insecure_skip_verify):
+            raise ValueError(f"TLS settings given for a plain http:// engine URL: {base_url!r}")
+        https = parts.scheme == "https"
+        self._tls = tls_context(ca_bundle, insecure_skip_verify) if https else None
+        if insecure_skip_verify:
+            log.warning("the certificate of %s will not be verified "
+                        "(upstream_insecure_skip_verify)", self.url)  # fmt: skip
+        default_port = 80 if self._tls is None else 443
+        self._pool = Http1Pool(parts.hostname, parts.port or default_port, self._tls)
+        self.health_problem = ""
+        """Why the upstream cannot become healthy as configured (its certificate
+        does not verify), for the agent's not-ready detail; "" otherwise."""
+        self._said = ""
         self._path_prefix = parts.path.encode()
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._fixed_headers = (
@@ -111,7 +153,9 @@ class OpenAIUpstream:
         """aiohttp, for health checks only (off the token path)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(
+                    limit=0, keepalive_timeout=60, ssl=True if self._tls is None else self._tls
+                ),
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=5, sock_read=self._timeout_s
                 ),
@@ -128,9 +172,32 @@ class OpenAIUpstream:
             async with self._client().get(
                 self.url + "/models", headers=self._headers, timeout=aiohttp.ClientTimeout(total=3)
             ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+                ok = resp.status == 200
+        except aiohttp.ClientConnectorCertificateError as exc:
+            cause = exc.certificate_error
+            why = getattr(cause, "verify_message", "") or getattr(cause, "reason", "") or cause
+            self._certificate_failed(str(why))
             return False
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        self.health_problem = ""
+        if ok:
+            self._said = ""  # a certificate problem that comes back is logged again
+        return ok
+
+    def _certificate_failed(self, why: str) -> str:
+        """Record, and log once while it lasts, that the upstream's certificate
+        did not verify; return the message for operators and clients."""
+        message = (
+            f"upstream certificate verify failed: the TLS certificate of {self.url} could "
+            f"not be verified ({why}); set the model's upstream_ca_bundle to the CA "
+            "that issued it"
+        )
+        self.health_problem = message
+        if message != self._said:
+            self._said = message
+            log.error("%s", message)
+        return message
 
     def failure(self) -> str:
         return ""
@@ -156,15 +223,19 @@ class OpenAIUpstream:
         """Send on a keep-alive connection and wait for the response headers. A
         reused connection the server had already closed is retried once on a new one."""
         for attempt in range(2):
-            conn = await self._pool.acquire()
+            conn: Connection | None = None
             try:
+                conn = await self._pool.acquire()
                 conn.send(request)
                 await conn.headers(self._timeout_s)
                 return conn
+            except CertificateError as exc:
+                raise EngineUnavailable(self._certificate_failed(exc.why)) from exc
             except HttpError as exc:
-                conn.close()
-                if attempt == 0 and conn.reused and not conn.received_any:
-                    continue
+                if conn is not None:
+                    conn.close()
+                    if attempt == 0 and conn.reused and not conn.received_any:
+                        continue
                 raise EngineUnavailable(f"engine unreachable at {self.url}: {exc}") from exc
         raise AssertionError("unreachable")
 
