@@ -85,6 +85,7 @@ def instance_to_proto(inst: InstanceRecord, agent: AgentRecord | None) -> contro
         engine_url=inst.engine_url,
         in_flight=agent.in_flight if agent is not None and agent.connected else 0,
         queued=agent.queued if agent is not None and agent.connected else 0,
+        queued_by_caller=agent.queued_by_caller if agent is not None and agent.connected else {},
         max_concurrency=agent.max_concurrency if agent is not None else 0,
         max_queue_size=agent.max_queue_size if agent is not None else 0,
         created_at=timestamp(inst.created_at),

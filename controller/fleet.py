@@ -136,6 +136,8 @@ class AgentReport:
     max_queue_size: int = 0
     hosted: Mapping[str, HostedState] | None = None
     """A host agent's instances, by instance id; None: not a host agent's report."""
+    queued_by_caller: Mapping[str, int] = field(default_factory=dict)
+    """Waiting requests per caller (the key's owner)."""
 
 
 @dataclass
@@ -456,6 +458,7 @@ class Fleet:
             agent.last_busy_at = now
         agent.phase, agent.detail = report.phase, report.detail
         agent.in_flight, agent.queued = report.in_flight, report.queued
+        agent.queued_by_caller = dict(report.queued_by_caller)
         agent.max_concurrency, agent.max_queue_size = report.max_concurrency, report.max_queue_size
         agent.totals = report.totals
         if report.hosted is not None:

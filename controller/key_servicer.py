@@ -11,6 +11,7 @@ from controller.keys import (
     Caller,
     Forbidden,
     InvalidKeyRequest,
+    KeyEvent,
     KeyFailure,
     KeyNotFound,
     KeyRecord,
@@ -21,6 +22,7 @@ from controller.keys import (
 from kscope.v1 import keys_pb2, keys_pb2_grpc
 from kscope_common.authz import bearer as metadata_bearer
 from kscope_common.authz import current_principal
+from kscope_common.limits import Limits
 from kscope_common.pki import Role
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -45,7 +47,16 @@ def key_to_proto(key: KeyRecord) -> keys_pb2.ApiKey:
         expires_at=timestamp(key.expires_at),
         revoked=key.revoked,
         prefix=key.prefix,
+        limits=key.limits.to_proto(),
+        priority=key.priority,
     )
+
+
+def _limits(message: keys_pb2.Limits) -> Limits:
+    try:
+        return Limits.from_proto(message)
+    except ValueError as exc:
+        raise InvalidKeyRequest(str(exc)) from exc
 
 
 def bearer(context: Context) -> str:
@@ -57,17 +68,22 @@ async def _abort(context: Context, exc: KeyFailure) -> None:
     await context.abort(_CODES.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
 
 
+async def caller_of(keys: KeyRegistry, context: Context) -> Caller:
+    """Who calls: the holder of the bearer key, or an operator by certificate."""
+    credential = bearer(context)
+    identity = current_principal().identity
+    if not credential and identity is not None and identity.role is Role.OPERATOR:
+        # An operator certificate has an admin key's rights.
+        return Caller(owner=f"operator:{identity.name}", admin=True)
+    return await keys.caller(credential)
+
+
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
     def __init__(self, registry: KeyRegistry):
         self._keys = registry
 
     async def _caller(self, context: Context) -> Caller:
-        credential = bearer(context)
-        identity = current_principal().identity
-        if not credential and identity is not None and identity.role is Role.OPERATOR:
-            # An operator certificate has an admin key's rights.
-            return Caller(owner=f"operator:{identity.name}", admin=True)
-        return await self._keys.caller(credential)
+        return await caller_of(self._keys, context)
 
     async def CreateKey(
         self, request: keys_pb2.CreateKeyRequest, context: Context
@@ -81,6 +97,8 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
                 float(request.expires_in_seconds),
                 tuple(request.models),
                 role,
+                _limits(request.limits),
+                request.priority,
             )
         except KeyFailure as exc:
             await _abort(context, exc)
@@ -117,7 +135,53 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
         except KeyFailure as exc:
             await _abort(context, exc)
             raise
-        return keys_pb2.AuthenticateKeyResponse(key=key_to_proto(key), key_hash=key.key_hash)
+        message = key_to_proto(key)
+        message.owner_limits.CopyFrom((await self._keys.owner_limits(key.owner)).to_proto())
+        return keys_pb2.AuthenticateKeyResponse(key=message, key_hash=key.key_hash)
+
+    async def UpdateKey(
+        self, request: keys_pb2.UpdateKeyRequest, context: Context
+    ) -> keys_pb2.UpdateKeyResponse:
+        try:
+            key = await self._keys.update(
+                await self._caller(context),
+                request.key_id,
+                _limits(request.limits) if request.HasField("limits") else None,
+                request.priority if request.HasField("priority") else None,
+            )
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.UpdateKeyResponse(key=key_to_proto(key))
+
+    async def SetOwnerLimits(
+        self, request: keys_pb2.SetOwnerLimitsRequest, context: Context
+    ) -> keys_pb2.SetOwnerLimitsResponse:
+        try:
+            limits = await self._keys.set_owner_limits(
+                await self._caller(context), request.owner, _limits(request.limits)
+            )
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.SetOwnerLimitsResponse(
+            owner_limits=keys_pb2.OwnerLimits(owner=request.owner, limits=limits.to_proto())
+        )
+
+    async def ListOwnerLimits(
+        self, request: keys_pb2.ListOwnerLimitsRequest, context: Context
+    ) -> keys_pb2.ListOwnerLimitsResponse:
+        try:
+            owners = await self._keys.list_owner_limits(await self._caller(context))
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+        return keys_pb2.ListOwnerLimitsResponse(
+            owners=[
+                keys_pb2.OwnerLimits(owner=o, limits=limits.to_proto())
+                for o, limits in owners.items()
+            ]
+        )
 
     async def WatchKeyEvents(
         self, request: keys_pb2.WatchKeyEventsRequest, context: Context
@@ -127,9 +191,14 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             # An empty first message tells the facade the stream is live.
             yield keys_pb2.WatchKeyEventsResponse()
             while True:
-                hashes = await queue.get()
+                event = KeyEvent()
+                event.merge(await queue.get())
                 while not queue.empty():
-                    hashes.extend(queue.get_nowait())
-                yield keys_pb2.WatchKeyEventsResponse(revoked_key_hashes=hashes)
+                    event.merge(queue.get_nowait())
+                yield keys_pb2.WatchKeyEventsResponse(
+                    revoked_key_hashes=event.revoked,
+                    changed_key_hashes=event.changed,
+                    changed_owners=event.owners,
+                )
         finally:
             self._keys.unwatch(queue)

@@ -25,10 +25,12 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from kscope_common.limits import NONE, Limits
 
 if TYPE_CHECKING:
     from controller.store.keys import KeyStore
@@ -39,6 +41,7 @@ SECRET_PREFIX = "ks-"
 _PREFIX_SHOWN = 8
 """Characters of the secret kept in clear ("ks-AbCdE"), so people can tell keys apart."""
 _PATTERN_CHARS = frozenset("*?[")
+MAX_PRIORITY = 100
 """Characters that make a model name an fnmatch pattern rather than one name."""
 
 
@@ -80,6 +83,9 @@ class KeyRecord:
     revoked: bool = False
     parent_id: str = ""
     """The key that created this one ('' for none: the bootstrap key, an operator's)."""
+    limits: Limits = NONE
+    priority: int = 0
+    """Larger is served first when a model is contended."""
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at
@@ -175,14 +181,52 @@ def expiry_within(parent: KeyRecord, now: float, ttl: float, explicit: bool) -> 
     return parent.expires_at
 
 
+def limits_within(parent: KeyRecord, asked: Limits, priority: int) -> tuple[Limits, int]:
+    """The limits and priority of a key `parent` (a user key) creates.
+
+    A figure the parent limits and the request leaves at 0 is inherited; one
+    asked looser than the parent's is refused, as is a priority above it.
+    """
+    looser = asked.looser_than(parent.limits)
+    if looser:
+        raise Forbidden(
+            "a key may not have looser limits than the key that creates it: "
+            + ", ".join(f"{name} at most {getattr(parent.limits, name)}" for name in looser)
+        )
+    if priority > parent.priority:
+        raise Forbidden(
+            f"a key may not have a higher priority than its creator ({parent.priority})"
+        )
+    return asked.within(parent.limits), priority
+
+
+@dataclass
+class KeyEvent:
+    """What changed, for the facades (WatchKeyEvents)."""
+
+    revoked: list[str] = field(default_factory=list)
+    """Hashes of keys revoked."""
+    changed: list[str] = field(default_factory=list)
+    """Hashes of keys whose limits or priority changed."""
+    owners: list[str] = field(default_factory=list)
+    """Owners whose shared limits changed."""
+
+    def merge(self, other: KeyEvent) -> None:
+        self.revoked.extend(other.revoked)
+        self.changed.extend(other.changed)
+        self.owners.extend(other.owners)
+
+
 class KeyRegistry:
-    """Creates, lists, revokes and checks keys; tells watchers about revocations."""
+    """Creates, lists, revokes and checks keys; tells watchers what changed."""
 
     def __init__(self, store: KeyStore, default_ttl_s: float, max_ttl_s: float):
         self._store = store
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
-        self._watchers: set[asyncio.Queue[list[str]]] = set()
+        self._watchers: set[asyncio.Queue[KeyEvent]] = set()
+        self._owner_limits: dict[str, Limits] | None = None
+        """Every owner's shared limits, read from the store once (a small table)."""
 
     # --- who is calling ----------------------------------------------------------------------
 
@@ -242,6 +286,8 @@ class KeyRegistry:
         expires_in_s: float = 0,
         models: tuple[str, ...] = (),
         role: KeyRole = KeyRole.USER,
+        limits: Limits = NONE,
+        priority: int = 0,
     ) -> tuple[KeyRecord, str]:
         """A new key and its secret (returned this once).
 
@@ -253,6 +299,8 @@ class KeyRegistry:
         with it, and names it as parent: it dies with it. Keys an admin makes
         (the portal's, made with its service key, among them) have no parent,
         so retiring an admin key does not take every user's key with it.
+        Its limits are no looser, and its priority no higher, than its creator's
+        (limits_within); only admins give a priority above 0.
         """
         owner = owner or caller.owner
         if owner != caller.owner and not caller.admin:
@@ -261,6 +309,8 @@ class KeyRegistry:
             raise Forbidden("only admins create admin keys")
         if expires_in_s < 0:
             raise InvalidKeyRequest("expires_in_seconds must not be negative")
+        if priority < 0 or priority > MAX_PRIORITY:
+            raise InvalidKeyRequest(f"priority must be between 0 and {MAX_PRIORITY}")
         ttl = expires_in_s or self.default_ttl_s
         if ttl > self.max_ttl_s:
             raise InvalidKeyRequest(f"a key may live at most {int(self.max_ttl_s)} seconds")
@@ -270,6 +320,7 @@ class KeyRegistry:
         if not caller.admin and caller.key is not None:
             require_models_within(caller.key.models, models)
             expires_at = expiry_within(caller.key, now, ttl, explicit=expires_in_s > 0)
+            limits, priority = limits_within(caller.key, limits, priority)
         secret = new_secret()
         key = KeyRecord(
             id=f"key_{uuid.uuid4().hex[:16]}",
@@ -282,6 +333,8 @@ class KeyRegistry:
             created_at=now,
             expires_at=expires_at,
             parent_id=caller.key.id if caller.key is not None and not caller.admin else "",
+            limits=limits,
+            priority=priority,
         )
         await self._store.insert(key)
         log.info(
@@ -316,20 +369,72 @@ class KeyRegistry:
                 "key %s of %s revoked by %s, with %d keys made from it",
                 key.id, key.owner, caller.owner, sum(k.id != key.id for k in revoked),
             )  # fmt: skip
-            hashes = [k.key_hash for k in revoked]
-            for queue in self._watchers:
-                queue.put_nowait(list(hashes))
+            self._tell(KeyEvent(revoked=[k.key_hash for k in revoked]))
         return replace(key, revoked=True)
 
-    # --- revocation events -------------------------------------------------------------------
+    async def update(
+        self, caller: Caller, key_id: str, limits: Limits | None, priority: int | None
+    ) -> KeyRecord:
+        """Change a key's limits or priority (admins); facades hear of it at once."""
+        if not caller.admin:
+            raise Forbidden("only admins change a key's limits or priority")
+        key = await self._store.by_id(key_id)
+        if key is None:
+            raise KeyNotFound(f"no key {key_id!r}")
+        if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidKeyRequest(f"priority must be between 0 and {MAX_PRIORITY}")
+        key = replace(
+            key,
+            limits=key.limits if limits is None else limits,
+            priority=key.priority if priority is None else priority,
+        )
+        await self._store.update_limits(key)
+        log.info("key %s: limits %s, priority %d (by %s)", key.id, key.limits, key.priority,
+                 caller.owner)  # fmt: skip
+        self._tell(KeyEvent(changed=[key.key_hash]))
+        return key
 
-    def watch(self) -> asyncio.Queue[list[str]]:
-        """A queue of revoked key hashes; give it back with unwatch()."""
-        queue: asyncio.Queue[list[str]] = asyncio.Queue()
+    # --- limits shared by an owner's keys ----------------------------------------------------
+
+    async def owner_limits(self, owner: str) -> Limits:
+        if self._owner_limits is None:
+            self._owner_limits = await self._store.owner_limits()
+        return self._owner_limits.get(owner, NONE)
+
+    async def set_owner_limits(self, caller: Caller, owner: str, limits: Limits) -> Limits:
+        if not caller.admin:
+            raise Forbidden("only admins set an owner's limits")
+        if not owner.strip():
+            raise InvalidKeyRequest("owner must not be empty")
+        await self._store.set_owner_limits(owner, limits)
+        if self._owner_limits is not None:
+            self._owner_limits[owner] = limits
+        log.info("owner %s: limits %s (by %s)", owner, limits, caller.owner)
+        self._tell(KeyEvent(owners=[owner]))
+        return limits
+
+    async def list_owner_limits(self, caller: Caller) -> dict[str, Limits]:
+        await self.owner_limits("")
+        assert self._owner_limits is not None
+        return {
+            owner: limits
+            for owner, limits in sorted(self._owner_limits.items())
+            if limits.any and (caller.admin or owner == caller.owner)
+        }
+
+    # --- events for the facades --------------------------------------------------------------
+
+    def _tell(self, event: KeyEvent) -> None:
+        for queue in self._watchers:
+            queue.put_nowait(event)
+
+    def watch(self) -> asyncio.Queue[KeyEvent]:
+        """A queue of key events; give it back with unwatch()."""
+        queue: asyncio.Queue[KeyEvent] = asyncio.Queue()
         self._watchers.add(queue)
         return queue
 
-    def unwatch(self, queue: asyncio.Queue[list[str]]) -> None:
+    def unwatch(self, queue: asyncio.Queue[KeyEvent]) -> None:
         self._watchers.discard(queue)
 
     def close(self) -> None:

@@ -62,6 +62,8 @@ class AgentRecord:
     detail: str = ""
     in_flight: int = 0
     queued: int = 0
+    queued_by_caller: dict[str, int] = field(default_factory=dict)
+    """Of `queued`, per caller (the key's owner)."""
     max_concurrency: int = 0
     """The agent's queue limits (0: no limit)."""
     max_queue_size: int = 0

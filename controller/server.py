@@ -32,7 +32,10 @@ from controller.settings import ControllerSettings
 from controller.store.enrollments import EnrollmentStore
 from controller.store.keys import KeyStore
 from controller.store.sqlite import SqliteStore
+from controller.store.usage import UsageStore
 from controller.telemetry import Telemetry, TelemetryStore
+from controller.usage import UsageLedger
+from controller.usage_servicer import UsageServicer
 from kscope.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -42,6 +45,8 @@ from kscope.v1 import (
     identity_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 from kscope_common.authz import AuthzInterceptor, KeyHolder, Refusal
 from kscope_common.grpc_server import (
@@ -61,6 +66,7 @@ SERVICE_NAMES = [
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 ]
 
 
@@ -87,6 +93,7 @@ class Controller:
     """None in plaintext mode."""
     enrollments: EnrollmentRegistry | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    usage: UsageLedger | None = None
 
     @property
     def address(self) -> str:
@@ -109,6 +116,8 @@ class Controller:
         self.store.close()
         if self.keys is not None:
             self.keys.close()
+        if self.usage is not None:
+            self.usage.close()
 
 
 async def _resolve_catalog(
@@ -229,6 +238,8 @@ async def start_controller(
     )
     control_pb2_grpc.add_ControlServiceServicer_to_server(control_servicer, server)
     keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
+    usage = UsageLedger(UsageStore(settings.database_path), settings.usage_retention_days)
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(usage, keys), server)
     mesh: list[str] = []
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(enrollments, ca.cert_pem if ca else b"", lambda: mesh[0]), server
@@ -295,5 +306,5 @@ async def start_controller(
     )  # fmt: skip
     return Controller(
         server, port, fleet, store, launchers, executor, loop_task, settings, keys, admin_key,
-        metrics, telemetry_store, mesh_port, ca, enrollments, background,
+        metrics, telemetry_store, mesh_port, ca, enrollments, background, usage,
     )  # fmt: skip

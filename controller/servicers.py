@@ -140,6 +140,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     max_concurrency=report.max_concurrency,
                     max_queue_size=report.max_queue_size,
                     hosted=hosted_from_proto(report.hosted) if report.hosted else None,
+                    queued_by_caller=dict(report.queued_by_caller),
                 )
             )
 

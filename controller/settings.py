@@ -102,6 +102,8 @@ class ControllerSettings(BaseSettings):
     """Lifetime of an API key created without an explicit expiry."""
     key_max_ttl_days: float = Field(default=3650.0, gt=0)
     """The longest lifetime an API key may be given."""
+    usage_retention_days: float = Field(default=400.0, gt=0)
+    """How long hourly usage totals per key and model are kept (docs/usage.md)."""
 
     # --- the slurm launcher (docs/slurm.md). The original proxy's variables
     # (SSH_HOST, SSH_PORT, SSH_USERNAME, WORKER_SLURM_QOS) keep working beside

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -20,9 +21,11 @@ from facade.metrics import facade_metrics
 from facade.models_api import models_router
 from facade.proxy import KINDS, InferenceProxy
 from facade.queue_api import queue_router
+from facade.request_log import access, configure, request_id, with_request_id
 from facade.response import send_error
 from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
+from kscope.v1 import usage_pb2_grpc
 from kscope_common.metrics import CONTENT_TYPE_LATEST, registry, render
 from kscope_common.tls import EnrollmentError
 
@@ -47,6 +50,7 @@ class FacadeApp:
         self.proxy: InferenceProxy | None = None
         self.keys: KeyChecker | None = None
         self.api = self._build_api()
+        configure(settings.access_log, settings.access_log_path)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -66,17 +70,23 @@ class FacadeApp:
             self.settings.require_key,
             self.settings.key_cache_ttl_s,
         )
-        task = asyncio.create_task(self.watcher.run(), name="route-watcher")
-        key_task = asyncio.create_task(self.keys.watch(), name="key-watcher")
+        controller = mesh.controller
+        tasks = [
+            asyncio.create_task(self.watcher.run(), name="route-watcher"),
+            asyncio.create_task(self.keys.watch(), name="key-watcher"),
+            asyncio.create_task(
+                self.proxy.usage.run(lambda: usage_pb2_grpc.UsageServiceStub(controller.channel())),
+                name="usage-reporter",
+            ),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            key_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with contextlib.suppress(asyncio.CancelledError):
-                await key_task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.keys.close()
             await self.watcher.close()
             await self.table.close()
@@ -137,15 +147,16 @@ class FacadeApp:
         if scope["type"] == "http":
             path: str = scope["path"]
             if path.startswith("/v1/"):
+                rid = request_id(scope)
                 if self.keys is None:
-                    await send_error(send, ApiError(503, "starting", code="starting"))
+                    await self._refuse(scope, send, ApiError(503, "starting", code="starting"))
                     return
                 verdict = self.keys.check(scope)
                 if type(verdict) is PendingCheck:
                     # Only keys not seen lately ask the controller.
                     verdict = await self.keys.fetch(verdict)
                 if isinstance(verdict, ApiError):
-                    await send_error(send, verdict)
+                    await self._refuse(scope, send, verdict)
                     return
                 scope[GRANT_SCOPE_KEY] = verdict
                 kind = KINDS.get(path)
@@ -155,7 +166,18 @@ class FacadeApp:
                         return
                     await self.proxy(scope, receive, send, kind)
                     return
+                send = with_request_id(send, rid)
         await self.api(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, error: ApiError) -> None:
+        """A /v1 request refused before it reached its handler."""
+        started = time.monotonic()
+        await send_error(send, error, [(b"x-request-id", request_id(scope))])
+        access(
+            scope, model="", key_id="", owner="", status=error.status,
+            duration_s=time.monotonic() - started, ttft_s=0.0, usage=None,
+        )  # fmt: skip
 
 
 def create_app(settings: FacadeSettings, given: GivenCertificate | None = None) -> FacadeApp:

@@ -24,7 +24,9 @@ import grpc
 
 from facade.asgi import Scope
 from facade.errors import ApiError
-from kscope.v1 import keys_pb2, keys_pb2_grpc
+from facade.limits import Subject
+from kscope.v1 import keys_pb2, keys_pb2_grpc, usage_pb2_grpc
+from kscope_common.limits import Limits
 from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
 
@@ -48,6 +50,13 @@ class Grant:
     models: tuple[str, ...] = ()
     """Names or fnmatch patterns; empty: every model."""
     expires_at: float = float("inf")
+    key_id: str = ""
+    priority: int = 0
+    """The agent's queue serves higher first when the model is contended."""
+    subjects: tuple[Subject, ...] = ()
+    """The key and owner whose limits apply (only those with limits)."""
+    admin: bool = False
+    """An admin key: may see other owners' names (/v1/queue/stats)."""
 
     def allows(self, model: str) -> bool:
         return not self.models or any(fnmatch.fnmatchcase(model, p) for p in self.models)
@@ -98,6 +107,26 @@ def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def grant_of(key: keys_pb2.ApiKey) -> Grant:
+    """What the controller's answer about a key allows."""
+    subjects = [
+        Subject(name, Limits.from_proto(limits))
+        for name, limits in (
+            (f"key:{key.id}", key.limits),
+            (f"owner:{key.owner}", key.owner_limits),
+        )
+    ]
+    return Grant(
+        owner=key.owner,
+        models=tuple(key.models),
+        expires_at=key.expires_at.ToNanoseconds() / 1e9,
+        key_id=key.id,
+        priority=key.priority,
+        subjects=tuple(s for s in subjects if s.limits.any),
+        admin=key.role == keys_pb2.KEY_ROLE_ADMIN,
+    )
+
+
 class KeyChecker:
     """Answers "may this request go on?" for the /v1 endpoints."""
 
@@ -121,6 +150,11 @@ class KeyChecker:
     def stub(self) -> keys_pb2_grpc.KeyServiceAsyncStub:
         """The KeyService client on this facade's channel (the portal uses it too)."""
         return keys_pb2_grpc.KeyServiceStub(self._controller.channel())
+
+    @property
+    def usage_stub(self) -> usage_pb2_grpc.UsageServiceAsyncStub:
+        """The UsageService client on the same channel (the portal's usage page)."""
+        return usage_pb2_grpc.UsageServiceStub(self._controller.channel())
 
     @property
     def _stub(self) -> keys_pb2_grpc.KeyServiceAsyncStub:
@@ -189,12 +223,7 @@ class KeyChecker:
             )  # fmt: skip
         if pending.key_hash in self._revoked:
             return INVALID
-        key = reply.key
-        grant = Grant(
-            owner=key.owner,
-            models=tuple(key.models),
-            expires_at=key.expires_at.ToNanoseconds() / 1e9,
-        )
+        grant = grant_of(reply.key)
         self._cache[pending.key_hash] = _Cached(grant, time.monotonic())
         return self._judge(grant)
 
@@ -202,6 +231,16 @@ class KeyChecker:
         for key_hash in key_hashes:
             self._revoked.add(key_hash)
             self._cache.pop(key_hash, None)
+
+    def changed(self, key_hashes: Iterable[str], owners: Iterable[str]) -> None:
+        """Limits or priorities changed: the next request asks the controller again."""
+        for key_hash in key_hashes:
+            self._cache.pop(key_hash, None)
+        owners = set(owners)
+        if owners:
+            for key_hash, cached in list(self._cache.items()):
+                if cached.grant is not None and cached.grant.owner in owners:
+                    del self._cache[key_hash]
 
     async def watch(self) -> None:
         """Follow WatchKeyEvents forever, reconnecting with backoff."""
@@ -217,6 +256,7 @@ class KeyChecker:
                         self.watching = True
                         backoff.reset()
                     self.revoked(event.revoked_key_hashes)
+                    self.changed(event.changed_key_hashes, event.changed_owners)
             except grpc.aio.AioRpcError as exc:
                 if self.watching:
                     log.warning("key event stream lost: %s", exc.code().name)

@@ -23,6 +23,8 @@ class ApiError(Exception):
     retry_after_s: int | None = None
     raw_error: bytes = b""
     """An engine's own OpenAI error object (JSON), passed through as it is."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """More response headers (a 429's x-ratelimit-*)."""
 
     def error_object(self) -> bytes:
         if self.raw_error:

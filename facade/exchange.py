@@ -41,6 +41,9 @@ the stream every request on the agent shares."""
 
 
 class Exchange(Protocol):
+    usage: inference_pb2.Usage | None
+    """The engine's token counts, once a message carried them."""
+
     def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         """The engine's chunks as they arrive; AgentFailure when the request failed."""
         ...
@@ -73,10 +76,15 @@ class PerCallExchange:
         self._call = call
         self._model = model
         self._cancelled = False
+        self.usage: inference_pb2.Usage | None = None
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         try:
             async for message in self._call:
+                if message.HasField("usage"):
+                    self.usage = message.usage
+                    if not message.chunks:
+                        continue  # the usage the agent asked the engine for
                 yield message.chunks
         except grpc.aio.AioRpcError as exc:
             raise failure(_described(exc), self._model) from exc
@@ -149,15 +157,23 @@ class MultiplexExchange:
         self.ended = False
         self._ungranted = 0
         """Bytes the client took that the agent was not yet told of."""
+        self.usage: inference_pb2.Usage | None = None
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         while True:
             frames = await self.frames.take()
             if len(frames) > 1 and not any(f.end for f in frames):
                 # Several arrived at once: the client gets them in one write.
-                yield [c for f in frames for c in f.chunks]
+                for frame in frames:
+                    if frame.HasField("usage"):
+                        self.usage = frame.usage
+                chunks = [c for f in frames for c in f.chunks]
+                if chunks:
+                    yield chunks
                 continue
             for frame in frames:
+                if frame.HasField("usage"):
+                    self.usage = frame.usage
                 if frame.end:
                     self.ended = True
                     if frame.HasField("error"):
@@ -165,7 +181,8 @@ class MultiplexExchange:
                     if frame.chunks:
                         yield frame.chunks
                     return
-                yield frame.chunks
+                if frame.chunks:
+                    yield frame.chunks
 
     def consumed(self, nbytes: int) -> None:
         # Granted in halves of the window: one small message per 128 KiB read.

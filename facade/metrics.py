@@ -25,6 +25,23 @@ def facade_metrics(
             ' (a request for no catalog model has model="")',
             tokens=False,
         )
+    by_owner = dict(proxy.usage.by_owner) if proxy else {}
+    yield counter(
+        "kscope_facade_owner_requests",
+        "Inference requests by the key's owner and model (owner, not key: one series per"
+        ' person, docs/usage.md); model="" for no catalog model.',
+        ("owner", "model"),
+        {k: v[0] for k, v in by_owner.items()},
+    )
+    yield counter(
+        "kscope_facade_owner_tokens",
+        "Tokens the engine counted, by the key's owner, model and kind (prompt, completion).",
+        ("owner", "model", "kind"),
+        {
+            **{(o, m, "prompt"): v[1] for (o, m), v in by_owner.items()},
+            **{(o, m, "completion"): v[2] for (o, m), v in by_owner.items()},
+        },
+    )
     yield counter(
         "kscope_facade_stream_chunks",
         "SSE events forwarded to clients.",

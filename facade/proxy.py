@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +25,16 @@ import grpc
 import orjson
 
 from facade.asgi import Receive, Scope, Send
-from facade.auth import GRANT_SCOPE_KEY, Grant, model_forbidden
+from facade.auth import GRANT_SCOPE_KEY, OPEN, Grant, model_forbidden
 from facade.cold_start import ClientGone, ColdStart
 from facade.errors import AgentFailure, ApiError
 from facade.exchange import Exchange, opener_for
+from facade.limits import Limiter
+from facade.request_log import access, request_id
 from facade.response import ResponseWriter, send_error
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
+from facade.usage import UsageRecorder
 from kscope.v1 import inference_pb2
 from kscope_common.request_stats import RequestStats
 
@@ -50,6 +52,7 @@ class _Kind:
 
     def __init__(
         self,
+        path: str,
         rpc: str,
         request_cls: Callable[..., Any],
         required: str,
@@ -58,6 +61,7 @@ class _Kind:
         multiplex_kind: int,
     ):
         self.multiplex_kind = multiplex_kind
+        self.path = path
         self.rpc = rpc
         self.request_cls = request_cls
         self.required = required
@@ -67,6 +71,7 @@ class _Kind:
 
 KINDS = {
     "/v1/chat/completions": _Kind(
+        "/v1/chat/completions",
         "ChatCompletion",
         inference_pb2.ChatCompletionRequest,
         "messages",
@@ -75,6 +80,7 @@ KINDS = {
         inference_pb2.INFERENCE_KIND_CHAT_COMPLETION,
     ),
     "/v1/completions": _Kind(
+        "/v1/completions",
         "Completion",
         inference_pb2.CompletionRequest,
         "prompt",
@@ -83,6 +89,7 @@ KINDS = {
         inference_pb2.INFERENCE_KIND_COMPLETION,
     ),
     "/v1/embeddings": _Kind(
+        "/v1/embeddings",
         "Embedding",
         inference_pb2.EmbeddingRequest,
         "input",
@@ -165,6 +172,8 @@ class InferenceProxy:
         """Every inference request, by model, as it ended."""
         self.stream_chunks = 0
         """SSE events forwarded to clients."""
+        self.limiter = Limiter()
+        self.usage = UsageRecorder(self.limiter)
 
     @property
     def cold_waits(self) -> dict[tuple[str, ...], int]:
@@ -175,18 +184,46 @@ class InferenceProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
         writer = ResponseWriter(send)
+        grant: Grant = scope.get(GRANT_SCOPE_KEY) or OPEN
         model = ""
+        rid = request_id(scope)
+        writer.headers = [(b"x-request-id", rid)]
+        admission = self.limiter.admit(grant.subjects)
         try:
-            model = await self._handle(scope, receive, writer, kind)
+            if isinstance(admission, ApiError):
+                await writer.fail(admission)
+                return
+            writer.headers.extend(admission.headers)
+            model = await self._handle(scope, receive, writer, kind, grant, rid.decode())
         finally:
+            usage = writer.usage
+            if not isinstance(admission, ApiError):
+                admission.release(usage.total_tokens if usage is not None else 0)
             # Labelled by model only for catalog models: a client's typo is no new series.
-            stats = self.stats.of(model if model in self._table.models else "")
-            stats.ended(writer.status, time.monotonic() - writer.start)
+            known = model if model in self._table.models else ""
+            stats = self.stats.of(known)
+            duration_s = time.monotonic() - writer.start
+            stats.ended(writer.status, duration_s)
             if writer.first_token_at and writer.status == 200:
                 stats.ttft.observe(writer.first_token_at - writer.start)
+            self.usage.record(
+                grant.key_id, grant.owner, known, kind.path, writer.status, duration_s, usage
+            )
+            access(
+                scope, model=model, key_id=grant.key_id, owner=grant.owner, status=writer.status,
+                duration_s=duration_s,
+                ttft_s=writer.first_token_at - writer.start if writer.first_token_at else 0.0,
+                usage=usage,
+            )  # fmt: skip
 
     async def _handle(
-        self, scope: Scope, receive: Receive, writer: ResponseWriter, kind: _Kind
+        self,
+        scope: Scope,
+        receive: Receive,
+        writer: ResponseWriter,
+        kind: _Kind,
+        grant: Grant,
+        rid: str,
     ) -> str:
         """Answer one request; returns its model ('' when it had none)."""
         model = ""
@@ -195,8 +232,7 @@ class InferenceProxy:
             model, stream = parse_request(body, kind, self._settings.default_model)
             if self._settings.default_model and model not in self._table.models:
                 model = self._settings.default_model
-            grant: Grant | None = scope.get(GRANT_SCOPE_KEY)
-            if grant is not None and not grant.allows(model):
+            if not grant.allows(model):
                 raise model_forbidden(model)
             target = self._table.pick(model)
             if target is None:
@@ -211,9 +247,10 @@ class InferenceProxy:
             return model
         request = kind.request_cls(
             envelope=inference_pb2.RequestEnvelope(
-                request_id=f"req-{uuid.uuid4().hex[:16]}", model=model, stream=stream,
-                # The agent's queue takes turns by caller: fair share between owners.
-                caller=grant.owner if grant is not None else "",
+                request_id=rid, model=model, stream=stream,
+                # The agent's queue serves by priority, then takes turns by
+                # caller: fair share between owners.
+                caller=grant.owner, priority=grant.priority,
             ),
             body=body,
         )  # fmt: skip
@@ -281,6 +318,7 @@ class InferenceProxy:
                     exchange.consumed(sum([len(c) for c in chunks]))
         except TimeoutError:
             raise StreamTimeout(_timed_out(model, self._total_timeout_s(), total=True)) from None
+        writer.usage = exchange.usage
         await writer.json(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def _stream(self, exchange: Exchange, writer: ResponseWriter, model: str) -> None:
@@ -314,6 +352,7 @@ class InferenceProxy:
             ) from None
         finally:
             self.stream_chunks += events
+            writer.usage = exchange.usage
         await writer.done()
 
 

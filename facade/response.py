@@ -16,6 +16,7 @@ from typing import Any
 
 from facade.asgi import Send
 from facade.errors import ApiError
+from kscope.v1 import inference_pb2
 from kscope_common.request_stats import CANCELLED
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -32,10 +33,12 @@ ERRORS: dict[int, int] = {}
 """Error answers sent, by HTTP status (for /metrics)."""
 
 
-async def send_error(send: Send, error: ApiError) -> None:
+async def send_error(
+    send: Send, error: ApiError, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """An HTTP error response (nothing else was sent on this request)."""
     ERRORS[error.status] = ERRORS.get(error.status, 0) + 1
-    headers = list(JSON_HEADERS)
+    headers = [*JSON_HEADERS, *(extra or ()), *error.headers]
     if error.retry_after_s is not None:
         headers.append((b"retry-after", str(error.retry_after_s).encode()))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
@@ -45,10 +48,16 @@ async def send_error(send: Send, error: ApiError) -> None:
 class ResponseWriter:
     """Writes one request's response through ASGI `send`."""
 
-    __slots__ = ("_send", "finished", "first_token_at", "start", "started", "status")
+    __slots__ = (
+        "_send", "finished", "first_token_at", "headers", "start", "started", "status", "usage",
+    )  # fmt: skip
 
     def __init__(self, send: Send):
         self._send = send
+        self.headers: list[tuple[bytes, bytes]] = []
+        """Sent with the response, whatever it is (the x-ratelimit-* headers)."""
+        self.usage: inference_pb2.Usage | None = None
+        """The engine's token counts, when it sent them."""
         self.start = time.monotonic()
         self.status = CANCELLED
         """What the request ended with; until a response starts, one its client left."""
@@ -60,7 +69,8 @@ class ResponseWriter:
     async def json(self, body: bytes) -> None:
         self.status = 200
         self.started = True
-        await self._send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+        headers = [*JSON_HEADERS, *self.headers] if self.headers else JSON_HEADERS
+        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
         self.finished = True
 
@@ -68,7 +78,8 @@ class ResponseWriter:
         if not self.started:
             self.started = True
             self.status = 200
-            await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            headers = [*SSE_HEADERS, *self.headers] if self.headers else SSE_HEADERS
+            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def events(self, chunks: list[bytes] | Any) -> None:
         """SSE `data:` events, one per chunk, in one write."""
@@ -99,7 +110,7 @@ class ResponseWriter:
         self.finished = True
         if not self.started:
             self.status = error.status
-            await send_error(self._send, error)
+            await send_error(self._send, error, self.headers)
             return
         self.status = error.status  # what the request ended with, though HTTP said 200
         ERRORS[error.status] = ERRORS.get(error.status, 0) + 1

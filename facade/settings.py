@@ -75,6 +75,12 @@ class FacadeSettings(BaseSettings):
     """Requests that may wait for one cold model at once; more get 429."""
     wait_progress_interval_s: float = Field(default=5.0, gt=0)
     """How often a waiting streaming request gets an SSE comment saying what is happening."""
+    access_log: bool = False
+    """Write one JSON line per /v1 request (id, path, model, key id and owner,
+    status, duration, time to first token, tokens; never a secret) to standard
+    error or access_log_path (KSCOPE_ACCESS_LOG)."""
+    access_log_path: Path | None = None
+    """Append the access log to this file instead of standard error."""
     default_model: str = ""
     """When set, requests that name no model, or one the catalog does not have,
     go to this model (`kscope serve --model-type mlx_vlm` sets it, as the

@@ -167,14 +167,46 @@ def _role_name(role: int) -> str:
     return "admin" if role == keys_pb2.KEY_ROLE_ADMIN else "user"
 
 
+def limits_text(limits: keys_pb2.Limits) -> str:
+    """ "rpm=5 tpm=1000 …" for the limits set; "-" for none."""
+    parts = [
+        f"{name}={value}"
+        for name, value in (
+            ("rpm", limits.requests_per_minute), ("tpm", limits.tokens_per_minute),
+            ("concurrent", limits.max_concurrent), ("daily", limits.daily_tokens),
+        )
+        if value
+    ]  # fmt: skip
+    return " ".join(parts) or "-"
+
+
 def _key_rows(keys: Sequence[keys_pb2.ApiKey]) -> None:
     _table(
-        ["ID", "OWNER", "NAME", "ROLE", "KEY", "MODELS", "CREATED", "EXPIRES", "STATUS"],
+        ["ID", "OWNER", "NAME", "ROLE", "KEY", "MODELS", "LIMITS", "PRIORITY", "CREATED",
+         "EXPIRES", "STATUS"],
         [
             (k.id, k.owner, k.name, _role_name(k.role), f"{k.prefix}…", ",".join(k.models) or "*",
-             _when(k.created_at), _when(k.expires_at), "revoked" if k.revoked else "active")
+             limits_text(k.limits), k.priority, _when(k.created_at), _when(k.expires_at),
+             "revoked" if k.revoked else "active")
             for k in keys
         ],
+    )  # fmt: skip
+
+
+Rpm = Annotated[int, typer.Option("--rpm", min=0, help="requests per minute (0: no limit)")]
+Tpm = Annotated[int, typer.Option("--tpm", min=0, help="tokens per minute (0: no limit)")]
+MaxConcurrent = Annotated[
+    int, typer.Option("--max-concurrent", min=0, help="requests at once (0: no limit)")
+]
+DailyTokens = Annotated[
+    int, typer.Option("--daily-tokens", min=0, help="tokens per UTC day (0: no limit)")
+]
+
+
+def limits_message(rpm: int, tpm: int, max_concurrent: int, daily_tokens: int) -> keys_pb2.Limits:
+    return keys_pb2.Limits(
+        requests_per_minute=rpm, tokens_per_minute=tpm, max_concurrent=max_concurrent,
+        daily_tokens=daily_tokens,
     )  # fmt: skip
 
 
@@ -189,6 +221,13 @@ def keys_create(
         list[str] | None, typer.Option(help="a model name or pattern it may use (repeat)")
     ] = None,
     role: Annotated[Role, typer.Option(help="user or admin")] = Role.user,
+    rpm: Rpm = 0,
+    tpm: Tpm = 0,
+    max_concurrent: MaxConcurrent = 0,
+    daily_tokens: DailyTokens = 0,
+    priority: Annotated[
+        int, typer.Option(min=0, max=100, help="served first when contended (admins)")
+    ] = 0,
     controller: Controller = DEFAULT_CONTROLLER,
     key: Key = "",
     ca: Ca = "",
@@ -199,6 +238,7 @@ def keys_create(
     request = keys_pb2.CreateKeyRequest(
         owner=owner, name=name, expires_in_seconds=days * 86400, models=model or [],
         role=keys_pb2.KEY_ROLE_ADMIN if role is Role.admin else keys_pb2.KEY_ROLE_USER,
+        limits=limits_message(rpm, tpm, max_concurrent, daily_tokens), priority=priority,
     )  # fmt: skip
     reply: keys_pb2.CreateKeyResponse = _keys_rpc(
         Endpoint(controller, ca, plaintext), key, "CreateKey", request
@@ -362,9 +402,11 @@ def register(app: typer.Typer) -> None:
     app.add_typer(users_app, name="users")
     from kscope_cli.identities import register as register_identity_commands
     from kscope_cli.operate import register as register_operate_commands
+    from kscope_cli.usage import register as register_usage_commands
 
     register_identity_commands(app)
     register_operate_commands(app)
+    register_usage_commands(app, keys_app)
     app.command()(models)
     app.command()(instances)
     app.command()(agents)

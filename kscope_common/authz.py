@@ -51,6 +51,7 @@ _AGENT = "/kscope.v1.AgentService/"
 _KEYS = "/kscope.v1.KeyService/"
 _IDENTITY = "/kscope.v1.IdentityService/"
 _INFERENCE = "/kscope.v1.InferenceService/"
+_USAGE = "/kscope.v1.UsageService/"
 
 RULES: Mapping[str, frozenset[Right]] = {
     # ControlService: reads for operators and facades; StopInstance for operators only.
@@ -69,7 +70,15 @@ RULES: Mapping[str, frozenset[Right]] = {
     # keeps a user key to its own, narrower keys) and operators.
     _KEYS + "AuthenticateKey": frozenset({F}),
     _KEYS + "WatchKeyEvents": frozenset({F}),
-    **{_KEYS + m: frozenset({USER, ADMIN, OP}) for m in ("CreateKey", "ListKeys", "RevokeKey")},
+    **{
+        _KEYS + m: frozenset({USER, ADMIN, OP})
+        for m in ("CreateKey", "ListKeys", "RevokeKey", "ListOwnerLimits")
+    },
+    # Limits and priorities: checked as admin-only by the registry too.
+    **{_KEYS + m: frozenset({ADMIN, OP}) for m in ("UpdateKey", "SetOwnerLimits")},
+    # UsageService: facades report; keys and operators read (a user key its owner's).
+    _USAGE + "ReportUsage": frozenset({F}),
+    _USAGE + "QueryUsage": frozenset({USER, ADMIN, OP}),
     # IdentityService: enrollment is open (the token is the credential).
     _IDENTITY + "Discover": frozenset({ANYONE}),
     _IDENTITY + "Enroll": frozenset({ANYONE}),

@@ -67,12 +67,14 @@ class Report:
     """The requests that ended since the agent started."""
     hosted: tuple[agent_pb2.HostedInstance, ...] = ()
     """A host agent's instances."""
+    queued_by_caller: dict[str, int] = field(default_factory=dict)
+    """Waiting requests per caller (the key's owner), for /v1/queue/stats."""
 
     def to_proto(self) -> agent_pb2.LoadReport:
         return agent_pb2.LoadReport(
             phase=self.phase, in_flight=self.in_flight, queued=self.queued, detail=self.detail,
             max_concurrency=self.max_concurrency, max_queue_size=self.max_queue_size,
-            hosted=self.hosted, **asdict(self.totals),
+            hosted=self.hosted, queued_by_caller=self.queued_by_caller, **asdict(self.totals),
         )  # fmt: skip
 
 

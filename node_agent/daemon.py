@@ -75,7 +75,7 @@ class Agent:
             self.phase, self.load.in_flight, self.load.queued, self.detail,
             max_concurrency=max(limits.max_concurrency, 0),
             max_queue_size=0 if limits.unlimited else limits.max_queue_size,
-            totals=self.requests.totals(),
+            totals=self.requests.totals(), queued_by_caller=self.queue.waiting_by_caller(),
         )  # fmt: skip
 
     def _metrics(self) -> Iterable[Metric]:

@@ -30,20 +30,18 @@ class RequestClock:
     """One request's figures while it runs; `end` adds them to the agent's stats.
     `saw` runs for every engine output, so it only counts."""
 
-    __slots__ = ("_chunks", "_first", "_start", "_stats", "_stream", "_usage")
+    __slots__ = ("_first", "_start", "_stats", "_stream", "_usage")
 
     def __init__(self, stats: ModelStats, stream: bool):
         self._stats = stats
         self._stream = stream
         self._start = time.monotonic()
         self._first = 0.0
-        self._chunks = 0
         self._usage: Usage | None = None
 
     def saw(self, output: EngineOutput) -> None:
         if not self._first:
             self._first = time.monotonic()
-        self._chunks += len(output.chunks)
         if output.usage is not None:
             self._usage = output.usage
 
@@ -53,7 +51,6 @@ class RequestClock:
         if self._stream and self._first:
             stats.ttft.observe(self._first - self._start)
         if self._usage is not None:
+            # The engine's own counts: request_life.py always asks it for usage.
             stats.generation_tokens += self._usage.completion_tokens
             stats.prompt_tokens += self._usage.prompt_tokens
-        elif self._stream:
-            stats.generation_tokens += self._chunks  # vLLM and MLX-VLM: a token per chunk

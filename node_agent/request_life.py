@@ -22,8 +22,12 @@ from kscope_common.request_stats import CANCELLED
 from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput
 from node_agent.load import Load, RequestClock
 from node_agent.queue import RequestQueue
+from node_agent.usage_request import ask_for_usage, without_usage_chunk
 
 log = logging.getLogger(__name__)
+
+_STREAMED_WITH_USAGE = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+"""Endpoints whose streams can end with a usage chunk."""
 
 ENDPOINTS = {
     inference_pb2.INFERENCE_KIND_CHAT_COMPLETION: Endpoint.CHAT,
@@ -90,11 +94,14 @@ async def serve_request(
         async with core.queue.slot(envelope.caller, envelope.priority):
             # Closed here, at once, when the consumer leaves (the client went
             # away): that is what aborts the engine's request.
+            asked = False
+            if envelope.stream and endpoint in _STREAMED_WITH_USAGE:
+                body, asked = ask_for_usage(body)  # exact token counts (usage_request.py)
             generation = core.engine.generate(endpoint, body, envelope.stream)
             async with contextlib.aclosing(generation) as outputs:  # type: ignore[type-var]
                 async for output in outputs:
                     clock.saw(output)
-                    yield output
+                    yield without_usage_chunk(output) if asked else output
         status = 200
     except EngineError as exc:
         status = exc.http_status

@@ -12,6 +12,10 @@ from typing import Any
 Message = MutableMapping[str, Any]
 
 
+REQUEST_ID = b"req-test"
+"""Every scope's X-Request-Id: the facade answers with it."""
+
+
 def http_scope(
     path: str = "/v1/chat/completions", headers: list[tuple[bytes, bytes]] | None = None
 ) -> dict[str, Any]:
@@ -25,7 +29,11 @@ def http_scope(
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", REQUEST_ID),
+            *(headers or []),
+        ],
     }
 
 

@@ -386,3 +386,15 @@ def scrape_metrics(url: str) -> Samples:
     reply.raise_for_status()
     assert reply.headers["content-type"].startswith("text/plain")
     return parse_metrics(reply.text)
+
+
+def run_kscope(ctl: Controller, *args: str, key: str = "") -> subprocess.CompletedProcess[str]:
+    """The `kscope` command against `ctl` (its CA; `key` as KSCOPE_API_KEY)."""
+    env = {"PATH": "/usr/bin:/bin", "KSCOPE_CONTROLLER": ctl.address,
+           "KSCOPE_TLS_CA": str(ctl.ca_path)}  # fmt: skip
+    if key:
+        env["KSCOPE_API_KEY"] = key
+    return subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "kscope"), *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip

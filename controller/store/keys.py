@@ -16,6 +16,7 @@ from pathlib import Path
 
 from controller.keys import KeyRecord, KeyRole
 from controller.store.base import SqliteFile
+from kscope_common.limits import Limits
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -32,14 +33,26 @@ CREATE TABLE IF NOT EXISTS api_keys (
     parent_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS api_keys_owner ON api_keys (owner);
+CREATE TABLE IF NOT EXISTS owner_limits (
+    owner TEXT PRIMARY KEY,
+    requests_per_minute INTEGER NOT NULL,
+    tokens_per_minute INTEGER NOT NULL,
+    max_concurrent INTEGER NOT NULL,
+    daily_tokens INTEGER NOT NULL
+);
 """
 # Databases made before keys had parents lack the column; the index on it can
 # only be created once the column exists (see KeyStore._migrate).
 _PARENT_COLUMN = "ALTER TABLE api_keys ADD COLUMN parent_id TEXT NOT NULL DEFAULT ''"
 _PARENT_INDEX = "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys (parent_id)"
+_LIMIT_COLUMNS = (
+    "requests_per_minute tokens_per_minute max_concurrent daily_tokens priority".split()
+)
+"""Added with per-key limits; older databases get them, 0 (no limit), at start."""
 
 _COLUMNS = (
-    "id key_hash prefix owner name role models_json created_at expires_at revoked parent_id"
+    "id key_hash prefix owner name role models_json created_at expires_at revoked parent_id "
+    + " ".join(_LIMIT_COLUMNS)
 ).split()
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM api_keys"
 
@@ -62,6 +75,14 @@ WITH RECURSIVE chain(id) AS (
 """
 
 
+def _limit_values(key: KeyRecord) -> tuple[int, ...]:
+    limits = key.limits
+    return (
+        limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent,
+        limits.daily_tokens, key.priority,
+    )  # fmt: skip
+
+
 def _record(row: tuple[object, ...]) -> KeyRecord:
     values = dict(zip(_COLUMNS, row, strict=True))
     return KeyRecord(
@@ -76,6 +97,8 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
         expires_at=float(values["expires_at"]),  # type: ignore[arg-type]
         revoked=bool(values["revoked"]),
         parent_id=str(values["parent_id"]),
+        limits=Limits(*(int(values[c]) for c in _LIMIT_COLUMNS[:4])),  # type: ignore[call-overload]
+        priority=int(values["priority"]),  # type: ignore[call-overload]
     )
 
 
@@ -93,12 +116,17 @@ class KeyStore(SqliteFile):
             # Keys made before this column existed have no parent: ''.
             self._db.execute(_PARENT_COLUMN)
         self._db.execute(_PARENT_INDEX)
+        for column in _LIMIT_COLUMNS:
+            if column not in columns:
+                self._db.execute(
+                    f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+                )
 
     async def insert(self, key: KeyRecord) -> None:
         row = (
             key.id, key.key_hash, key.prefix, key.owner, key.name, key.role.value,
             json.dumps(list(key.models)), key.created_at, key.expires_at, int(key.revoked),
-            key.parent_id,
+            key.parent_id, *_limit_values(key),
         )  # fmt: skip
         places = ", ".join("?" * len(_COLUMNS))
         sql = f"INSERT INTO api_keys ({', '.join(_COLUMNS)}) VALUES ({places})"
@@ -157,6 +185,24 @@ class KeyStore(SqliteFile):
 
         rows = await self._run(revoke)
         return [_record(r) for r in rows]
+
+    async def update_limits(self, key: KeyRecord) -> None:
+        """Store the key's limits and priority (nothing else of it changes)."""
+        sql = f"UPDATE api_keys SET {', '.join(c + ' = ?' for c in _LIMIT_COLUMNS)} WHERE id = ?"
+        await self._run(lambda: self._db.execute(sql, (*_limit_values(key), key.id)))
+
+    async def owner_limits(self) -> dict[str, Limits]:
+        sql = f"SELECT owner, {', '.join(_LIMIT_COLUMNS[:4])} FROM owner_limits"
+        rows = await self._run(lambda: self._db.execute(sql).fetchall())
+        return {str(r[0]): Limits(*(int(v) for v in r[1:])) for r in rows}
+
+    async def set_owner_limits(self, owner: str, limits: Limits) -> None:
+        values = (
+            owner, limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent,
+            limits.daily_tokens,
+        )  # fmt: skip
+        sql = "INSERT OR REPLACE INTO owner_limits VALUES (?, ?, ?, ?, ?)"
+        await self._run(lambda: self._db.execute(sql, values))
 
     async def has_admin(self) -> bool:
         sql = "SELECT 1 FROM api_keys WHERE role = ? AND revoked = 0 LIMIT 1"

@@ -257,3 +257,116 @@ def model_charts(records: Sequence[control_pb2.TelemetryRecord]) -> list[Chart]:
              SeriesSpec("live", "s-live", [float(r.live_replicas) for r in records])],
         ),
     ]  # fmt: skip
+
+
+# --- stacked bars (the usage page) -----------------------------------------------------------
+
+BAR_WIDTH = 640
+"""The bar chart's SVG width and height (one bar per day: wider than the line charts)."""
+BAR_HEIGHT = 160
+BAR_PAD_BOTTOM = 22
+"""Room under the plot for the first and last slot's labels."""
+_BAR_GAP = 0.25
+"""The share of each slot left empty between bars."""
+
+
+@dataclass(frozen=True)
+class BarSeries:
+    """One layer of a stacked bar chart, before scaling: a value per slot."""
+
+    name: str
+    css: str
+    values: Sequence[float]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One drawn segment of a stacked bar."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    css: str
+    label: str
+    """The segment's tooltip: "2025-05-01 alpha: 1.2k"."""
+
+
+@dataclass(frozen=True)
+class BarChart:
+    """Stacked bars, one per slot (a day), on one y axis from 0 to a round maximum."""
+
+    key: str
+    title: str
+    bars: tuple[Bar, ...]
+    legend: tuple[tuple[str, str], ...]
+    """(name, css) of each series, bottom layer first."""
+    axis_max: str
+    first_slot: str
+    last_slot: str
+    slots: int
+    peak: str
+    """The largest slot's total, formatted."""
+    total: str
+    """All slots' sum, formatted."""
+    empty_note: str
+    """Set when every slot is 0."""
+    baseline_y: float = BAR_HEIGHT - BAR_PAD_BOTTOM
+    top_y: float = PAD_Y
+    left_x: float = PAD_LEFT
+    right_x: float = BAR_WIDTH - PAD_RIGHT
+    width: int = BAR_WIDTH
+    height: int = BAR_HEIGHT
+
+    @property
+    def summary(self) -> str:
+        """One sentence for screen readers (the SVG's description)."""
+        names = ", ".join(name for name, _ in self.legend) or "nothing"
+        return (
+            f"{self.title}, {self.first_slot} to {self.last_slot}: total {self.total}, "
+            f"largest day {self.peak}; series: {names}."
+        )
+
+
+def stacked_bars(
+    key: str,
+    title: str,
+    slots: Sequence[str],
+    series: Sequence[BarSeries],
+    fmt: Formatter = format_number,
+    empty_note: str = "Nothing to draw yet.",
+) -> BarChart:
+    """Lay out one bar per slot (oldest first), each stacking `series` bottom
+    up in order; zero values draw nothing."""
+    for s in series:
+        if len(s.values) != len(slots):
+            raise ValueError(f"{s.name}: {len(s.values)} values for {len(slots)} slots")
+    sums = [sum(s.values[i] for s in series) for i in range(len(slots))]
+    y_max = nice_max(max(sums, default=0.0))
+    top, bottom = PAD_Y, BAR_HEIGHT - BAR_PAD_BOTTOM
+    left, right = PAD_LEFT, BAR_WIDTH - PAD_RIGHT
+    slot_w = (right - left) / max(len(slots), 1)
+    bars = []
+    for i, slot in enumerate(slots):
+        base = 0.0
+        for s in series:
+            value = s.values[i]
+            if value <= 0:
+                continue
+            y0 = bottom - min(base / y_max, 1.0) * (bottom - top)
+            y1 = bottom - min((base + value) / y_max, 1.0) * (bottom - top)
+            base += value
+            bars.append(
+                Bar(
+                    x=round(left + (i + _BAR_GAP / 2) * slot_w, 1), y=round(y1, 1),
+                    width=round(slot_w * (1 - _BAR_GAP), 1), height=round(y0 - y1, 1),
+                    css=s.css, label=f"{slot} {s.name}: {fmt(value)}",
+                )
+            )  # fmt: skip
+    return BarChart(
+        key=key, title=title, bars=tuple(bars),
+        legend=tuple((s.name, s.css) for s in series), axis_max=fmt(y_max),
+        first_slot=slots[0] if slots else "", last_slot=slots[-1] if slots else "",
+        slots=len(slots), peak=fmt(max(sums, default=0.0)), total=fmt(sum(sums)),
+        empty_note="" if any(sums) else empty_note,
+    )  # fmt: skip

@@ -4,7 +4,8 @@ Server-rendered Jinja2; a signed session cookie (Starlette's SessionMiddleware,
 itself plain ASGI); a CSRF token in every form. Keys are created, listed and
 revoked through the controller's KeyService with the portal's admin service
 key, always for the logged-in user only. A model's page charts the controller's
-telemetry (ControlService.GetTelemetry) as inline SVG.
+telemetry (ControlService.GetTelemetry) as inline SVG; the usage page
+(facade/portal/usage.py) shows the user's own usage, and admin users everyone's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from facade.portal.security import (
     checked_form,
     csrf_token,
 )
+from facade.portal.usage import usage_page
 from facade.routing import RouteTable, RouteWatcher
 from facade.settings import FacadeSettings
 from kscope.v1 import keys_pb2
@@ -284,6 +286,16 @@ class Portal:
             latest_time=_clock(latest.time_unix_seconds) if latest else "",
         )  # fmt: skip
 
+    async def usage_page(self, request: Request) -> Response:
+        user = request.session.get("user")
+        if not user:
+            return RedirectResponse("/portal/login", status_code=303)
+        checker = self._keys()
+        stub = checker.usage_stub if checker and self.portal.service_key else None
+        admin = user in self.portal.admin_users
+        figures = await usage_page(stub, self._metadata(), user, admin, time.time())
+        return self.render(request, "usage.html", usage=figures, admin=admin)
+
     async def connect_page(self, request: Request) -> Response:
         if not request.session.get("user"):
             return RedirectResponse("/portal/login", status_code=303)
@@ -325,6 +337,7 @@ def create_portal(
         Route("/models", portal.models_page),
         Route("/models/{name:path}", portal.model_page),
         Route("/connect", portal.connect_page),
+        Route("/usage", portal.usage_page),
         Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
     ]
     middleware = [

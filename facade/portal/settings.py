@@ -31,6 +31,10 @@ class PortalSettings(BaseSettings):
     """Mark the session cookie Secure; default: when base_url is https."""
     key_default_days: int = Field(default=180, gt=0)
     """The expiry the key form proposes."""
+    admin_users: list[str] = Field(default_factory=list)
+    """Login names that also see everyone's usage per owner on the usage page
+    (nothing else changes for them). A JSON list, in the environment too:
+    KSCOPE_PORTAL_ADMIN_USERS='["alice", "bob"]'."""
     users_file: Path = Path("~/.kscope/users.toml")
     """Local users (salted scrypt hashes), used when no LDAP server is configured."""
 

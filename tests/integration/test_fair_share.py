@@ -1,6 +1,7 @@
 """Fair share at a contended model, with real processes: owner A queues twenty
 requests at an agent that serves one at a time, then owner B sends one; B's is
-answered second, not twenty-first (the order read from the answers' times)."""
+answered second, not twenty-first (the order read from the answers' times).
+/v1/queue/stats shows who waits, by name only to an admin key."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -58,6 +61,14 @@ def _key(controller: Controller, owner: str) -> str:
     return reply.secret
 
 
+def _queue(facade: Facade, key: str) -> list[dict[str, Any]]:
+    reply = httpx.get(f"{facade.base_url}/v1/queue/stats",
+                      headers={"Authorization": f"Bearer {key}"}, timeout=10)  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    waiting: list[dict[str, Any]] = reply.json()["queue_stats"]["one"]["waiting_by_owner"]
+    return waiting
+
+
 def test_a_lone_request_is_served_next_not_after_the_queue(
     contended: tuple[Controller, Facade],
 ) -> None:
@@ -89,6 +100,12 @@ def test_a_lone_request_is_served_next_not_after_the_queue(
         return seen[-1] >= 15
 
     wait_until(queued, 20, 0.05, what="alice's requests queued at the agent")
+    # Who waits is visible: by name to an admin key, as "you"/null to others.
+    as_bob = _queue(facade, keys["bob"])
+    assert as_bob and as_bob[0]["owner"] is None and as_bob[0]["waiting"] >= 10
+    as_admin = _queue(facade, controller.admin_key)
+    assert as_admin[0]["owner"] == "alice"
+    assert _queue(facade, keys["alice"])[0]["owner"] == "you"
     bob = threading.Thread(target=ask, args=("bob",))
     bob.start()
     for thread in [*alice, bob]:

@@ -209,7 +209,9 @@ def test_the_body_reaches_the_engine_byte_for_byte(
 ) -> None:
     """The upstream echoes the SHA-256 of the body it received: for a model the
     agent does not rename, that is the digest of the client's bytes, whole
-    answer or stream."""
+    answer or stream that asked for usage; a stream that did not gets
+    `stream_options.include_usage` appended (exact token counts) and nothing
+    else changed, and its client sees no usage chunk."""
     _, facade = system
     sent = hashlib.sha256(body).hexdigest()
     whole = _post(facade, path, body)
@@ -222,9 +224,21 @@ def test_the_body_reaches_the_engine_byte_for_byte(
                       timeout=10) as reply:  # fmt: skip
         assert reply.status_code == 200
         chunks = _sse_data(reply)
-    echo = {**expected, "sha256": hashlib.sha256(streamed).hexdigest()}
+    asked = streamed[:-1] + b',"stream_options":{"include_usage":true}}'
+    echo = {**expected, "sha256": hashlib.sha256(asked).hexdigest()}
     assert chunks[0]["kscope_echo"] == echo
     assert all("kscope_echo" not in c for c in chunks[1:])
+    assert all("usage" not in c for c in chunks)  # as if the engine was never asked
+    with_usage = body[:-1] + b', "stream": true, "stream_options": {"include_usage": true}}'
+    with httpx.stream("POST", f"{facade.base_url}{path}", content=with_usage, headers=headers,
+                      timeout=10) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        chunks = _sse_data(reply)
+    assert chunks[0]["kscope_echo"] == {
+        **expected,
+        "sha256": hashlib.sha256(with_usage).hexdigest(),
+    }
+    assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
 
 
 def _post(facade: Facade, path: str, body: bytes, key: str | None = API_KEY) -> httpx.Response:

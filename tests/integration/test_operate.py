@@ -8,14 +8,13 @@ import json
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from kscope.v1 import control_pb2
 from tests.procs import (
-    ROOT,
     Controller,
+    run_kscope,
     start_controller,
     start_upstream,
     stop_instances_left_behind,
@@ -45,14 +44,7 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]
 
 
 def kscope(ctl: Controller, *args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "KSCOPE_CONTROLLER": ctl.address,
-           "KSCOPE_TLS_CA": str(ctl.ca_path)}  # fmt: skip
-    if key:
-        env["KSCOPE_API_KEY"] = ctl.admin_key
-    return subprocess.run(
-        [str(Path(ROOT / ".venv" / "bin" / "kscope")), *args],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+    return run_kscope(ctl, *args, key=ctl.admin_key if key else "")
 
 
 def test_status_shows_models_instances_agents_and_the_controller(controller: Controller) -> None:

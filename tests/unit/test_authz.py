@@ -12,13 +12,13 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from kscope.v1 import agent_pb2, control_pb2, identity_pb2, inference_pb2, keys_pb2
+from kscope.v1 import agent_pb2, control_pb2, identity_pb2, inference_pb2, keys_pb2, usage_pb2
 from kscope_common.authz import RULES, AuthzInterceptor, KeyHolder, Refusal, Right, bearer
 from kscope_common.pki import ENROLLMENT_PREFIX, Identity, Role
 
 pytestmark = pytest.mark.security
 
-MODULES = (agent_pb2, control_pb2, identity_pb2, inference_pb2, keys_pb2)
+MODULES = (agent_pb2, control_pb2, identity_pb2, inference_pb2, keys_pb2, usage_pb2)
 
 
 def kscope_methods() -> list[str]:
@@ -39,6 +39,7 @@ def test_the_protos_define_the_services_we_expect() -> None:
         "kscope.v1.IdentityService",
         "kscope.v1.InferenceService",
         "kscope.v1.KeyService",
+        "kscope.v1.UsageService",
     }
 
 

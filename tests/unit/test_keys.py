@@ -48,7 +48,7 @@ async def test_create_authenticate_revoke(registry: KeyRegistry, tmp_path: Path)
     assert (await registry.authenticate(secret)).id == key.id
     events = registry.watch()
     await registry.revoke(ADMIN, key.id)
-    assert events.get_nowait() == [key.key_hash]
+    assert events.get_nowait().revoked == [key.key_hash]
     with pytest.raises(NotAuthenticated):
         await registry.authenticate(secret)
     assert secret.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("kscope.db*"))
@@ -182,6 +182,24 @@ class FakeKeyService(keys_pb2_grpc.KeyServiceServicer):
     ) -> AsyncIterator[keys_pb2.WatchKeyEventsResponse]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
         yield keys_pb2.WatchKeyEventsResponse()
+
+    async def UpdateKey(
+        self, request: keys_pb2.UpdateKeyRequest, context: Context
+    ) -> keys_pb2.UpdateKeyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        raise AssertionError("unreachable")
+
+    async def SetOwnerLimits(
+        self, request: keys_pb2.SetOwnerLimitsRequest, context: Context
+    ) -> keys_pb2.SetOwnerLimitsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        raise AssertionError("unreachable")
+
+    async def ListOwnerLimits(
+        self, request: keys_pb2.ListOwnerLimitsRequest, context: Context
+    ) -> keys_pb2.ListOwnerLimitsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fake")
+        raise AssertionError("unreachable")
 
 
 @pytest.fixture

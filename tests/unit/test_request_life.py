@@ -134,13 +134,46 @@ async def test_outputs_pass_through_and_a_stream_is_counted_200() -> None:
     core = core_of(engine)
     got = await drain(core)
     assert [o.chunks for o in got] == [[b"a"], [b"b"], [b"c"]]
-    assert engine.calls == [(Endpoint.CHAT, b"{}", True)]
+    # The engine is always asked for usage: counts are exact, never chunks.
+    assert engine.calls == [(Endpoint.CHAT, b'{"stream_options":{"include_usage":true}}', True)]
     stats = core.load.stats
     assert stats.by_status == {200: 1}
     assert stats.errors == 0
     assert stats.ttft.count == 1
-    assert stats.generation_tokens == 3  # no usage: a token per streamed chunk
+    assert stats.generation_tokens == 0  # an engine that sent no usage: nothing guessed
     assert (core.load.in_flight, core.load.queued) == (0, 0)
+
+
+async def test_the_usage_chunk_asked_for_is_counted_and_not_shown() -> None:
+    usage = Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7)
+    usage_chunk = b'{"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+    engine = FakeEngine(
+        [
+            EngineOutput([b'{"choices":[{"delta":{"content":"a"}}]}']),
+            EngineOutput([b'{"choices":[{"finish_reason":"stop"}]}', usage_chunk], usage),
+        ]
+    )
+    core = core_of(engine)
+    got = await drain(core)
+    assert [o.chunks for o in got] == [
+        [b'{"choices":[{"delta":{"content":"a"}}]}'],
+        [b'{"choices":[{"finish_reason":"stop"}]}'],
+    ]
+    assert got[-1].usage == usage  # the figures still travel, for the facade's accounting
+    assert (core.load.stats.prompt_tokens, core.load.stats.generation_tokens) == (5, 2)
+
+
+async def test_a_client_that_asked_for_usage_gets_its_chunk() -> None:
+    usage = Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7)
+    usage_chunk = b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+    engine = FakeEngine([EngineOutput([usage_chunk], usage)])
+    core = core_of(engine)
+    body = b'{"stream":true,"stream_options":{"include_usage":true}}'
+    life = serve_request(core, Endpoint.CHAT, body, envelope())
+    async with contextlib.aclosing(life) as outputs:
+        got = [output async for output in outputs]
+    assert engine.calls == [(Endpoint.CHAT, body, True)]  # the client's bytes, unchanged
+    assert [o.chunks for o in got] == [[usage_chunk]]
 
 
 async def test_usage_counts_tokens_instead_of_chunks() -> None:

@@ -30,7 +30,7 @@ from node_agent.engines.base import Endpoint, EngineError, EngineOutput
 from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
 from node_agent.servicer import InferenceServicer
-from tests.asgi import ClientReceive, ClientSend, http_scope
+from tests.asgi import REQUEST_ID, ClientReceive, ClientSend, http_scope
 from tests.unit.test_request_life import FakeEngine, FakeServicerContext, chunks
 
 pytestmark = pytest.mark.timeout(10)
@@ -49,7 +49,15 @@ DONE = b"data: [DONE]\n\n"
 ENGINE_BODY = b'{"message":"bad temperature","type":"BadRequestError","param":null,"code":400}'
 
 
+def bare_start(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """A response start as a ResponseWriter used on its own sends it."""
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
 def start(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """A response start with `headers`, and the request's id after the content headers."""
+    base = len(SSE_HEADERS) if headers[: len(SSE_HEADERS)] == SSE_HEADERS else len(JSON_HEADERS)
+    headers = [*headers[:base], (b"x-request-id", REQUEST_ID), *headers[base:]]
     return {"type": "http.response.start", "status": status, "headers": headers}
 
 
@@ -146,6 +154,7 @@ class FakeExchange:
         self._cancelled = asyncio.Event()
         self.cancels = 0
         self.consumed_bytes: list[int] = []
+        self.usage: inference_pb2.Usage | None = None
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         for step in self._script:
@@ -508,7 +517,7 @@ async def test_bad_json_is_400() -> None:
     proxy, opener, _ = gateway()
     sent = await call(proxy, b"{not json")
     assert sent.status == 400
-    assert sent.headers == dict(JSON_HEADERS)
+    assert sent.headers == {**dict(JSON_HEADERS), b"x-request-id": REQUEST_ID}
     assert sent.ended and len(sent.messages) == 2
     error = orjson.loads(sent.body)["error"]
     assert error["message"].startswith("request body is not valid JSON: ")
@@ -652,7 +661,7 @@ async def test_writer_fail_before_start_is_an_http_error_with_retry_after() -> N
     before = response_module.ERRORS.get(503, 0)
     await writer.fail(ApiError(503, "busy", "service_unavailable_error", retry_after_s=7))
     assert send.messages == [
-        start(503, [*JSON_HEADERS, (b"retry-after", b"7")]),
+        bare_start(503, [*JSON_HEADERS, (b"retry-after", b"7")]),
         last(error_body("busy", "service_unavailable_error", None)),
     ]
     assert (writer.status, writer.started, writer.finished) == (503, False, True)
@@ -667,7 +676,7 @@ async def test_writer_fail_after_start_is_an_sse_error_and_done() -> None:
     await writer.events([b'{"a":1}'])
     await writer.fail(ApiError(429, "slow down", "rate_limit_error", retry_after_s=3))
     assert send.messages == [
-        start(200, SSE_HEADERS),
+        bare_start(200, SSE_HEADERS),
         event(b'{"a":1}'),
         sse_error(error_body("slow down", "rate_limit_error", None)),
     ]
@@ -688,7 +697,7 @@ async def test_writer_fail_gives_up_on_a_client_that_stopped_reading(
     took = time.monotonic() - began
     assert 0.2 <= took < 0.4
     assert writer.status == 504
-    assert send.messages == [start(200, SSE_HEADERS), event(b'{"a":1}')]
+    assert send.messages == [bare_start(200, SSE_HEADERS), event(b'{"a":1}')]
 
 
 async def test_writer_client_left_counts_cancelled() -> None:
@@ -873,7 +882,9 @@ async def test_in_process_stream(transport: str) -> None:
         event(b'{"b":2}'),
         last(DONE),
     ]
-    assert agent.engine.calls == [(Endpoint.CHAT, STREAM_BODY, True)]
+    # The agent asks the engine for usage on the client's behalf (exact token counts).
+    asked = STREAM_BODY[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert agent.engine.calls == [(Endpoint.CHAT, asked, True)]
     assert agent.load.stats.by_status == {200: 1}
     assert statuses(proxy) == {200: 1}
 

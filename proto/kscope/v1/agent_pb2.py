@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kscope/v1/agent.proto\x12\tkscope.v1\"\xc7\x01\n\x0fRegisterRequest\x12\x11\n\x05token\x18\x01 \x01(\tB\x02\x18\x01\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x12\n\nhost_agent\x18\t \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\"@\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"3\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\x05token\x18\x02 \x01(\tB\x02\x18\x01\"\xc7\x02\n\nLoadReport\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.kscope.v1.AgentPhase\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\x05\x12\x0e\n\x06served\x18\x07 \x01(\x03\x12)\n\x06hosted\x18\x08 \x03(\x0b\x32\x19.kscope.v1.HostedInstance\x12\x0e\n\x06\x65rrors\x18\t \x01(\x03\x12\x19\n\x11generation_tokens\x18\n \x01(\x03\x12\x18\n\x10ttft_seconds_sum\x18\x0b \x01(\x01\x12\x12\n\nttft_count\x18\x0c \x01(\x03\x12\x1b\n\x13latency_seconds_sum\x18\r \x01(\x01\"F\n\x0eHostedInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"s\n\x0eSessionRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.kscope.v1.SessionHelloH\x00\x12,\n\x0bload_report\x18\x02 \x01(\x0b\x32\x15.kscope.v1.LoadReportH\x00\x42\t\n\x07message\"\x1e\n\x0c\x44rainCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xfd\x01\n\x10LoadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0b\x65ngine_args\x18\x04 \x03(\t\x12\x1c\n\x0fmax_concurrency\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nqueue_size\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fqueue_timeout_s\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0c\x65nroll_token\x18\x08 \x01(\tB\x12\n\x10_max_concurrencyB\r\n\x0b_queue_sizeB\x12\n\x10_queue_timeout_s\")\n\x12UnloadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xe2\x01\n\x0fSessionResponse\x12(\n\x05\x64rain\x18\x01 \x01(\x0b\x32\x17.kscope.v1.DrainCommandH\x00\x12\x31\n\nload_model\x18\x02 \x01(\x0b\x32\x1b.kscope.v1.LoadModelCommandH\x00\x12\x35\n\x0cunload_model\x18\x03 \x01(\x0b\x32\x1d.kscope.v1.UnloadModelCommandH\x00\x12\x30\n\x07revoked\x18\x04 \x01(\x0b\x32\x1d.kscope.v1.RevokedEnrollmentsH\x00\x42\t\n\x07\x63ommand\",\n\x12RevokedEnrollments\x12\x16\n\x0e\x65nrollment_ids\x18\x01 \x03(\t*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_PHASE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_PHASE_READY\x10\x02\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x03\x12\x16\n\x12\x41GENT_PHASE_FAILED\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.kscope.v1.RegisterRequest\x1a\x1b.kscope.v1.RegisterResponse\x12\x44\n\x07Session\x12\x19.kscope.v1.SessionRequest\x1a\x1a.kscope.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kscope/v1/agent.proto\x12\tkscope.v1\"\xc7\x01\n\x0fRegisterRequest\x12\x11\n\x05token\x18\x01 \x01(\tB\x02\x18\x01\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x12\n\nhost_agent\x18\t \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\"@\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"3\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\x05token\x18\x02 \x01(\tB\x02\x18\x01\"\xc3\x03\n\nLoadReport\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.kscope.v1.AgentPhase\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\x05\x12\x0e\n\x06served\x18\x07 \x01(\x03\x12)\n\x06hosted\x18\x08 \x03(\x0b\x32\x19.kscope.v1.HostedInstance\x12\x0e\n\x06\x65rrors\x18\t \x01(\x03\x12\x19\n\x11generation_tokens\x18\n \x01(\x03\x12\x18\n\x10ttft_seconds_sum\x18\x0b \x01(\x01\x12\x12\n\nttft_count\x18\x0c \x01(\x03\x12\x1b\n\x13latency_seconds_sum\x18\r \x01(\x01\x12\x43\n\x10queued_by_caller\x18\x0e \x03(\x0b\x32).kscope.v1.LoadReport.QueuedByCallerEntry\x1a\x35\n\x13QueuedByCallerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"F\n\x0eHostedInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"s\n\x0eSessionRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.kscope.v1.SessionHelloH\x00\x12,\n\x0bload_report\x18\x02 \x01(\x0b\x32\x15.kscope.v1.LoadReportH\x00\x42\t\n\x07message\"\x1e\n\x0c\x44rainCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xfd\x01\n\x10LoadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0b\x65ngine_args\x18\x04 \x03(\t\x12\x1c\n\x0fmax_concurrency\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nqueue_size\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fqueue_timeout_s\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0c\x65nroll_token\x18\x08 \x01(\tB\x12\n\x10_max_concurrencyB\r\n\x0b_queue_sizeB\x12\n\x10_queue_timeout_s\")\n\x12UnloadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xe2\x01\n\x0fSessionResponse\x12(\n\x05\x64rain\x18\x01 \x01(\x0b\x32\x17.kscope.v1.DrainCommandH\x00\x12\x31\n\nload_model\x18\x02 \x01(\x0b\x32\x1b.kscope.v1.LoadModelCommandH\x00\x12\x35\n\x0cunload_model\x18\x03 \x01(\x0b\x32\x1d.kscope.v1.UnloadModelCommandH\x00\x12\x30\n\x07revoked\x18\x04 \x01(\x0b\x32\x1d.kscope.v1.RevokedEnrollmentsH\x00\x42\t\n\x07\x63ommand\",\n\x12RevokedEnrollments\x12\x16\n\x0e\x65nrollment_ids\x18\x01 \x03(\t*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_PHASE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_PHASE_READY\x10\x02\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x03\x12\x16\n\x12\x41GENT_PHASE_FAILED\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.kscope.v1.RegisterRequest\x1a\x1b.kscope.v1.RegisterResponse\x12\x44\n\x07Session\x12\x19.kscope.v1.SessionRequest\x1a\x1a.kscope.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST'].fields_by_name['token']._serialized_options = b'\030\001'
   _globals['_SESSIONHELLO'].fields_by_name['token']._loaded_options = None
   _globals['_SESSIONHELLO'].fields_by_name['token']._serialized_options = b'\030\001'
-  _globals['_AGENTPHASE']._serialized_start=1483
-  _globals['_AGENTPHASE']._serialized_end=1623
+  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._loaded_options = None
+  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_options = b'8\001'
+  _globals['_AGENTPHASE']._serialized_start=1607
+  _globals['_AGENTPHASE']._serialized_end=1747
   _globals['_REGISTERREQUEST']._serialized_start=37
   _globals['_REGISTERREQUEST']._serialized_end=236
   _globals['_REGISTERRESPONSE']._serialized_start=238
@@ -44,21 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONHELLO']._serialized_start=304
   _globals['_SESSIONHELLO']._serialized_end=355
   _globals['_LOADREPORT']._serialized_start=358
-  _globals['_LOADREPORT']._serialized_end=685
-  _globals['_HOSTEDINSTANCE']._serialized_start=687
-  _globals['_HOSTEDINSTANCE']._serialized_end=757
-  _globals['_SESSIONREQUEST']._serialized_start=759
-  _globals['_SESSIONREQUEST']._serialized_end=874
-  _globals['_DRAINCOMMAND']._serialized_start=876
-  _globals['_DRAINCOMMAND']._serialized_end=906
-  _globals['_LOADMODELCOMMAND']._serialized_start=909
-  _globals['_LOADMODELCOMMAND']._serialized_end=1162
-  _globals['_UNLOADMODELCOMMAND']._serialized_start=1164
-  _globals['_UNLOADMODELCOMMAND']._serialized_end=1205
-  _globals['_SESSIONRESPONSE']._serialized_start=1208
-  _globals['_SESSIONRESPONSE']._serialized_end=1434
-  _globals['_REVOKEDENROLLMENTS']._serialized_start=1436
-  _globals['_REVOKEDENROLLMENTS']._serialized_end=1480
-  _globals['_AGENTSERVICE']._serialized_start=1626
-  _globals['_AGENTSERVICE']._serialized_end=1779
+  _globals['_LOADREPORT']._serialized_end=809
+  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_start=756
+  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_end=809
+  _globals['_HOSTEDINSTANCE']._serialized_start=811
+  _globals['_HOSTEDINSTANCE']._serialized_end=881
+  _globals['_SESSIONREQUEST']._serialized_start=883
+  _globals['_SESSIONREQUEST']._serialized_end=998
+  _globals['_DRAINCOMMAND']._serialized_start=1000
+  _globals['_DRAINCOMMAND']._serialized_end=1030
+  _globals['_LOADMODELCOMMAND']._serialized_start=1033
+  _globals['_LOADMODELCOMMAND']._serialized_end=1286
+  _globals['_UNLOADMODELCOMMAND']._serialized_start=1288
+  _globals['_UNLOADMODELCOMMAND']._serialized_end=1329
+  _globals['_SESSIONRESPONSE']._serialized_start=1332
+  _globals['_SESSIONRESPONSE']._serialized_end=1558
+  _globals['_REVOKEDENROLLMENTS']._serialized_start=1560
+  _globals['_REVOKEDENROLLMENTS']._serialized_end=1604
+  _globals['_AGENTSERVICE']._serialized_start=1750
+  _globals['_AGENTSERVICE']._serialized_end=1903
 # @@protoc_insertion_point(module_scope)

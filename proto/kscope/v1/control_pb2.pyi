@@ -141,6 +141,26 @@ Global___Model: _TypeAlias = Model  # noqa: Y015
 class Instance(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class QueuedByCallerEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -156,6 +176,7 @@ class Instance(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    QUEUED_BY_CALLER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model: _builtins.str
     state: Global___InstanceState.ValueType
@@ -176,6 +197,10 @@ class Instance(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def queued_by_caller(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests waiting in the agent's queue, by caller (the key's owner)."""
+
     def __init__(
         self,
         *,
@@ -194,10 +219,11 @@ class Instance(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         max_concurrency: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
+        queued_by_caller: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_id", b"agent_id", "created_at", b"created_at", "engine_url", b"engine_url", "id", b"id", "in_flight", b"in_flight", "launcher", b"launcher", "launcher_ref", b"launcher_ref", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "model", b"model", "queued", b"queued", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_id", b"agent_id", "created_at", b"created_at", "engine_url", b"engine_url", "id", b"id", "in_flight", b"in_flight", "launcher", b"launcher", "launcher_ref", b"launcher_ref", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "model", b"model", "queued", b"queued", "queued_by_caller", b"queued_by_caller", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

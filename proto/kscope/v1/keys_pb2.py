@@ -25,37 +25,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kscope/v1/keys.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.kscope.v1.KeyRole\x12\x0e\n\x06models\x18\x05 \x03(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12\x0e\n\x06prefix\x18\t \x01(\t\"}\n\x10\x43reateKeyRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\x12\x0e\n\x06models\x18\x04 \x03(\t\x12 \n\x04role\x18\x05 \x01(\x0e\x32\x12.kscope.v1.KeyRole\"C\n\x11\x43reateKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"9\n\x0fListKeysRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"3\n\x10ListKeysResponse\x12\x1f\n\x04keys\x18\x01 \x03(\x0b\x32\x11.kscope.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"3\n\x11RevokeKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\"(\n\x16\x41uthenticateKeyRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\"K\n\x17\x41uthenticateKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\x12\x10\n\x08key_hash\x18\x02 \x01(\t\"\x17\n\x15WatchKeyEventsRequest\"4\n\x16WatchKeyEventsResponse\x12\x1a\n\x12revoked_key_hashes\x18\x01 \x03(\t*J\n\x07KeyRole\x12\x18\n\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rKEY_ROLE_USER\x10\x01\x12\x12\n\x0eKEY_ROLE_ADMIN\x10\x02\x32\x94\x03\n\nKeyService\x12\x46\n\tCreateKey\x12\x1b.kscope.v1.CreateKeyRequest\x1a\x1c.kscope.v1.CreateKeyResponse\x12\x43\n\x08ListKeys\x12\x1a.kscope.v1.ListKeysRequest\x1a\x1b.kscope.v1.ListKeysResponse\x12\x46\n\tRevokeKey\x12\x1b.kscope.v1.RevokeKeyRequest\x1a\x1c.kscope.v1.RevokeKeyResponse\x12X\n\x0f\x41uthenticateKey\x12!.kscope.v1.AuthenticateKeyRequest\x1a\".kscope.v1.AuthenticateKeyResponse\x12W\n\x0eWatchKeyEvents\x12 .kscope.v1.WatchKeyEventsRequest\x1a!.kscope.v1.WatchKeyEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kscope/v1/keys.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\x06Limits\x12\x1b\n\x13requests_per_minute\x18\x01 \x01(\x03\x12\x19\n\x11tokens_per_minute\x18\x02 \x01(\x03\x12\x16\n\x0emax_concurrent\x18\x03 \x01(\x03\x12\x14\n\x0c\x64\x61ily_tokens\x18\x04 \x01(\x03\"\xc2\x02\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.kscope.v1.KeyRole\x12\x0e\n\x06models\x18\x05 \x03(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12\x0e\n\x06prefix\x18\t \x01(\t\x12!\n\x06limits\x18\n \x01(\x0b\x32\x11.kscope.v1.Limits\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12\'\n\x0cowner_limits\x18\x0c \x01(\x0b\x32\x11.kscope.v1.Limits\"\xb2\x01\n\x10\x43reateKeyRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x03\x12\x0e\n\x06models\x18\x04 \x03(\t\x12 \n\x04role\x18\x05 \x01(\x0e\x32\x12.kscope.v1.KeyRole\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.kscope.v1.Limits\x12\x10\n\x08priority\x18\x07 \x01(\x05\"C\n\x11\x43reateKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"9\n\x0fListKeysRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"3\n\x10ListKeysResponse\x12\x1f\n\x04keys\x18\x01 \x03(\x0b\x32\x11.kscope.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"3\n\x11RevokeKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\"(\n\x16\x41uthenticateKeyRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\"K\n\x17\x41uthenticateKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\x12\x10\n\x08key_hash\x18\x02 \x01(\t\"\x17\n\x15WatchKeyEventsRequest\"h\n\x16WatchKeyEventsResponse\x12\x1a\n\x12revoked_key_hashes\x18\x01 \x03(\t\x12\x1a\n\x12\x63hanged_key_hashes\x18\x02 \x03(\t\x12\x16\n\x0e\x63hanged_owners\x18\x03 \x03(\t\"i\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.kscope.v1.Limits\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"3\n\x11UpdateKeyResponse\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.kscope.v1.ApiKey\"?\n\x0bOwnerLimits\x12\r\n\x05owner\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.kscope.v1.Limits\"I\n\x15SetOwnerLimitsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.kscope.v1.Limits\"F\n\x16SetOwnerLimitsResponse\x12,\n\x0cowner_limits\x18\x01 \x01(\x0b\x32\x16.kscope.v1.OwnerLimits\"\x18\n\x16ListOwnerLimitsRequest\"A\n\x17ListOwnerLimitsResponse\x12&\n\x06owners\x18\x01 \x03(\x0b\x32\x16.kscope.v1.OwnerLimits*J\n\x07KeyRole\x12\x18\n\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rKEY_ROLE_USER\x10\x01\x12\x12\n\x0eKEY_ROLE_ADMIN\x10\x02\x32\x8d\x05\n\nKeyService\x12\x46\n\tCreateKey\x12\x1b.kscope.v1.CreateKeyRequest\x1a\x1c.kscope.v1.CreateKeyResponse\x12\x43\n\x08ListKeys\x12\x1a.kscope.v1.ListKeysRequest\x1a\x1b.kscope.v1.ListKeysResponse\x12\x46\n\tRevokeKey\x12\x1b.kscope.v1.RevokeKeyRequest\x1a\x1c.kscope.v1.RevokeKeyResponse\x12X\n\x0f\x41uthenticateKey\x12!.kscope.v1.AuthenticateKeyRequest\x1a\".kscope.v1.AuthenticateKeyResponse\x12W\n\x0eWatchKeyEvents\x12 .kscope.v1.WatchKeyEventsRequest\x1a!.kscope.v1.WatchKeyEventsResponse0\x01\x12\x46\n\tUpdateKey\x12\x1b.kscope.v1.UpdateKeyRequest\x1a\x1c.kscope.v1.UpdateKeyResponse\x12U\n\x0eSetOwnerLimits\x12 .kscope.v1.SetOwnerLimitsRequest\x1a!.kscope.v1.SetOwnerLimitsResponse\x12X\n\x0fListOwnerLimits\x12!.kscope.v1.ListOwnerLimitsRequest\x1a\".kscope.v1.ListOwnerLimitsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kscope.v1.keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYROLE']._serialized_start=894
-  _globals['_KEYROLE']._serialized_end=968
-  _globals['_APIKEY']._serialized_start=69
-  _globals['_APIKEY']._serialized_end=297
-  _globals['_CREATEKEYREQUEST']._serialized_start=299
-  _globals['_CREATEKEYREQUEST']._serialized_end=424
-  _globals['_CREATEKEYRESPONSE']._serialized_start=426
-  _globals['_CREATEKEYRESPONSE']._serialized_end=493
-  _globals['_LISTKEYSREQUEST']._serialized_start=495
-  _globals['_LISTKEYSREQUEST']._serialized_end=552
-  _globals['_LISTKEYSRESPONSE']._serialized_start=554
-  _globals['_LISTKEYSRESPONSE']._serialized_end=605
-  _globals['_REVOKEKEYREQUEST']._serialized_start=607
-  _globals['_REVOKEKEYREQUEST']._serialized_end=641
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=643
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=694
-  _globals['_AUTHENTICATEKEYREQUEST']._serialized_start=696
-  _globals['_AUTHENTICATEKEYREQUEST']._serialized_end=736
-  _globals['_AUTHENTICATEKEYRESPONSE']._serialized_start=738
-  _globals['_AUTHENTICATEKEYRESPONSE']._serialized_end=813
-  _globals['_WATCHKEYEVENTSREQUEST']._serialized_start=815
-  _globals['_WATCHKEYEVENTSREQUEST']._serialized_end=838
-  _globals['_WATCHKEYEVENTSRESPONSE']._serialized_start=840
-  _globals['_WATCHKEYEVENTSRESPONSE']._serialized_end=892
-  _globals['_KEYSERVICE']._serialized_start=971
-  _globals['_KEYSERVICE']._serialized_end=1375
+  _globals['_KEYROLE']._serialized_start=1671
+  _globals['_KEYROLE']._serialized_end=1745
+  _globals['_LIMITS']._serialized_start=68
+  _globals['_LIMITS']._serialized_end=178
+  _globals['_APIKEY']._serialized_start=181
+  _globals['_APIKEY']._serialized_end=503
+  _globals['_CREATEKEYREQUEST']._serialized_start=506
+  _globals['_CREATEKEYREQUEST']._serialized_end=684
+  _globals['_CREATEKEYRESPONSE']._serialized_start=686
+  _globals['_CREATEKEYRESPONSE']._serialized_end=753
+  _globals['_LISTKEYSREQUEST']._serialized_start=755
+  _globals['_LISTKEYSREQUEST']._serialized_end=812
+  _globals['_LISTKEYSRESPONSE']._serialized_start=814
+  _globals['_LISTKEYSRESPONSE']._serialized_end=865
+  _globals['_REVOKEKEYREQUEST']._serialized_start=867
+  _globals['_REVOKEKEYREQUEST']._serialized_end=901
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=903
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=954
+  _globals['_AUTHENTICATEKEYREQUEST']._serialized_start=956
+  _globals['_AUTHENTICATEKEYREQUEST']._serialized_end=996
+  _globals['_AUTHENTICATEKEYRESPONSE']._serialized_start=998
+  _globals['_AUTHENTICATEKEYRESPONSE']._serialized_end=1073
+  _globals['_WATCHKEYEVENTSREQUEST']._serialized_start=1075
+  _globals['_WATCHKEYEVENTSREQUEST']._serialized_end=1098
+  _globals['_WATCHKEYEVENTSRESPONSE']._serialized_start=1100
+  _globals['_WATCHKEYEVENTSRESPONSE']._serialized_end=1204
+  _globals['_UPDATEKEYREQUEST']._serialized_start=1206
+  _globals['_UPDATEKEYREQUEST']._serialized_end=1311
+  _globals['_UPDATEKEYRESPONSE']._serialized_start=1313
+  _globals['_UPDATEKEYRESPONSE']._serialized_end=1364
+  _globals['_OWNERLIMITS']._serialized_start=1366
+  _globals['_OWNERLIMITS']._serialized_end=1429
+  _globals['_SETOWNERLIMITSREQUEST']._serialized_start=1431
+  _globals['_SETOWNERLIMITSREQUEST']._serialized_end=1504
+  _globals['_SETOWNERLIMITSRESPONSE']._serialized_start=1506
+  _globals['_SETOWNERLIMITSRESPONSE']._serialized_end=1576
+  _globals['_LISTOWNERLIMITSREQUEST']._serialized_start=1578
+  _globals['_LISTOWNERLIMITSREQUEST']._serialized_end=1602
+  _globals['_LISTOWNERLIMITSRESPONSE']._serialized_start=1604
+  _globals['_LISTOWNERLIMITSRESPONSE']._serialized_end=1669
+  _globals['_KEYSERVICE']._serialized_start=1748
+  _globals['_KEYSERVICE']._serialized_end=2401
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,40 @@ KEY_ROLE_ADMIN: KeyRole.ValueType  # 2
 Global___KeyRole: _TypeAlias = KeyRole  # noqa: Y015
 
 @_typing.final
+class Limits(_message.Message):
+    """Limits caps what a key (or all of an owner's keys together) may use; 0 is no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    DAILY_TOKENS_FIELD_NUMBER: _builtins.int
+    requests_per_minute: _builtins.int
+    """Requests in any 60-second window."""
+    tokens_per_minute: _builtins.int
+    """Prompt + completion tokens in any 60-second window."""
+    max_concurrent: _builtins.int
+    """Requests running at once."""
+    daily_tokens: _builtins.int
+    """Prompt + completion tokens per UTC day."""
+    def __init__(
+        self,
+        *,
+        requests_per_minute: _builtins.int = ...,
+        tokens_per_minute: _builtins.int = ...,
+        max_concurrent: _builtins.int = ...,
+        daily_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily_tokens", b"daily_tokens", "max_concurrent", b"max_concurrent", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
 class ApiKey(_message.Message):
     """ApiKey describes a key; it never carries the secret."""
 
@@ -57,6 +91,9 @@ class ApiKey(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     PREFIX_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    OWNER_LIMITS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Public identifier, used to revoke ("key_…")."""
     owner: _builtins.str
@@ -65,6 +102,8 @@ class ApiKey(_message.Message):
     revoked: _builtins.bool
     prefix: _builtins.str
     """The secret's first characters, so people can tell their keys apart."""
+    priority: _builtins.int
+    """Larger is served first when a model is contended; 0 is the default."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Model names or fnmatch patterns; empty: every model."""
@@ -73,6 +112,12 @@ class ApiKey(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def limits(self) -> Global___Limits: ...
+    @_builtins.property
+    def owner_limits(self) -> Global___Limits:
+        """The limits of all the owner's keys together (AuthenticateKey fills it in)."""
+
     def __init__(
         self,
         *,
@@ -85,10 +130,13 @@ class ApiKey(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         revoked: _builtins.bool = ...,
         prefix: _builtins.str = ...,
+        limits: Global___Limits | None = ...,
+        priority: _builtins.int = ...,
+        owner_limits: Global___Limits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "limits", b"limits", "owner_limits", b"owner_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "models", b"models", "name", b"name", "owner", b"owner", "prefix", b"prefix", "revoked", b"revoked", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "limits", b"limits", "models", b"models", "name", b"name", "owner", b"owner", "owner_limits", b"owner_limits", "prefix", b"prefix", "priority", b"priority", "revoked", b"revoked", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -103,6 +151,8 @@ class CreateKeyRequest(_message.Message):
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """Whose key; empty: the caller's own owner."""
     name: _builtins.str
@@ -110,8 +160,14 @@ class CreateKeyRequest(_message.Message):
     """0: the controller's default lifetime."""
     role: Global___KeyRole.ValueType
     """Only admins may create admin keys; unspecified means user."""
+    priority: _builtins.int
+    """Only admins may give a priority above 0."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """A key made by a user key gets limits no looser than its parent's."""
+
     def __init__(
         self,
         *,
@@ -120,10 +176,12 @@ class CreateKeyRequest(_message.Message):
         expires_in_seconds: _builtins.int = ...,
         models: _abc.Iterable[_builtins.str] | None = ...,
         role: Global___KeyRole.ValueType = ...,
+        limits: Global___Limits | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "models", b"models", "name", b"name", "owner", b"owner", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "limits", b"limits", "models", b"models", "name", b"name", "owner", b"owner", "priority", b"priority", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,19 +357,185 @@ class WatchKeyEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REVOKED_KEY_HASHES_FIELD_NUMBER: _builtins.int
+    CHANGED_KEY_HASHES_FIELD_NUMBER: _builtins.int
+    CHANGED_OWNERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def revoked_key_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SHA-256 hex of keys revoked since the previous message."""
+
+    @_builtins.property
+    def changed_key_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SHA-256 hex of keys whose limits or priority changed: ask again."""
+
+    @_builtins.property
+    def changed_owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Owners whose shared limits changed: ask again for their keys."""
 
     def __init__(
         self,
         *,
         revoked_key_hashes: _abc.Iterable[_builtins.str] | None = ...,
+        changed_key_hashes: _abc.Iterable[_builtins.str] | None = ...,
+        changed_owners: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_key_hashes", b"revoked_key_hashes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_key_hashes", b"changed_key_hashes", "changed_owners", b"changed_owners", "revoked_key_hashes", b"revoked_key_hashes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchKeyEventsResponse: _TypeAlias = WatchKeyEventsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    priority: _builtins.int
+    """Replaces the key's priority when set."""
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """Replaces the key's limits when set."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        limits: Global___Limits | None = ...,
+        priority: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "limits", b"limits", "priority", b"priority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "key_id", b"key_id", "limits", b"limits", "priority", b"priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___ApiKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___ApiKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyResponse: _TypeAlias = UpdateKeyResponse  # noqa: Y015
+
+@_typing.final
+class OwnerLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    @_builtins.property
+    def limits(self) -> Global___Limits: ...
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        limits: Global___Limits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerLimits: _TypeAlias = OwnerLimits  # noqa: Y015
+
+@_typing.final
+class SetOwnerLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """All zero: the owner has no limits of its own any more."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        limits: Global___Limits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerLimitsRequest: _TypeAlias = SetOwnerLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetOwnerLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def owner_limits(self) -> Global___OwnerLimits: ...
+    def __init__(
+        self,
+        *,
+        owner_limits: Global___OwnerLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["owner_limits", b"owner_limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner_limits", b"owner_limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerLimitsResponse: _TypeAlias = SetOwnerLimitsResponse  # noqa: Y015
+
+@_typing.final
+class ListOwnerLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOwnerLimitsRequest: _TypeAlias = ListOwnerLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListOwnerLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnerLimits]: ...
+    def __init__(
+        self,
+        *,
+        owners: _abc.Iterable[Global___OwnerLimits] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owners", b"owners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOwnerLimitsResponse: _TypeAlias = ListOwnerLimitsResponse  # noqa: Y015

@@ -67,6 +67,21 @@ class KeyServiceStub:
                 request_serializer=kscope_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.SerializeToString,
                 response_deserializer=kscope_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/kscope.v1.KeyService/UpdateKey',
+                request_serializer=kscope_dot_v1_dot_keys__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_keys__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
+        self.SetOwnerLimits = channel.unary_unary(
+                '/kscope.v1.KeyService/SetOwnerLimits',
+                request_serializer=kscope_dot_v1_dot_keys__pb2.SetOwnerLimitsRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_keys__pb2.SetOwnerLimitsResponse.FromString,
+                _registered_method=True)
+        self.ListOwnerLimits = channel.unary_unary(
+                '/kscope.v1.KeyService/ListOwnerLimits',
+                request_serializer=kscope_dot_v1_dot_keys__pb2.ListOwnerLimitsRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_keys__pb2.ListOwnerLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -109,7 +124,29 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchKeyEvents(self, request, context):
-        """WatchKeyEvents streams revocations: an empty message first, then one per change.
+        """WatchKeyEvents streams revocations and changed limits: an empty message
+        first, then one per change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKey(self, request, context):
+        """UpdateKey changes a key's limits or priority (admins and operators).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOwnerLimits(self, request, context):
+        """SetOwnerLimits sets limits shared by all of an owner's keys (admins and operators).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOwnerLimits(self, request, context):
+        """ListOwnerLimits returns the owners that have limits (admins: all; users: their own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +179,21 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.WatchKeyEvents,
                     request_deserializer=kscope_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.FromString,
                     response_serializer=kscope_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=kscope_dot_v1_dot_keys__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_keys__pb2.UpdateKeyResponse.SerializeToString,
+            ),
+            'SetOwnerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOwnerLimits,
+                    request_deserializer=kscope_dot_v1_dot_keys__pb2.SetOwnerLimitsRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_keys__pb2.SetOwnerLimitsResponse.SerializeToString,
+            ),
+            'ListOwnerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOwnerLimits,
+                    request_deserializer=kscope_dot_v1_dot_keys__pb2.ListOwnerLimitsRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_keys__pb2.ListOwnerLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -287,6 +339,87 @@ class KeyService:
             '/kscope.v1.KeyService/WatchKeyEvents',
             kscope_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.SerializeToString,
             kscope_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kscope.v1.KeyService/UpdateKey',
+            kscope_dot_v1_dot_keys__pb2.UpdateKeyRequest.SerializeToString,
+            kscope_dot_v1_dot_keys__pb2.UpdateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOwnerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kscope.v1.KeyService/SetOwnerLimits',
+            kscope_dot_v1_dot_keys__pb2.SetOwnerLimitsRequest.SerializeToString,
+            kscope_dot_v1_dot_keys__pb2.SetOwnerLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOwnerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kscope.v1.KeyService/ListOwnerLimits',
+            kscope_dot_v1_dot_keys__pb2.ListOwnerLimitsRequest.SerializeToString,
+            kscope_dot_v1_dot_keys__pb2.ListOwnerLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

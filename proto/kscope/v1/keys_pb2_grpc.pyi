@@ -50,7 +50,15 @@ class KeyServiceStub:
     AuthenticateKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.AuthenticateKeyRequest, _keys_pb2.AuthenticateKeyResponse]
     """AuthenticateKey says whom a secret belongs to and what it may use."""
     WatchKeyEvents: _grpc.UnaryStreamMultiCallable[_keys_pb2.WatchKeyEventsRequest, _keys_pb2.WatchKeyEventsResponse]
-    """WatchKeyEvents streams revocations: an empty message first, then one per change."""
+    """WatchKeyEvents streams revocations and changed limits: an empty message
+    first, then one per change.
+    """
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyRequest, _keys_pb2.UpdateKeyResponse]
+    """UpdateKey changes a key's limits or priority (admins and operators)."""
+    SetOwnerLimits: _grpc.UnaryUnaryMultiCallable[_keys_pb2.SetOwnerLimitsRequest, _keys_pb2.SetOwnerLimitsResponse]
+    """SetOwnerLimits sets limits shared by all of an owner's keys (admins and operators)."""
+    ListOwnerLimits: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListOwnerLimitsRequest, _keys_pb2.ListOwnerLimitsResponse]
+    """ListOwnerLimits returns the owners that have limits (admins: all; users: their own)."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -74,7 +82,15 @@ class KeyServiceAsyncStub(KeyServiceStub):
     AuthenticateKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.AuthenticateKeyRequest, _keys_pb2.AuthenticateKeyResponse]  # type: ignore[assignment]
     """AuthenticateKey says whom a secret belongs to and what it may use."""
     WatchKeyEvents: _aio.UnaryStreamMultiCallable[_keys_pb2.WatchKeyEventsRequest, _keys_pb2.WatchKeyEventsResponse]  # type: ignore[assignment]
-    """WatchKeyEvents streams revocations: an empty message first, then one per change."""
+    """WatchKeyEvents streams revocations and changed limits: an empty message
+    first, then one per change.
+    """
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyRequest, _keys_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """UpdateKey changes a key's limits or priority (admins and operators)."""
+    SetOwnerLimits: _aio.UnaryUnaryMultiCallable[_keys_pb2.SetOwnerLimitsRequest, _keys_pb2.SetOwnerLimitsResponse]  # type: ignore[assignment]
+    """SetOwnerLimits sets limits shared by all of an owner's keys (admins and operators)."""
+    ListOwnerLimits: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListOwnerLimitsRequest, _keys_pb2.ListOwnerLimitsResponse]  # type: ignore[assignment]
+    """ListOwnerLimits returns the owners that have limits (admins: all; users: their own)."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService is served by the controller beside ControlService: API keys for
@@ -125,6 +141,32 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.WatchKeyEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_keys_pb2.WatchKeyEventsResponse], _abc.AsyncIterator[_keys_pb2.WatchKeyEventsResponse]]:
-        """WatchKeyEvents streams revocations: an empty message first, then one per change."""
+        """WatchKeyEvents streams revocations and changed limits: an empty message
+        first, then one per change.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _keys_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.UpdateKeyResponse, _abc.Awaitable[_keys_pb2.UpdateKeyResponse]]:
+        """UpdateKey changes a key's limits or priority (admins and operators)."""
+
+    @_abc_1.abstractmethod
+    def SetOwnerLimits(
+        self,
+        request: _keys_pb2.SetOwnerLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.SetOwnerLimitsResponse, _abc.Awaitable[_keys_pb2.SetOwnerLimitsResponse]]:
+        """SetOwnerLimits sets limits shared by all of an owner's keys (admins and operators)."""
+
+    @_abc_1.abstractmethod
+    def ListOwnerLimits(
+        self,
+        request: _keys_pb2.ListOwnerLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.ListOwnerLimitsResponse, _abc.Awaitable[_keys_pb2.ListOwnerLimitsResponse]]:
+        """ListOwnerLimits returns the owners that have limits (admins: all; users: their own)."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
