@@ -20,6 +20,9 @@ from facade.settings import FacadeSettings
 from kscope_common.pki import Identity, Role
 
 log = logging.getLogger("kscope.serve")
+SERVE_COLD_WAIT_S = 300.0
+"""How long a request to `kscope serve` waits for its model at least (it
+goes on as soon as the model is ready; a model that fails ends the wait)."""
 
 
 def usage_text(base_url: str, model: str, api_key: str | None) -> str:
@@ -127,6 +130,9 @@ async def serve(
         # The single-model MLX server answered whatever model a request named (or
         # none); its clients keep working unchanged.
         default_model=model if spec.engine is EngineKind.MLX_VLM else "",
+        # Like `vllm serve` and the MLX server, which answer once the model is
+        # loaded: requests that come while it starts wait for it, not 503.
+        cold_wait_s=max(SERVE_COLD_WAIT_S, 3 * spec.expected_startup_s),
     )
 
     def announce(bound: int) -> None:

@@ -58,8 +58,9 @@ def test_kscope_serve_openai_engine(tmp_path: Path) -> None:
     started: list[int] = []
     try:
         base, controller_port = _announced(serve)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="serve-key", max_retries=5)
-        # The SDK's own retries ride out the 503s while the agent starts.
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="serve-key", max_retries=0)
+        # Sent right after the banner, while the agent starts: it waits for the
+        # model (as `vllm serve` clients do), no 503 to retry.
         reply = client.chat.completions.create(model="attached", messages=HI, max_tokens=3)
         assert reply.usage is not None and reply.usage.completion_tokens == 3
         assert httpx.get(f"{base}/v1/models", timeout=5).status_code == 401  # key enforced
