@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -68,6 +70,27 @@ async def _abort(context: Context, exc: KeyFailure) -> None:
     await context.abort(_CODES.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
 
 
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def key_failures_abort(
+    method: Callable[[S, Req, Context], Awaitable[Resp]],
+) -> Callable[[S, Req, Context], Awaitable[Resp]]:
+    """A unary RPC whose KeyFailure ends the call with its status and message."""
+
+    @functools.wraps(method)
+    async def answered(self: S, request: Req, context: Context) -> Resp:
+        try:
+            return await method(self, request, context)
+        except KeyFailure as exc:
+            await _abort(context, exc)
+            raise
+
+    return answered
+
+
 async def caller_of(keys: KeyRegistry, context: Context) -> Caller:
     """Who calls: the holder of the bearer key, or an operator by certificate."""
     credential = bearer(context)
@@ -85,97 +108,76 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
     async def _caller(self, context: Context) -> Caller:
         return await caller_of(self._keys, context)
 
+    @key_failures_abort
     async def CreateKey(
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
         role = KeyRole.ADMIN if request.role == keys_pb2.KEY_ROLE_ADMIN else KeyRole.USER
-        try:
-            key, secret = await self._keys.create(
-                await self._caller(context),
-                request.owner,
-                request.name,
-                float(request.expires_in_seconds),
-                tuple(request.models),
-                role,
-                _limits(request.limits),
-                request.priority,
-            )
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        key, secret = await self._keys.create(
+            await self._caller(context),
+            request.owner,
+            request.name,
+            float(request.expires_in_seconds),
+            tuple(request.models),
+            role,
+            _limits(request.limits),
+            request.priority,
+        )
         return keys_pb2.CreateKeyResponse(key=key_to_proto(key), secret=secret)
 
+    @key_failures_abort
     async def ListKeys(
         self, request: keys_pb2.ListKeysRequest, context: Context
     ) -> keys_pb2.ListKeysResponse:
-        try:
-            keys = await self._keys.list_keys(
-                await self._caller(context), request.owner, request.include_revoked
-            )
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        keys = await self._keys.list_keys(
+            await self._caller(context), request.owner, request.include_revoked
+        )
         return keys_pb2.ListKeysResponse(keys=[key_to_proto(k) for k in keys])
 
+    @key_failures_abort
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: Context
     ) -> keys_pb2.RevokeKeyResponse:
-        try:
-            key = await self._keys.revoke(await self._caller(context), request.key_id)
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        key = await self._keys.revoke(await self._caller(context), request.key_id)
         return keys_pb2.RevokeKeyResponse(key=key_to_proto(key))
 
+    @key_failures_abort
     async def AuthenticateKey(
         self, request: keys_pb2.AuthenticateKeyRequest, context: Context
     ) -> keys_pb2.AuthenticateKeyResponse:
-        try:
-            key = await self._keys.authenticate(request.secret)
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        key = await self._keys.authenticate(request.secret)
         message = key_to_proto(key)
         message.owner_limits.CopyFrom((await self._keys.owner_limits(key.owner)).to_proto())
         return keys_pb2.AuthenticateKeyResponse(key=message, key_hash=key.key_hash)
 
+    @key_failures_abort
     async def UpdateKey(
         self, request: keys_pb2.UpdateKeyRequest, context: Context
     ) -> keys_pb2.UpdateKeyResponse:
-        try:
-            key = await self._keys.update(
-                await self._caller(context),
-                request.key_id,
-                _limits(request.limits) if request.HasField("limits") else None,
-                request.priority if request.HasField("priority") else None,
-            )
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        key = await self._keys.update(
+            await self._caller(context),
+            request.key_id,
+            _limits(request.limits) if request.HasField("limits") else None,
+            request.priority if request.HasField("priority") else None,
+        )
         return keys_pb2.UpdateKeyResponse(key=key_to_proto(key))
 
+    @key_failures_abort
     async def SetOwnerLimits(
         self, request: keys_pb2.SetOwnerLimitsRequest, context: Context
     ) -> keys_pb2.SetOwnerLimitsResponse:
-        try:
-            limits = await self._keys.set_owner_limits(
-                await self._caller(context), request.owner, _limits(request.limits)
-            )
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        limits = await self._keys.set_owner_limits(
+            await self._caller(context), request.owner, _limits(request.limits)
+        )
         return keys_pb2.SetOwnerLimitsResponse(
             owner_limits=keys_pb2.OwnerLimits(owner=request.owner, limits=limits.to_proto())
         )
 
+    @key_failures_abort
     async def ListOwnerLimits(
         self, request: keys_pb2.ListOwnerLimitsRequest, context: Context
     ) -> keys_pb2.ListOwnerLimitsResponse:
-        try:
-            owners = await self._keys.list_owner_limits(await self._caller(context))
-        except KeyFailure as exc:
-            await _abort(context, exc)
-            raise
+        owners = await self._keys.list_owner_limits(await self._caller(context))
         return keys_pb2.ListOwnerLimitsResponse(
             owners=[
                 keys_pb2.OwnerLimits(owner=o, limits=limits.to_proto())

@@ -7,8 +7,8 @@ import time
 import grpc
 
 from controller.convert import timestamp
-from controller.key_servicer import Context, caller_of
-from controller.keys import KeyFailure, KeyRegistry, NotAuthenticated
+from controller.key_servicer import Context, caller_of, key_failures_abort
+from controller.keys import KeyRegistry
 from controller.store.usage import UsageEntry, UsageFilter
 from controller.usage import HOUR_S, SubjectLoad, UsageLedger
 from kscope.v1 import usage_pb2, usage_pb2_grpc
@@ -66,17 +66,11 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         )
         return usage_pb2.ReportUsageResponse(others=[_load_to_proto(o) for o in others])
 
+    @key_failures_abort
     async def QueryUsage(
         self, request: usage_pb2.QueryUsageRequest, context: Context
     ) -> usage_pb2.QueryUsageResponse:
-        try:
-            caller = await caller_of(self._keys, context)
-        except KeyFailure as exc:
-            code = grpc.StatusCode.UNAUTHENTICATED
-            if not isinstance(exc, NotAuthenticated):
-                code = grpc.StatusCode.PERMISSION_DENIED
-            await context.abort(code, str(exc))
-            raise
+        caller = await caller_of(self._keys, context)
         owner = request.owner
         if not caller.admin:
             if owner and owner != caller.owner:
