@@ -60,6 +60,8 @@ class KeyRow:
     name: str
     prefix: str
     models: str
+    limits: str
+    """"60 requests/min, 4 at once …", or "none"."""
     created: str
     expires: str
     status: str
@@ -78,8 +80,21 @@ def _row(key: keys_pb2.ApiKey) -> KeyRow:
     status = "revoked" if key.revoked else "expired" if expired else "active"
     return KeyRow(
         key.id, key.name, key.prefix, ", ".join(key.models) or "all models",
-        _day(key.created_at), _day(key.expires_at), status,
+        limits_text(key.limits), _day(key.created_at), _day(key.expires_at), status,
     )  # fmt: skip
+
+
+def limits_text(limits: keys_pb2.Limits) -> str:
+    """A key's limits in words, for people."""
+    parts = [
+        f"{value:,} {what}"
+        for value, what in (
+            (limits.requests_per_minute, "requests/min"), (limits.tokens_per_minute, "tokens/min"),
+            (limits.max_concurrent, "at once"), (limits.daily_tokens, "tokens/day"),
+        )
+        if value
+    ]  # fmt: skip
+    return ", ".join(parts) or "none"
 
 
 class Portal:

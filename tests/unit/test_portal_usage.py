@@ -15,6 +15,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from facade.portal import usage
 from facade.portal.charts import BAR_HEIGHT, BAR_PAD_BOTTOM, PAD_Y, BarSeries, stacked_bars
+from facade.portal.routes import limits_text
 from facade.portal.usage import (
     CHART_MODELS,
     NO_SERVICE_KEY,
@@ -27,7 +28,7 @@ from facade.portal.usage import (
     tokens_chart,
     usage_page,
 )
-from kscope.v1 import usage_pb2
+from kscope.v1 import keys_pb2, usage_pb2
 
 NOW = calendar.timegm((2025, 3, 2, 15, 30, 0)) + 0.5
 """An afternoon (UTC) two days into March: the 30 days reach back into February."""
@@ -212,3 +213,9 @@ async def test_the_everyone_table_is_for_admins_only() -> None:
     assert 'aria-current="page">Usage' in html
     html = _render(usage=await usage_page(None, (), "alice", True, NOW), admin=True)
     assert NO_SERVICE_KEY in html and "<svg" not in html and "Everyone" not in html
+
+
+def test_the_keys_page_says_a_keys_limits_in_words() -> None:
+    assert limits_text(keys_pb2.Limits()) == "none"
+    limits = keys_pb2.Limits(requests_per_minute=60, max_concurrent=4, daily_tokens=2_000_000)
+    assert limits_text(limits) == "60 requests/min, 4 at once, 2,000,000 tokens/day"
