@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,3 +398,49 @@ def run_kscope(ctl: Controller, *args: str, key: str = "") -> subprocess.Complet
         [str(ROOT / ".venv" / "bin" / "kscope"), *args],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
+
+
+@dataclass
+class Stack:
+    """A fake upstream, a controller with one `openai` model on it, a facade."""
+
+    upstream: Upstream
+    controller: Controller
+    facade: Facade
+
+
+def wait_model_ready(controller: Controller, model: str, timeout_s: float = 60) -> None:
+    ready = control_pb2.INSTANCE_STATE_READY
+    wait_until(lambda: any(i.state == ready for i in controller.list_instances(model)),
+               timeout_s, what=f"{model} ready")  # fmt: skip
+
+
+@contextlib.contextmanager
+def one_model_stack(
+    tmp: Path,
+    *upstream_args: str,
+    model: str = "one",
+    catalog: str = "",
+    facade_env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    """Start the three (the model with min_replicas 1 and `catalog`'s extra
+    lines), wait until the model is READY, and stop everything afterwards."""
+    upstream = start_upstream(tmp, *upstream_args)
+    controller: Controller | None = None
+    facade: Facade | None = None
+    try:
+        controller = start_controller(
+            tmp,
+            f'[[models]]\nname = "{model}"\nengine = "openai"\nupstream_url = "{upstream.url}"\n'
+            f"min_replicas = 1\n{catalog}",
+        )
+        facade = start_facade(tmp, controller, env=facade_env)
+        wait_model_ready(controller, model)
+        yield Stack(upstream, controller, facade)
+    finally:
+        if facade is not None:
+            facade.proc.stop()
+        if controller is not None:
+            controller.proc.stop()
+            stop_instances_left_behind(controller.state_dir)
+        upstream.proc.stop()

@@ -8,49 +8,28 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from kscope.v1 import control_pb2, keys_pb2, keys_pb2_grpc
-from tests.procs import (
-    Controller,
-    Facade,
-    start_controller,
-    start_facade,
-    start_upstream,
-    stop_instances_left_behind,
-    wait_until,
-)
+from kscope.v1 import keys_pb2, keys_pb2_grpc
+from tests.procs import Controller, Facade, one_model_stack, wait_until
 
 pytestmark = pytest.mark.quota
 
 
 @pytest.fixture(scope="module")
 def contended(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller, Facade]]:
-    tmp: Path = tmp_path_factory.mktemp("fair")
     # Each request holds the agent's one slot 1.2 s: the lone request surely
     # arrives while the first of the queue is still at the engine.
-    upstream = start_upstream(tmp, "--first-token-delay-ms", "1200", name="slow")
-    controller = start_controller(
-        tmp,
-        f'[[models]]\nname = "one"\nengine = "openai"\nupstream_url = "{upstream.url}"\n'
-        "min_replicas = 1\nmax_concurrency = 1\nqueue_size = 100\nexpected_startup_s = 3\n",
-    )
-    facade = start_facade(tmp, controller, env={"KSCOPE_REQUIRE_KEY": "1"})
-    try:
-        ready = control_pb2.INSTANCE_STATE_READY
-        wait_until(lambda: any(i.state == ready for i in controller.list_instances("one")), 30,
-                   what="the model ready")  # fmt: skip
-        yield controller, facade
-    finally:
-        facade.proc.stop()
-        controller.proc.stop()
-        upstream.proc.stop()
-        stop_instances_left_behind(controller.state_dir)
+    with one_model_stack(
+        tmp_path_factory.mktemp("fair"), "--first-token-delay-ms", "1200",
+        catalog="max_concurrency = 1\nqueue_size = 100\nexpected_startup_s = 3\n",
+        facade_env={"KSCOPE_REQUIRE_KEY": "1"},
+    ) as stack:  # fmt: skip
+        yield stack.controller, stack.facade
 
 
 def _key(controller: Controller, owner: str) -> str:

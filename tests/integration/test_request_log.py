@@ -14,16 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kscope.v1 import control_pb2, keys_pb2, keys_pb2_grpc
-from tests.procs import (
-    Controller,
-    Facade,
-    start_controller,
-    start_facade,
-    start_upstream,
-    stop_instances_left_behind,
-    wait_until,
-)
+from kscope.v1 import keys_pb2, keys_pb2_grpc
+from tests.procs import Controller, Facade, one_model_stack, wait_until
 
 
 @dataclass
@@ -38,32 +30,14 @@ class Logged:
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
     tmp = tmp_path_factory.mktemp("request-log")
-    upstream = start_upstream(tmp)
-    controller = start_controller(
-        tmp,
-        f'[[models]]\nname = "one"\nengine = "openai"\nupstream_url = "{upstream.url}"\n'
-        "min_replicas = 1\n",
-    )
     log = tmp / "access.log"
-    facade = start_facade(
-        tmp, controller,
-        env={"KSCOPE_REQUIRE_KEY": "1", "KSCOPE_ACCESS_LOG": "1",
-             "KSCOPE_ACCESS_LOG_PATH": str(log)},
-    )  # fmt: skip
-    try:
-        ready = control_pb2.INSTANCE_STATE_READY
-        wait_until(lambda: any(i.state == ready for i in controller.list_instances("one")), 30,
-                   what="the model ready")  # fmt: skip
-        with controller.channel() as channel:
+    env = {"KSCOPE_REQUIRE_KEY": "1", "KSCOPE_ACCESS_LOG": "1", "KSCOPE_ACCESS_LOG_PATH": str(log)}
+    with one_model_stack(tmp, facade_env=env) as stack:
+        with stack.controller.channel() as channel:
             reply = keys_pb2_grpc.KeyServiceStub(channel).CreateKey(
                 keys_pb2.CreateKeyRequest(owner="lena", name="log"), timeout=10
             )
-        yield Logged(controller, facade, log, reply.key.id, reply.secret)
-    finally:
-        facade.proc.stop()
-        controller.proc.stop()
-        upstream.proc.stop()
-        stop_instances_left_behind(controller.state_dir)
+        yield Logged(stack.controller, stack.facade, log, reply.key.id, reply.secret)
 
 
 def post(logged: Logged, body: dict[str, Any], **headers: str) -> httpx.Response:

@@ -24,6 +24,7 @@ from kscope.v1 import control_pb2, keys_pb2, keys_pb2_grpc
 from tests.procs import (
     Controller,
     Facade,
+    one_model_stack,
     restart_controller,
     run_kscope,
     start_controller,
@@ -338,18 +339,12 @@ def test_a_key_made_by_a_user_key_is_no_looser(stack: Stack) -> None:
 def test_a_priority_key_goes_ahead_in_a_contended_queue(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    tmp = tmp_path_factory.mktemp("priority")
-    upstream = start_upstream(tmp, "--first-token-delay-ms", "600", name="slow")
-    controller = start_controller(
-        tmp,
-        f'[[models]]\nname = "one"\nengine = "openai"\nupstream_url = "{upstream.url}"\n'
-        "min_replicas = 1\nmax_concurrency = 1\nqueue_size = 100\n",
-    )
-    facade = start_facade(tmp, controller, env={"KSCOPE_REQUIRE_KEY": "1"})
-    try:
-        ready = control_pb2.INSTANCE_STATE_READY
-        wait_until(lambda: any(i.state == ready for i in controller.list_instances("one")), 30,
-                   what="the model ready")  # fmt: skip
+    with one_model_stack(
+        tmp_path_factory.mktemp("priority"), "--first-token-delay-ms", "600",
+        catalog="max_concurrency = 1\nqueue_size = 100\n",
+        facade_env={"KSCOPE_REQUIRE_KEY": "1"},
+    ) as stack:  # fmt: skip
+        controller, facade = stack.controller, stack.facade
         # One owner: fair share between owners cannot be what puts it first.
         _, batch = make_key(controller, "lab")
         _, interactive = make_key(controller, "lab", priority=10)
@@ -377,8 +372,3 @@ def test_a_priority_key_goes_ahead_in_a_contended_queue(
         order = [label for _, label in sorted(done)]
         assert len(order) == 9
         assert order.index("interactive") <= 1, order  # next after the one at the engine
-    finally:
-        facade.proc.stop()
-        controller.proc.stop()
-        upstream.proc.stop()
-        stop_instances_left_behind(controller.state_dir)
