@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 VLLM_VENV ?= .venv-vllm
 PROTO_FILES := $(wildcard proto/kscope/v1/*.proto)
 
-.PHONY: run test install install-vllm proto proto-check lint check bench clean slurm-up slurm-down system-deps
+.PHONY: run test install install-vllm proto proto-check lint check bench bench-control clean slurm-up slurm-down system-deps
 
 TINY_MODEL := .cache/tiny-qwen2
 CPU_VLLM_ARGS := --max-model-len 2048 --enforce-eager --kv-cache-memory-bytes 64M --dtype float32
@@ -78,6 +78,9 @@ check: lint proto-check
 
 bench: install ## gateway vs direct-to-engine, side by side
 	$(PY) bench/run.py --json .cache/bench-results.json
+
+bench-control: install ## the control plane: 100, 1,000 and 10,000 simulated agents on one controller
+	$(PY) bench/control.py --json .cache/bench-control.json
 
 clean:
 	rm -rf .cache .run .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,13 @@ bytes received), and a `kscope_echo` object (that digest, `max_tokens`, `model`
 and the number of chat messages) at the top of a JSON answer or in the first
 chunk of a stream.
 
+`/v1/audio/transcriptions` and `/v1/audio/translations` take a multipart
+upload (parsed by python-multipart, through Starlette) and answer with what
+arrived: `text`, and a `kscope_echo` of the body's digest, its Content-Type,
+the text fields, and each file's field, name, content type, size and SHA-256.
+With the form field `stream=true` the same comes as SSE `data:` chunks, then
+`[DONE]`.
+
 Served by uvicorn (uvloop, httptools, no access log) as a raw ASGI app with
 orjson; no framework sits on the hot path.
 
@@ -38,6 +45,9 @@ from typing import Any
 import orjson
 import uvicorn
 import uvloop
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -302,6 +312,47 @@ async def answer_completion(receive: Receive, send: Send, chat: bool, pacing: Pa
     await send_json(send, 200, full_response(c), echo)
 
 
+async def answer_audio(scope: Scope, receive: Receive, send: Send, task: str) -> None:
+    """An OpenAI audio endpoint that reports what its multipart upload held."""
+    body = await read_body(receive)
+    replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def again() -> Message:
+        return replay.pop() if replay else {"type": "http.disconnect"}
+
+    content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+    try:
+        form = await Request(scope, again).form()
+    except MultiPartException as exc:
+        await send_json(
+            send, 400, error_body(f"bad multipart body: {exc}", "invalid_request_error")
+        )
+        return
+    fields: Json = {}
+    files: list[Json] = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            files.append({
+                "field": name, "filename": value.filename, "content_type": value.content_type,
+                "size": len(data), "sha256": body_digest(data),
+            })  # fmt: skip
+        else:
+            fields[name] = value
+    echo = {"task": task, "sha256": body_digest(body), "content_type": content_type,
+            "fields": fields, "files": files}  # fmt: skip
+    text = f"{task} of {', '.join(f['filename'] or '' for f in files)}"
+    if str(fields.get("stream", "")).lower() == "true":
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        for event in (_event({"type": "transcript.text.delta", "delta": text}),
+                      _event({"type": "transcript.text.done", "text": text, ECHO_FIELD: echo}),
+                      DONE_EVENT):  # fmt: skip
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send_json(send, 200, {"text": text, ECHO_FIELD: echo})
+
+
 def create_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """Build the ASGI app: routes on (method, path), nothing else."""
     models = {
@@ -317,6 +368,8 @@ def create_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable
             await answer_completion(receive, send, True, settings.pacing)
         elif method == "POST" and path == "/v1/completions":
             await answer_completion(receive, send, False, settings.pacing)
+        elif method == "POST" and path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            await answer_audio(scope, receive, send, path.rsplit("/", 1)[1])
         elif method == "GET" and path == "/v1/models":
             await send_json(send, 200, models)
         elif method == "GET" and path == "/health":

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import ssl
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from controller.records import Capabilities
 
 
 class CatalogError(ValueError):
@@ -93,13 +96,91 @@ def parse_duration(text: str) -> float | None:
     return float(parts[0] * 3600 + parts[1] * 60 + parts[2])
 
 
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
+"""What a model name (and an alias, and an adapter's name) may look like."""
+
+EndpointName = Literal[
+    "chat_completions", "completions", "embeddings", "responses", "tokenize", "score",
+    "rerank", "pooling", "classify", "transcription",
+]  # fmt: skip
+"""The inference endpoints an instance may serve (agent.proto ApiEndpoint)."""
+ModalityName = Literal["text", "image", "audio", "video"]
+
+
+class LoraModule(BaseModel):
+    """One LoRA adapter of a vllm model (`lora_modules = [{name = "…", path = "…"}]`).
+    Clients use its name as a model name; vLLM serves it on the base model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=MODEL_NAME)
+    """The model name clients use for the adapter."""
+    path: str = Field(min_length=1)
+    """The adapter's directory (adapter_config.json + adapter_model.safetensors),
+    an absolute path where the agents run."""
+
+    @model_validator(mode="after")
+    def _absolute(self) -> LoraModule:
+        if not Path(self.path).is_absolute():
+            raise ValueError(f"lora module {self.name!r}: path must be absolute")
+        if "=" in self.name:
+            raise ValueError(f"lora module {self.name!r}: a name may not hold '='")
+        return self
+
+
+class DeclaredCapabilities(BaseModel):
+    """What the catalog says a model can do (`[models.capabilities]`), over what
+    its agents learn from the engine: each field given replaces theirs. For
+    `openai` upstreams, whose /v1/models says little, this is the way to tell
+    the facade what to refuse early."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoints: tuple[EndpointName, ...] | None = None
+    """The inference endpoints it serves (chat_completions, completions,
+    embeddings, responses, tokenize, score, rerank, pooling, classify, transcription)."""
+    input_modalities: tuple[ModalityName, ...] | None = None
+    """The kinds of input it accepts: text, image, audio, video."""
+    tools: bool | None = None
+    """It takes `tools` (function calling)."""
+    structured_output: bool | None = None
+    """It honours response_format json_schema / json_object."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """Its context length in tokens (prompt plus completion)."""
+
+    def over(self, reported: Capabilities | None, engine: str) -> Capabilities:
+        """These declarations over what an agent reported (None: nothing yet)."""
+        base = reported or Capabilities(engine=engine)
+        changes: dict[str, Any] = {}
+        if self.endpoints is not None:
+            changes["endpoints"] = frozenset(self.endpoints)
+        if self.input_modalities is not None:
+            changes["input_modalities"] = frozenset(self.input_modalities)
+        if self.tools is not None:
+            changes["tools"] = self.tools
+        if self.structured_output is not None:
+            changes["structured_output"] = self.structured_output
+        if self.max_model_len is not None:
+            changes["max_model_len"] = self.max_model_len
+        return dataclasses.replace(base, **changes)
+
+
 class ModelSpec(BaseModel):
     """One catalog entry."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    name: str = Field(min_length=1, pattern=MODEL_NAME)
     """The name clients put in the request's `model` field."""
+    aliases: tuple[str, ...] = ()
+    """Other names clients may use for this model ("gpt-4o-mini"); a request
+    naming one goes to this model's instances, whose engine answers to it too."""
+    lora_modules: tuple[LoraModule, ...] = ()
+    """LoRA adapters the vllm engine serves beside the base model, each a model
+    name of its own (`[{name = "sql-lora", path = "/models/sql-lora"}]`)."""
+    capabilities: DeclaredCapabilities | None = None
+    """What the model can do, where the engine cannot tell (openai upstreams)
+    or should be overruled; unset: what the agents learn from the engine."""
     engine: EngineKind = EngineKind.VLLM
     """Which engine serves it."""
     model_path: str = ""
@@ -162,7 +243,23 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name!r}: engine {self.engine.value!r} needs model_path")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"model {self.name!r}: min_replicas > max_replicas")
+        self._check_names()
         return self
+
+    def _check_names(self) -> None:
+        """Aliases look like model names; adapters only on vllm, which serves them."""
+        for alias in self.aliases:
+            if not re.fullmatch(MODEL_NAME, alias):
+                raise ValueError(f"model {self.name!r}: alias {alias!r} is not a valid model name")
+        if self.lora_modules and self.engine != EngineKind.VLLM:
+            raise ValueError(
+                f"model {self.name!r}: lora_modules need engine 'vllm' (it serves the adapters)"
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name clients may use for it: its own, its aliases, its adapters'."""
+        return (self.name, *self.aliases, *(m.name for m in self.lora_modules))
 
     def _check_upstream_tls(self) -> None:
         """The TLS settings: for an https upstream_url only, one of the two at
@@ -199,16 +296,27 @@ class Catalog(BaseModel):
 
     @model_validator(mode="after")
     def _names_unique(self) -> Catalog:
-        names = [m.name for m in self.models]
+        # Model names, aliases and adapter names share one namespace: clients
+        # put any of them in `model`.
+        names = [n for m in self.models for n in m.names]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"duplicate model names: {', '.join(duplicates)}")
+            raise ValueError(f"duplicate model names (aliases and adapters count): "
+                             f"{', '.join(duplicates)}")  # fmt: skip
         return self
 
     def get(self, name: str) -> ModelSpec | None:
         """The model called `name`, or None."""
         for model in self.models:
             if model.name == name:
+                return model
+        return None
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model that `name` names: itself, an alias of it or one of its
+        LoRA adapters; None when no model answers to it."""
+        for model in self.models:
+            if name in model.names:
                 return model
         return None
 

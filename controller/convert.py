@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.fleet import AgentCommand, DrainCommand, LoadModelCommand, RevokedCommand
 from controller.lifecycle import AgentPhase, InstanceState
-from controller.records import AgentRecord, HostedState, InstanceRecord
+from controller.records import AgentRecord, Capabilities, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
 from controller.store.telemetry import Record
 from kscope.v1 import agent_pb2, control_pb2
@@ -39,6 +39,59 @@ AGENT_PHASE_FROM_PROTO = {
 }
 
 
+_ENDPOINT_NAMES = {
+    value: name.removeprefix("API_ENDPOINT_").lower()
+    for name, value in agent_pb2.ApiEndpoint.items()
+    if value != agent_pb2.API_ENDPOINT_UNSPECIFIED
+}
+_ENDPOINT_VALUES = {name: value for value, name in _ENDPOINT_NAMES.items()}
+_MODALITY_NAMES = {
+    value: name.removeprefix("MODALITY_").lower()
+    for name, value in agent_pb2.Modality.items()
+    if value != agent_pb2.MODALITY_UNSPECIFIED
+}
+_MODALITY_VALUES = {name: value for value, name in _MODALITY_NAMES.items()}
+
+
+def capabilities_from_proto(message: agent_pb2.Capabilities) -> Capabilities:
+    """An agent's word on what its instance can do (values this controller does
+    not know, from a newer agent, are left out)."""
+    return Capabilities(
+        endpoints=frozenset(_ENDPOINT_NAMES[e] for e in message.endpoints if e in _ENDPOINT_NAMES),
+        input_modalities=frozenset(
+            _MODALITY_NAMES[m] for m in message.input_modalities if m in _MODALITY_NAMES
+        ),
+        tools=message.tools if message.HasField("tools") else None,
+        structured_output=(
+            message.structured_output if message.HasField("structured_output") else None
+        ),
+        max_model_len=message.max_model_len,
+        max_chars_per_token=message.max_chars_per_token,
+        lora_adapters=tuple(sorted((a.name, a.parent) for a in message.lora_adapters)),
+        engine=message.engine,
+        engine_version=message.engine_version,
+        runner=message.runner,
+    )
+
+
+def capabilities_to_proto(caps: Capabilities) -> agent_pb2.Capabilities:
+    message = agent_pb2.Capabilities(
+        endpoints=sorted(_ENDPOINT_VALUES[e] for e in caps.endpoints),
+        input_modalities=sorted(_MODALITY_VALUES[m] for m in caps.input_modalities),
+        max_model_len=caps.max_model_len,
+        max_chars_per_token=caps.max_chars_per_token,
+        lora_adapters=[agent_pb2.LoraAdapter(name=n, parent=p) for n, p in caps.lora_adapters],
+        engine=caps.engine,
+        engine_version=caps.engine_version,
+        runner=caps.runner,
+    )
+    if caps.tools is not None:
+        message.tools = caps.tools
+    if caps.structured_output is not None:
+        message.structured_output = caps.structured_output
+    return message
+
+
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     if seconds:
@@ -46,9 +99,11 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def model_to_proto(summary: ModelSummary) -> control_pb2.Model:
+def model_to_proto(
+    summary: ModelSummary, capabilities: Capabilities | None = None
+) -> control_pb2.Model:
     spec = summary.spec
-    return control_pb2.Model(
+    model = control_pb2.Model(
         name=spec.name,
         engine=spec.engine.value,
         min_replicas=spec.min_replicas,
@@ -58,22 +113,38 @@ def model_to_proto(summary: ModelSummary) -> control_pb2.Model:
         ready_replicas=summary.ready_replicas,
         live_replicas=summary.live_replicas,
         launcher=spec.launcher,
+        aliases=spec.aliases,
+        lora_adapters=[m.name for m in spec.lora_modules],
     )
+    if capabilities is not None:
+        model.capabilities.CopyFrom(capabilities_to_proto(capabilities))
+    return model
 
 
-def route_to_proto(route: ModelRoute) -> control_pb2.ModelRoute:
+def route_to_proto(
+    route: ModelRoute,
+    model_capabilities: Capabilities | None = None,
+    instance_capabilities: Callable[[str], Capabilities | None] = lambda _: None,
+) -> control_pb2.ModelRoute:
+    """A model's route, with what the model and each of its instances can do."""
+    endpoints = []
+    for e in route.endpoints:
+        endpoint = control_pb2.Endpoint(instance_id=e.instance_id, address=e.address)
+        caps = instance_capabilities(e.instance_id)
+        if caps is not None:
+            endpoint.capabilities.CopyFrom(capabilities_to_proto(caps))
+        endpoints.append(endpoint)
     return control_pb2.ModelRoute(
-        model=model_to_proto(route.summary),
-        endpoints=[
-            control_pb2.Endpoint(instance_id=e.instance_id, address=e.address)
-            for e in route.endpoints
-        ],
+        model=model_to_proto(route.summary, model_capabilities),
+        endpoints=endpoints,
         retry_after_seconds=route.summary.retry_after_s,
     )
 
 
-def instance_to_proto(inst: InstanceRecord, agent: AgentRecord | None) -> control_pb2.Instance:
-    return control_pb2.Instance(
+def instance_to_proto(
+    inst: InstanceRecord, agent: AgentRecord | None, capabilities: Capabilities | None = None
+) -> control_pb2.Instance:
+    message = control_pb2.Instance(
         id=inst.id,
         model=inst.model,
         state=INSTANCE_STATE_TO_PROTO[inst.state],
@@ -91,6 +162,9 @@ def instance_to_proto(inst: InstanceRecord, agent: AgentRecord | None) -> contro
         created_at=timestamp(inst.created_at),
         updated_at=timestamp(inst.updated_at),
     )
+    if capabilities is not None:
+        message.capabilities.CopyFrom(capabilities_to_proto(capabilities))
+    return message
 
 
 def agent_to_proto(agent: AgentRecord) -> control_pb2.Agent:
@@ -146,6 +220,7 @@ def command_to_proto(command: AgentCommand) -> agent_pb2.SessionResponse:
         load = agent_pb2.LoadModelCommand(
             instance_id=command.instance_id, model=spec.name, engine=spec.engine.value,
             engine_args=list(spec.engine_args), enroll_token=command.enroll_token,
+            aliases=spec.aliases, lora_modules=[f"{m.name}={m.path}" for m in spec.lora_modules],
         )  # fmt: skip
         if spec.max_concurrency is not None:
             load.max_concurrency = spec.max_concurrency

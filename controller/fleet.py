@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -33,7 +33,13 @@ from controller.fleet_views import (
     route_signature,
 )
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
-from controller.records import AgentRecord, HostedState, InstanceRecord
+from controller.records import (
+    AgentRecord,
+    Capabilities,
+    HostedState,
+    InstanceRecord,
+    union_of,
+)
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
 from kscope_common.pki import Identity
@@ -138,6 +144,8 @@ class AgentReport:
     """A host agent's instances, by instance id; None: not a host agent's report."""
     queued_by_caller: Mapping[str, int] = field(default_factory=dict)
     """Waiting requests per caller (the key's owner)."""
+    capabilities: Capabilities | None = None
+    """What its instance can do, when the report says (they changed); None: unchanged."""
 
 
 @dataclass
@@ -187,6 +195,9 @@ class Fleet:
         self._failures: dict[str, int] = {}
         """Instances that failed since this controller started, by model (/metrics)."""
         self._revoked_enrollments: frozenset[str] = frozenset()
+        self._last_capabilities: dict[str, Capabilities] = {}
+        """What an instance of each model last said it can do (runtime only):
+        a model without live instances still shows its capabilities."""
         self.wake = asyncio.Event()
         """Set when something happened that the control loop should act on now."""
 
@@ -314,10 +325,12 @@ class Fleet:
             inst.stop_sent = False
 
     def demand(self, model: str) -> ModelSummary:
-        """Note that clients want `model`; return its summary now."""
-        spec = self._catalog.get(model)
+        """Note that clients want `model` (or the model an alias or LoRA adapter
+        of that name belongs to); return its summary now."""
+        spec = self._catalog.resolve(model)
         if spec is None:
             raise UnknownEntity(f"model {model!r} is not in the catalog")
+        model = spec.name
         now = self._clock()
         self._demanded_at[model] = now
         if model not in self._demanded:
@@ -401,6 +414,8 @@ class Fleet:
         inst.engine_url = agent.engine_url
         inst.ever_registered = True
         inst.agent_lost = False
+        if agent.capabilities is not None:
+            self._last_capabilities[inst.model] = agent.capabilities
         await self._store.save_agent(agent)
         await self.save(inst)
         log.info("agent %s registered for instance %s at %s", agent.id, inst.id, agent.address)
@@ -461,6 +476,13 @@ class Fleet:
         agent.queued_by_caller = dict(report.queued_by_caller)
         agent.max_concurrency, agent.max_queue_size = report.max_concurrency, report.max_queue_size
         agent.totals = report.totals
+        if report.capabilities is not None and report.capabilities != agent.capabilities:
+            agent.capabilities = report.capabilities
+            inst = self._instances.get(agent.instance_id)
+            if inst is not None:
+                self._last_capabilities[inst.model] = report.capabilities
+                log.info("instance %s can now: %s", inst.id, report.capabilities)
+            changed = True
         if report.hosted is not None:
             changed = changed or dict(report.hosted) != agent.hosted
             agent.hosted = dict(report.hosted)
@@ -545,10 +567,46 @@ class Fleet:
     def routes(self) -> list[ModelRoute]:
         return build_routes(self._catalog.models, list(self._instances.values()), self._clock())
 
+    def instance_capabilities(self, instance_id: str) -> Capabilities | None:
+        """What an instance can do: its agent's word, the catalog's declared
+        capabilities on top; None when neither says anything yet."""
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return None
+        agent = agent_of(inst, self._agents)
+        reported = agent.capabilities if agent is not None else None
+        spec = self._catalog.get(inst.model)
+        if spec is None or spec.capabilities is None:
+            return reported
+        return spec.capabilities.over(reported, spec.engine.value)
+
+    def model_capabilities(
+        self, model: str, ready: Sequence[str] | None = None
+    ) -> Capabilities | None:
+        """What a model can do: the union of its READY instances' (`ready`, their
+        ids, when the caller has them), else what one of its instances last
+        said, the catalog's declarations on top."""
+        if ready is None:
+            ready = [i.id for i in self._instances_of(model) if i.state is InstanceState.READY]
+        known_caps = [c for i in ready if (c := self.instance_capabilities(i)) is not None]
+        known = union_of(known_caps) if known_caps else self._last_capabilities.get(model)
+        spec = self._catalog.get(model)
+        if spec is None or spec.capabilities is None:
+            return known
+        return spec.capabilities.over(known, spec.engine.value)
+
+    def route_capabilities(
+        self, route: ModelRoute
+    ) -> tuple[Capabilities | None, dict[str, Capabilities | None]]:
+        """What a route's model and each of its endpoints can do."""
+        per_instance = {e.instance_id: self.instance_capabilities(e.instance_id)
+                        for e in route.endpoints}  # fmt: skip
+        return self.model_capabilities(route.summary.spec.name, list(per_instance)), per_instance
+
     async def _publish_if_changed(self, now: float) -> None:
-        signature = route_signature(
-            build_routes(self._catalog.models, list(self._instances.values()), now)
-        )
+        routes = build_routes(self._catalog.models, list(self._instances.values()), now)
+        # What facades see includes what each instance can do.
+        signature = (route_signature(routes), [self.route_capabilities(r) for r in routes])
         if signature == self._route_signature:
             return
         self._route_signature = signature

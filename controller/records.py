@@ -2,10 +2,67 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
 from kscope_common.request_stats import RequestTotals
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an instance can do (agent.proto Capabilities), as its agent learned
+    it from the engine. Empty (or None, 0) fields are not known: nothing is
+    refused on their account."""
+
+    endpoints: frozenset[str] = frozenset()
+    """The inference endpoints it serves (chat_completions, embeddings, …)."""
+    input_modalities: frozenset[str] = frozenset()
+    """text, image, audio, video."""
+    tools: bool | None = None
+    structured_output: bool | None = None
+    max_model_len: int = 0
+    max_chars_per_token: int = 0
+    lora_adapters: tuple[tuple[str, str], ...] = ()
+    """(name, parent) of each LoRA adapter it has loaded, sorted."""
+    engine: str = ""
+    engine_version: str = ""
+    runner: str = ""
+
+
+def _any_of(values: Sequence[bool | None]) -> bool | None:
+    """Someone can (True), nobody known can't… (None), or nobody can (False)."""
+    if any(v is True for v in values):
+        return True
+    return None if any(v is None for v in values) else False
+
+
+def union_of(capabilities: Sequence[Capabilities]) -> Capabilities | None:
+    """What a model with these instances can do: whatever one of them can (the
+    facade then picks an instance that can). A field one of them does not know
+    is not known for the model."""
+    if not capabilities:
+        return None
+    first = capabilities[0]
+
+    def known_union(sets: Sequence[frozenset[str]]) -> frozenset[str]:
+        return frozenset() if any(not s for s in sets) else frozenset().union(*sets)
+
+    def known_max(values: Sequence[int]) -> int:
+        return 0 if any(v <= 0 for v in values) else max(values)
+
+    return Capabilities(
+        endpoints=known_union([c.endpoints for c in capabilities]),
+        input_modalities=known_union([c.input_modalities for c in capabilities]),
+        tools=_any_of([c.tools for c in capabilities]),
+        structured_output=_any_of([c.structured_output for c in capabilities]),
+        max_model_len=known_max([c.max_model_len for c in capabilities]),
+        max_chars_per_token=known_max([c.max_chars_per_token for c in capabilities]),
+        lora_adapters=tuple(sorted({a for c in capabilities for a in c.lora_adapters})),
+        engine=first.engine,
+        engine_version=first.engine_version,
+        runner=first.runner,
+    )
 
 
 @dataclass
@@ -80,6 +137,9 @@ class AgentRecord:
     identity: str = ""
     """The certificate identity it registered with (not stored: agents register
     again after a controller restart); '' in plaintext mode."""
+    capabilities: Capabilities | None = None
+    """What its instance can do, as it last said (not stored: agents say it
+    again when they register after a controller restart); None: not yet known."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import grpc
 from controller.convert import (
     AGENT_PHASE_FROM_PROTO,
     agent_to_proto,
+    capabilities_from_proto,
     command_to_proto,
     hosted_from_proto,
     instance_to_proto,
@@ -79,6 +80,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     host_agent=request.host_agent,
                     memory_bytes=request.memory_bytes,
                     identity=principal.identity.uri if principal.identity else "",
+                    capabilities=capabilities_from_proto(request.capabilities)
+                    if request.HasField("capabilities")
+                    else None,
                 )
             )
         except FleetError as exc:
@@ -141,6 +145,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     max_queue_size=report.max_queue_size,
                     hosted=hosted_from_proto(report.hosted) if report.hosted else None,
                     queued_by_caller=dict(report.queued_by_caller),
+                    capabilities=capabilities_from_proto(report.capabilities)
+                    if report.HasField("capabilities")
+                    else None,
                 )
             )
 
@@ -189,7 +196,10 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> control_pb2.ListModelsResponse:
         return control_pb2.ListModelsResponse(
-            models=[model_to_proto(r.summary) for r in self._fleet.routes()]
+            models=[
+                model_to_proto(r.summary, self._fleet.model_capabilities(r.summary.spec.name))
+                for r in self._fleet.routes()
+            ]
         )
 
     async def ListInstances(
@@ -200,7 +210,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         instances = sorted(self._fleet.instances.values(), key=lambda i: -i.seq)
         return control_pb2.ListInstancesResponse(
             instances=[
-                instance_to_proto(i, self._fleet.agents.get(i.agent_id))
+                instance_to_proto(
+                    i, self._fleet.agents.get(i.agent_id), self._fleet.instance_capabilities(i.id)
+                )
                 for i in instances
                 if (not request.model or i.model == request.model)
                 and (request.include_ended or not i.state.ended)
@@ -227,7 +239,8 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             await _abort(context, exc)
             raise
         return control_pb2.EnsureModelResponse(
-            model=model_to_proto(summary), retry_after_seconds=summary.retry_after_s
+            model=model_to_proto(summary, self._fleet.model_capabilities(summary.spec.name)),
+            retry_after_seconds=summary.retry_after_s,
         )
 
     async def StopInstance(
@@ -272,7 +285,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
     ) -> AsyncIterator[control_pb2.WatchRoutesResponse]:
         version = self._fleet.route_version
         while True:
-            yield control_pb2.WatchRoutesResponse(
-                version=version, routes=[route_to_proto(r) for r in self._fleet.routes()]
-            )
+            routes = []
+            for route in self._fleet.routes():
+                model_caps, instance_caps = self._fleet.route_capabilities(route)
+                routes.append(route_to_proto(route, model_caps, instance_caps.get))
+            yield control_pb2.WatchRoutesResponse(version=version, routes=routes)
             version = await self._fleet.wait_for_routes(version, _ROUTE_RESEND_S)

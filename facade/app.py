@@ -15,11 +15,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facade.asgi import Receive, Scope, Send
 from facade.auth import GRANT_SCOPE_KEY, KeyChecker, PendingCheck
+from facade.endpoints import KINDS
 from facade.errors import ApiError
 from facade.mesh import FacadeMesh, GivenCertificate, connect
 from facade.metrics import facade_metrics
 from facade.models_api import models_router
-from facade.proxy import KINDS, InferenceProxy
+from facade.proxy import InferenceProxy
 from facade.queue_api import queue_router
 from facade.request_log import access, configure, request_id, with_request_id
 from facade.response import send_error
@@ -38,8 +39,8 @@ def _error_response(error: ApiError) -> Response:
 
 
 class FacadeApp:
-    """ASGI entry point. POSTs to the inference endpoints go straight to the
-    proxy; everything else (models, health, docs) to FastAPI."""
+    """ASGI entry point. POSTs to the inference endpoints (facade/endpoints.py)
+    go straight to the proxy; everything else (models, health, docs) to FastAPI."""
 
     def __init__(self, settings: FacadeSettings, given: GivenCertificate | None = None):
         self.settings = settings
@@ -146,7 +147,10 @@ class FacadeApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
-            if path.startswith("/v1/"):
+            kind = KINDS.get(path)
+            # Every /v1 path, and the inference paths outside /v1 (vLLM's
+            # /tokenize, /pooling, /rerank …), needs a key.
+            if kind is not None or path.startswith("/v1/"):
                 rid = request_id(scope)
                 if self.keys is None:
                     await self._refuse(scope, send, ApiError(503, "starting", code="starting"))
@@ -159,7 +163,6 @@ class FacadeApp:
                     await self._refuse(scope, send, verdict)
                     return
                 scope[GRANT_SCOPE_KEY] = verdict
-                kind = KINDS.get(path)
                 if kind is not None and self.proxy is not None:
                     if scope["method"] != "POST":
                         await send_error(send, ApiError(405, f"use POST for {path}", code="405"))
@@ -171,7 +174,7 @@ class FacadeApp:
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, error: ApiError) -> None:
-        """A /v1 request refused before it reached its handler."""
+        """A request that needs a key, refused before it reached its handler."""
         started = time.monotonic()
         await send_error(send, error, [(b"x-request-id", request_id(scope))])
         access(

@@ -61,7 +61,7 @@ class ColdStart:
             if target is not None:
                 return target
         wait_s = self._wait_seconds(scope)
-        if wait_s <= 0 or model not in self._table.models:
+        if wait_s <= 0 or model not in self._table.names:
             raise await self.no_capacity(model)
         waiting = self._waiting.get(model, 0)
         if waiting >= self._settings.max_waiting_per_model:
@@ -71,7 +71,7 @@ class ColdStart:
                 f"Too many requests are waiting for the model '{model}' to start; retry later.",
                 "rate_limit_error",
                 code="too_many_waiting",
-                retry_after_s=max(1, self._table.models[model].retry_after_s),
+                retry_after_s=max(1, self._table.names[model].retry_after_s),
             )
         self._waiting[model] = waiting + 1
         outcome = "gone"
@@ -138,7 +138,7 @@ class ColdStart:
         finally:
             gone.cancel()
             asked.cancel()
-        entry = self._table.models.get(model)
+        entry = self._table.names.get(model)
         message = entry.info.state_message if entry is not None else "unknown"
         await writer.fail(
             ApiError(
@@ -152,7 +152,7 @@ class ColdStart:
         return None
 
     def _state_message(self, model: str) -> str:
-        entry = self._table.models.get(model)
+        entry = self._table.names.get(model)
         return entry.info.state_message if entry is not None else ""
 
     async def _ensure(self, model: str) -> control_pb2.EnsureModelResponse | None:
@@ -171,7 +171,7 @@ class ColdStart:
 
     async def no_capacity(self, model: str) -> ApiError:
         """The at-once answer: 404 for a model nobody has, 503 + Retry-After else."""
-        entry = self._table.models.get(model)
+        entry = self._table.names.get(model)
         if entry is None and self._table.received.is_set():
             return ApiError(
                 404,

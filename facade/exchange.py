@@ -132,7 +132,10 @@ def open_per_call(
 def open_multiplexed(
     target: Target, kind: int, request: Any, model: str, rpc: str, timeout_s: float | None
 ) -> Exchange:
-    return target.session.open(kind, request.envelope, request.body, model)
+    # Only the generic request has a content type (the three first kinds are JSON).
+    generic = type(request) is inference_pb2.InferenceRequest
+    content_type = request.content_type if generic else ""
+    return target.session.open(kind, request.envelope, request.body, model, content_type)
 
 
 def opener_for(multiplex: bool) -> Opener:
@@ -238,7 +241,12 @@ class AgentSession:
         return not self._exchanges
 
     def open(
-        self, kind: int, envelope: inference_pb2.RequestEnvelope, body: bytes, model: str
+        self,
+        kind: int,
+        envelope: inference_pb2.RequestEnvelope,
+        body: bytes,
+        model: str,
+        content_type: str = "",
     ) -> MultiplexExchange:
         if self._reader is None or self._reader.done():
             self._start()
@@ -255,6 +263,7 @@ class AgentSession:
                 # A whole answer is sent as one JSON body anyway: only streams
                 # are flow-controlled (a large one-piece answer must not stall).
                 window_bytes=WINDOW_BYTES if envelope.stream else 0,
+                content_type=content_type,
             )
         )
         self._wake.set()

@@ -1,4 +1,4 @@
-"""The token path: POST /v1/{chat/completions,completions,embeddings} as raw ASGI.
+"""The token path: POST to every inference endpoint (facade/endpoints.py) as raw ASGI.
 
 Raw ASGI rather than FastAPI routes because this runs for every request and
 every chunk (ENVIRONMENT.md measured the difference), and because disconnect
@@ -18,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
-import orjson
 
 from facade.asgi import Receive, Scope, Send
 from facade.auth import GRANT_SCOPE_KEY, OPEN, Grant, model_forbidden
+from facade.capabilities import Requirement, refusal, requirement_of
 from facade.cold_start import ClientGone, ColdStart
+from facade.endpoints import KINDS, EndpointKind, content_type_of, parse_request
 from facade.errors import AgentFailure, ApiError
 from facade.exchange import Exchange, opener_for
 from facade.limits import Limiter
@@ -44,60 +44,7 @@ log = logging.getLogger(__name__)
 RESCHEDULE_EVERY_S = 1.0
 """The idle timer moves at most this often (a timer per chunk would cost more
 than the chunk); shorter idle timeouts move it every quarter of themselves."""
-__all__ = ["KINDS", "ClientGone", "InferenceProxy", "send_error"]
-
-
-class _Kind:
-    """What differs between the three inference endpoints."""
-
-    def __init__(
-        self,
-        path: str,
-        rpc: str,
-        request_cls: Callable[..., Any],
-        required: str,
-        accepted: tuple[type, ...],
-        streams: bool,
-        multiplex_kind: int,
-    ):
-        self.multiplex_kind = multiplex_kind
-        self.path = path
-        self.rpc = rpc
-        self.request_cls = request_cls
-        self.required = required
-        self.accepted = accepted
-        self.streams = streams
-
-
-KINDS = {
-    "/v1/chat/completions": _Kind(
-        "/v1/chat/completions",
-        "ChatCompletion",
-        inference_pb2.ChatCompletionRequest,
-        "messages",
-        (list,),
-        True,
-        inference_pb2.INFERENCE_KIND_CHAT_COMPLETION,
-    ),
-    "/v1/completions": _Kind(
-        "/v1/completions",
-        "Completion",
-        inference_pb2.CompletionRequest,
-        "prompt",
-        (str, list),
-        True,
-        inference_pb2.INFERENCE_KIND_COMPLETION,
-    ),
-    "/v1/embeddings": _Kind(
-        "/v1/embeddings",
-        "Embedding",
-        inference_pb2.EmbeddingRequest,
-        "input",
-        (str, list),
-        False,
-        inference_pb2.INFERENCE_KIND_EMBEDDING,
-    ),
-}
+__all__ = ["KINDS", "ClientGone", "InferenceProxy", "parse_request", "send_error"]
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -124,35 +71,6 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
 
 
-def parse_request(body: bytes, kind: _Kind, default_model: str = "") -> tuple[str, bool]:
-    """Validate what the gateway itself needs; return (model, stream). Every other
-    field goes to the engine unchanged, and the engine judges it. `default_model`
-    stands in for a missing model (settings.default_model)."""
-    try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(request, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    model = request.get("model", default_model) or default_model
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required and must be a non-empty string", param="model")
-    stream = request.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream")
-    if stream and not kind.streams:
-        raise ApiError(400, "this endpoint does not stream", param="stream")
-    value = request.get(kind.required)
-    if value is None:
-        raise ApiError(400, f"'{kind.required}' is required", param=kind.required)
-    if not isinstance(value, kind.accepted):
-        names = " or ".join("array" if t is list else "string" for t in kind.accepted)
-        raise ApiError(400, f"'{kind.required}' must be {names}", param=kind.required)
-    return model, stream
-
-
 class StreamTimeout(Exception):
     def __init__(self, error: ApiError):
         super().__init__(error.message)
@@ -160,7 +78,7 @@ class StreamTimeout(Exception):
 
 
 class InferenceProxy:
-    """Handles the three inference endpoints from start to end."""
+    """Handles every inference endpoint (facade/endpoints.py) from start to end."""
 
     def __init__(self, settings: FacadeSettings, table: RouteTable, watcher: RouteWatcher):
         self._settings = settings
@@ -182,12 +100,15 @@ class InferenceProxy:
     def waiting(self) -> dict[str, int]:
         return self.cold.waiting()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: _Kind) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, kind: EndpointKind
+    ) -> None:
         writer = ResponseWriter(send)
         grant: Grant = scope.get(GRANT_SCOPE_KEY) or OPEN
         model = ""
         rid = request_id(scope)
         writer.headers = [(b"x-request-id", rid)]
+        writer.whole_events = kind.whole_events
         admission = self.limiter.admit(grant.subjects)
         try:
             if isinstance(admission, ApiError):
@@ -200,7 +121,7 @@ class InferenceProxy:
             if not isinstance(admission, ApiError):
                 admission.release(usage.total_tokens if usage is not None else 0)
             # Labelled by model only for catalog models: a client's typo is no new series.
-            known = model if model in self._table.models else ""
+            known = model if model in self._table.names else ""
             stats = self.stats.of(known)
             duration_s = time.monotonic() - writer.start
             stats.ended(writer.status, duration_s)
@@ -221,20 +142,28 @@ class InferenceProxy:
         scope: Scope,
         receive: Receive,
         writer: ResponseWriter,
-        kind: _Kind,
+        kind: EndpointKind,
         grant: Grant,
         rid: str,
     ) -> str:
         """Answer one request; returns its model ('' when it had none)."""
         model = ""
+        content_type = b""
         try:
             body = await read_body(scope, receive, self._settings.max_body_bytes)
-            model, stream = parse_request(body, kind, self._settings.default_model)
-            if self._settings.default_model and model not in self._table.models:
+            if kind.form:  # the model is a form field; the boundary must reach the engine
+                content_type = content_type_of(scope["headers"])
+            model, stream, parsed = parse_request(body, kind, self._default_model(), content_type)
+            if self._settings.default_model and model not in self._table.names:
                 model = self._settings.default_model
             if not grant.allows(model):
                 raise model_forbidden(model)
-            target = self._table.pick(model)
+            # What the model cannot do is refused here, before any instance sees it.
+            requirement = requirement_of(kind.path, parsed)
+            refused = refusal(model, requirement, self._table.capabilities(model))
+            if refused is not None:
+                raise refused
+            target = self._table.pick(model, requirement=requirement)
             if target is None:
                 target = await self.cold.target(scope, receive, writer, model, stream)
                 if target is None:
@@ -245,17 +174,26 @@ class InferenceProxy:
         except ClientGone:
             writer.client_left()
             return model
-        request = kind.request_cls(
-            envelope=inference_pb2.RequestEnvelope(
+        request = kind.request(
+            inference_pb2.RequestEnvelope(
                 request_id=rid, model=model, stream=stream,
                 # The agent's queue serves by priority, then takes turns by
                 # caller: fair share between owners.
                 caller=grant.owner, priority=grant.priority,
             ),
-            body=body,
+            body,
+            content_type.decode("latin-1"),
         )  # fmt: skip
-        await self._forward(target, kind, request, model, stream, receive, writer)
+        await self._forward(target, kind, request, model, stream, receive, writer, requirement)
         return model
+
+    def _default_model(self) -> str:
+        """What a request that names no model gets: settings.default_model, or
+        the catalog's only model (as `vllm serve` answers with its one model)."""
+        if self._settings.default_model:
+            return self._settings.default_model
+        models = self._table.models
+        return next(iter(models)) if len(models) == 1 else ""
 
     def _total_timeout_s(self) -> float | None:
         return self._settings.request_timeout_s or None
@@ -263,18 +201,19 @@ class InferenceProxy:
     async def _forward(
         self,
         target: Target,
-        kind: _Kind,
+        kind: EndpointKind,
         request: Any,
         model: str,
         stream: bool,
         receive: Receive,
         writer: ResponseWriter,
+        requirement: Requirement,
     ) -> None:
         for attempt in range(2):
             attempted = target  # a retry switches `target`; the count is this one's
             attempted.outstanding += 1
             exchange = self._open(
-                target, kind.multiplex_kind, request, model, kind.rpc, self._total_timeout_s()
+                target, kind.kind, request, model, kind.rpc, self._total_timeout_s()
             )
             watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, exchange))
             try:
@@ -290,7 +229,7 @@ class InferenceProxy:
                 if attempt == 0 and failure.transport and not writer.first_token_at:
                     # Nothing of the answer reached the client: another READY instance may do.
                     target.suspect_until = time.monotonic() + 5
-                    other = self._table.pick(model, avoid=target)
+                    other = self._table.pick(model, avoid=target, requirement=requirement)
                     if other is not None:
                         log.warning("instance %s unavailable; retrying on %s",
                                     target.instance_id, other.instance_id)  # fmt: skip
@@ -333,12 +272,13 @@ class InferenceProxy:
         # Before the first chunk only the cap counts: a request may wait in
         # the agent's queue (queue_timeout_s) for longer than idle_s.
         step = min(RESCHEDULE_EVERY_S, idle_s / 4)
+        write = writer.whole if writer.whole_events else writer.events
         events = 0
         moved_at = -step  # the first chunk moves the deadline
         try:
             async with asyncio.timeout_at(cap_at if total_s else None) as timer:
                 async for chunks in exchange.chunks():
-                    await writer.events(chunks)
+                    await write(chunks)
                     exchange.consumed(sum([len(c) for c in chunks]))
                     events += len(chunks)
                     now = loop.time()

@@ -2,7 +2,8 @@
 
 Before the first byte an error is an HTTP error (its status, an OpenAI error
 body, Retry-After); after it, the same error is an SSE `data:` error event
-followed by `data: [DONE]`, and the request counts with the error's status,
+followed by `data: [DONE]` (in a Responses stream, an `event: error` and no
+[DONE], as that API ends its streams), and the request counts with the error's status,
 never as 200. It also notes, for the metrics, the status a request ended with
 and when its first token left.
 """
@@ -50,6 +51,7 @@ class ResponseWriter:
 
     __slots__ = (
         "_send", "finished", "first_token_at", "headers", "start", "started", "status", "usage",
+        "whole_events",
     )  # fmt: skip
 
     def __init__(self, send: Send):
@@ -65,6 +67,10 @@ class ResponseWriter:
         self.started = False
         """Bytes went out: errors are now SSE events."""
         self.finished = False
+        self.whole_events = False
+        """A stream of whole SSE events (the Responses API): written as they
+        are, ended as the engine ended it (no [DONE] of ours), an error as an
+        `event: error`."""
 
     async def json(self, body: bytes) -> None:
         self.status = 200
@@ -90,6 +96,15 @@ class ResponseWriter:
         payload = b"".join([b"data: " + c + b"\n\n" for c in chunks])
         await self._send({"type": "http.response.body", "body": payload, "more_body": True})
 
+    async def whole(self, events: list[bytes] | Any) -> None:
+        """Whole SSE events (`event:` lines and all), each ended by a blank line, in one write."""
+        if not self.started:
+            await self.begin_stream()
+        if not self.first_token_at:
+            self.first_token_at = time.monotonic()
+        payload = b"".join([e + b"\n\n" for e in events])
+        await self._send({"type": "http.response.body", "body": payload, "more_body": True})
+
     async def comment(self, text: str) -> None:
         """An SSE comment line: clients ignore it, proxies see the connection live."""
         if not self.started:
@@ -100,7 +115,7 @@ class ResponseWriter:
     async def done(self) -> None:
         if not self.started:
             await self.begin_stream()
-        await self._send({"type": "http.response.body", "body": DONE})
+        await self._send({"type": "http.response.body", "body": b"" if self.whole_events else DONE})
         self.finished = True
 
     async def fail(self, error: ApiError) -> None:
@@ -114,7 +129,10 @@ class ResponseWriter:
             return
         self.status = error.status  # what the request ended with, though HTTP said 200
         ERRORS[error.status] = ERRORS.get(error.status, 0) + 1
-        event = b"data: " + error.body() + b"\n\n" + DONE
+        if self.whole_events:
+            event = b'event: error\ndata: {"type":"error","error":%s}\n\n' % error.error_object()
+        else:
+            event = b"data: " + error.body() + b"\n\n" + DONE
         # A client that stopped reading must not hold the request open.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(

@@ -3,6 +3,12 @@
 The controller pushes the table (WatchRoutes); the facade never asks per
 request. Among a model's READY instances it picks the one with the fewest
 requests outstanding from this facade.
+
+Clients name a model by its catalog name, by one of its aliases, or by one
+of its LoRA adapters (`RouteTable.names`): an alias routes to the model's
+instances; an adapter to those of its instances that have it loaded (or that
+have not said yet what they serve). Given a `Requirement`
+(facade/capabilities.py), `pick` skips instances that cannot serve the request.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from facade.capabilities import Capabilities, Requirement
 from facade.exchange import AgentSession
 from kscope.v1 import control_pb2, control_pb2_grpc, inference_pb2_grpc
 from kscope_common.grpc_server import CHANNEL_OPTIONS
@@ -45,6 +52,8 @@ class Target:
     suspect_until: float = 0.0
     """After a transport failure, avoid this target briefly until the
     controller's next table says whether it is still READY."""
+    capabilities: Capabilities | None = None
+    """What this instance can do, as the latest table says; None: not known."""
 
 
 @dataclass
@@ -52,10 +61,55 @@ class ModelEntry:
     info: control_pb2.Model
     retry_after_s: int
     targets: list[Target] = field(default_factory=list)
+    capabilities: Capabilities | None = None
+    """What the model can do (any of its instances); None: not known."""
+    parent: str = ""
+    """For a LoRA adapter: the model it adapts."""
+    alias_of: str = ""
+    """For an alias: the model it names."""
+    uniform: bool = True
+    """Every target can do the same: any of them serves what the model can."""
 
     @property
     def state(self) -> str:
         return MODEL_STATE_NAMES.get(self.info.state, "unknown")
+
+
+def _capabilities(message: control_pb2.Model | control_pb2.Endpoint) -> Capabilities | None:
+    if not message.HasField("capabilities"):
+        return None
+    return Capabilities.from_proto(message.capabilities)
+
+
+def _uniform(targets: list[Target]) -> bool:
+    return all(t.capabilities == targets[0].capabilities for t in targets[1:])
+
+
+def _adapter_entry(name: str, base: ModelEntry, declared: bool) -> ModelEntry:
+    """The entry of LoRA adapter `name` of `base`: the instances that have it
+    loaded; those that have not said what they serve too, when the catalog
+    lists the adapter (every instance is started with the catalog's adapters)."""
+    targets = [
+        t
+        for t in base.targets
+        if (t.capabilities is None and declared)
+        or (t.capabilities is not None and any(a == name for a, _ in t.capabilities.lora_adapters))
+    ]
+    info = control_pb2.Model()
+    info.CopyFrom(base.info)
+    info.name = name
+    info.ClearField("aliases")
+    info.ClearField("lora_adapters")
+    info.ready_replicas = len(targets)
+    if not targets and info.state == control_pb2.MODEL_STATE_READY:
+        info.state = control_pb2.MODEL_STATE_STARTING
+        info.state_message = f"no ready instance of {base.info.name!r} has {name!r} loaded"
+    elif targets:
+        info.state = control_pb2.MODEL_STATE_READY
+    return ModelEntry(
+        info, base.retry_after_s, targets, base.capabilities, parent=base.info.name,
+        uniform=_uniform(targets),
+    )  # fmt: skip
 
 
 def _plaintext_dial(address: str, _instance_id: str) -> grpc.aio.Channel:
@@ -70,6 +124,9 @@ class RouteTable:
         when not given: tests of the table alone)."""
         self.dial = dial or _plaintext_dial
         self.models: dict[str, ModelEntry] = {}
+        """The catalog's models, by name."""
+        self.names: dict[str, ModelEntry] = {}
+        """Every name a client may use: the models, their aliases, their LoRA adapters."""
         self.version = -1
         self.received = asyncio.Event()
         self.updated = asyncio.Event()
@@ -83,11 +140,16 @@ class RouteTable:
         live: set[str] = set()
         for route in update.routes:
             entry = ModelEntry(route.model, route.retry_after_seconds)
+            entry.capabilities = _capabilities(route.model)
             for ep in route.endpoints:
-                entry.targets.append(self._target(ep.instance_id, ep.address))
+                target = self._target(ep.instance_id, ep.address)
+                target.capabilities = _capabilities(ep)
+                entry.targets.append(target)
                 live.add(ep.instance_id)
+            entry.uniform = _uniform(entry.targets)
             models[route.model.name] = entry
         self.models = models
+        self.names = self._names(models)
         self.version = update.version
         for instance_id in list(self._targets):
             if instance_id not in live:
@@ -95,6 +157,23 @@ class RouteTable:
         self.received.set()
         updated, self.updated = self.updated, asyncio.Event()
         updated.set()
+
+    @staticmethod
+    def _names(models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        """Every model under its name, its aliases and its adapters' names."""
+        names = dict(models)
+        for name, entry in models.items():
+            for alias in entry.info.aliases:
+                names.setdefault(alias, ModelEntry(
+                    entry.info, entry.retry_after_s, list(entry.targets), entry.capabilities,
+                    alias_of=name, uniform=entry.uniform,
+                ))  # fmt: skip
+            declared = set(entry.info.lora_adapters)
+            loaded = {a for t in entry.targets if t.capabilities
+                      for a, _ in t.capabilities.lora_adapters}  # fmt: skip
+            for adapter in sorted(declared | loaded):
+                names.setdefault(adapter, _adapter_entry(adapter, entry, adapter in declared))
+        return names
 
     def _target(self, instance_id: str, address: str) -> Target:
         target = self._targets.get(instance_id)
@@ -129,7 +208,7 @@ class RouteTable:
     def redial(self) -> None:
         """New channels for every target (this facade's certificate was
         renewed): new requests use them, open streams finish on the old ones."""
-        for entry in self.models.values():
+        for entry in self.names.values():  # the models' entries, and their names'
             entry.targets = [self._target_anew(t) for t in entry.targets]
 
     def _target_anew(self, old: Target) -> Target:
@@ -143,19 +222,38 @@ class RouteTable:
         self._targets[old.instance_id] = fresh
         return fresh
 
-    def pick(self, model: str, avoid: Target | None = None) -> Target | None:
-        """The least-loaded usable target of `model`, or None."""
-        entry = self.models.get(model)
+    def pick(
+        self, model: str, avoid: Target | None = None, requirement: Requirement | None = None
+    ) -> Target | None:
+        """The least-loaded usable target of `model` (any name clients use), or
+        None. With a `requirement`, only targets that can meet it (when the
+        model's targets differ; when they are alike, the model's own check,
+        facade/capabilities.py `refusal`, already said they can)."""
+        entry = self.names.get(model)
         if entry is None or not entry.targets:
             return None
         now = time.monotonic()
         best: Target | None = None
+        if requirement is None or entry.uniform:
+            for target in entry.targets:
+                if target is avoid or target.suspect_until > now:
+                    continue
+                if best is None or target.outstanding < best.outstanding:
+                    best = target
+            return best
         for target in entry.targets:
             if target is avoid or target.suspect_until > now:
+                continue
+            if not requirement.met_by(target.capabilities):
                 continue
             if best is None or target.outstanding < best.outstanding:
                 best = target
         return best
+
+    def capabilities(self, model: str) -> Capabilities | None:
+        """What `model` (any name clients use) can do; None: unknown name, or not known."""
+        entry = self.names.get(model)
+        return entry.capabilities if entry is not None else None
 
     async def close(self) -> None:
         for task in list(self._retiring):

@@ -90,7 +90,7 @@ RULES: Mapping[str, frozenset[Right]] = {
     # InferenceService on agents: facades only.
     **{
         _INFERENCE + m: frozenset({F})
-        for m in ("ChatCompletion", "Completion", "Embedding", "Multiplex")
+        for m in ("ChatCompletion", "Completion", "Embedding", "Inference", "Multiplex")
     },
     # Load balancers probe health without credentials; reflection shows the API
     # to those who may use it.

@@ -351,6 +351,10 @@ class AgentCommand:
     max_concurrency: int | None = None
     queue_size: int | None = None
     queue_timeout_s: float | None = None
+    aliases: Sequence[str] = ()
+    """Other names the engine answers to."""
+    lora_modules: Sequence[str] = ()
+    """LoRA adapters the engine serves, each NAME=PATH."""
 
 
 def agent_argv(command: AgentCommand, python: str = sys.executable) -> list[str]:
@@ -375,6 +379,10 @@ def agent_argv(command: AgentCommand, python: str = sys.executable) -> list[str]
         argv += ["--queue-size", str(command.queue_size)]
     if command.queue_timeout_s is not None:
         argv += ["--queue-timeout", str(command.queue_timeout_s)]
+    if command.aliases:
+        argv += ["--aliases", json.dumps(list(command.aliases))]
+    if command.lora_modules:
+        argv += ["--lora-modules", json.dumps(list(command.lora_modules))]
     return argv
 
 

@@ -21,6 +21,7 @@ from kscope.v1 import agent_pb2, agent_pb2_grpc
 from kscope_common.request_stats import RequestTotals
 from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
+from node_agent.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,19 @@ class Report:
     """A host agent's instances."""
     queued_by_caller: dict[str, int] = field(default_factory=dict)
     """Waiting requests per caller (the key's owner), for /v1/queue/stats."""
+    capabilities: Capabilities | None = None
+    """What the instance can do; None until the agent learned it."""
 
-    def to_proto(self) -> agent_pb2.LoadReport:
-        return agent_pb2.LoadReport(
+    def to_proto(self, with_capabilities: bool = False) -> agent_pb2.LoadReport:
+        """The report; `with_capabilities`: with them (sent only when they changed)."""
+        report = agent_pb2.LoadReport(
             phase=self.phase, in_flight=self.in_flight, queued=self.queued, detail=self.detail,
             max_concurrency=self.max_concurrency, max_queue_size=self.max_queue_size,
             hosted=self.hosted, queued_by_caller=self.queued_by_caller, **asdict(self.totals),
         )  # fmt: skip
+        if with_capabilities and self.capabilities is not None:
+            report.capabilities.CopyFrom(self.capabilities.to_proto())
+        return report
 
 
 class ControllerLink:
@@ -140,6 +147,7 @@ class ControllerLink:
 
     async def _register(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         ident = self._identity
+        capabilities = self._current_report().capabilities
         response = await stub.Register(
             agent_pb2.RegisterRequest(
                 instance_id=ident.instance_id,
@@ -151,6 +159,7 @@ class ControllerLink:
                 pid=os.getpid(),
                 host_agent=ident.host_agent,
                 memory_bytes=ident.memory_bytes,
+                capabilities=capabilities.to_proto() if capabilities is not None else None,
             ),
             timeout=5,
         )
@@ -160,8 +169,12 @@ class ControllerLink:
 
     async def _outgoing(self) -> AsyncIterator[agent_pb2.SessionRequest]:
         yield agent_pb2.SessionRequest(hello=agent_pb2.SessionHello(agent_id=self.agent_id))
+        told: Capabilities | None = None  # what this Session heard of the capabilities
         while not self._closing.is_set():
-            yield agent_pb2.SessionRequest(load_report=self._current_report().to_proto())
+            report = self._current_report()
+            changed = report.capabilities is not None and report.capabilities != told
+            told = report.capabilities if changed else told
+            yield agent_pb2.SessionRequest(load_report=report.to_proto(with_capabilities=changed))
             self.report_now.clear()
             wake = asyncio.ensure_future(self.report_now.wait())
             closing = asyncio.ensure_future(self._closing.wait())

@@ -20,9 +20,10 @@ from prometheus_client.core import Metric
 
 from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
-from kscope_common.metrics import gauge, maybe_serve
+from kscope_common.metrics import counter, gauge, maybe_serve
 from kscope_common.request_stats import RequestStats
 from kscope_common.tls import EnrollmentError
+from node_agent.capabilities import Capabilities, Discovery, DiscoveryError
 from node_agent.controller_link import (
     AgentIdentity,
     ControllerLink,
@@ -32,7 +33,7 @@ from node_agent.controller_link import (
 )
 from node_agent.credentials import AgentCredentials, obtain
 from node_agent.engines.base import Engine, EngineUnavailable
-from node_agent.engines.factory import make_engine
+from node_agent.engines.factory import make_discovery, make_engine
 from node_agent.load import Load
 from node_agent.queue import RequestQueue
 from node_agent.servicer import InferenceServicer
@@ -41,6 +42,9 @@ from node_agent.settings import AgentSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+DISCOVERY_TIMEOUT_S = 15.0
+"""Learning what the engine can do must take no longer (it holds back READY)."""
 
 
 def _health_problem(engine: Engine) -> str:
@@ -53,9 +57,19 @@ def _health_problem(engine: Engine) -> str:
 class Agent:
     """One node agent: an engine, its gRPC server, its controller link."""
 
-    def __init__(self, settings: AgentSettings, engine: Engine | None = None):
+    def __init__(
+        self,
+        settings: AgentSettings,
+        engine: Engine | None = None,
+        discovery: Discovery | None = None,
+    ):
+        """`discovery` learns what the engine can do (default: the one for its kind)."""
         self.settings = settings
         self.engine = engine or make_engine(settings)
+        self.discovery = discovery or make_discovery(settings, self.engine)
+        self.capabilities: Capabilities | None = None
+        """What the engine can do, once learned (reported to the controller)."""
+        self.discovery_failures = 0
         self.load = Load()
         self.requests = RequestStats()
         self.requests.models[settings.served_model] = self.load.stats
@@ -76,6 +90,7 @@ class Agent:
             max_concurrency=max(limits.max_concurrency, 0),
             max_queue_size=0 if limits.unlimited else limits.max_queue_size,
             totals=self.requests.totals(), queued_by_caller=self.queue.waiting_by_caller(),
+            capabilities=self.capabilities,
         )  # fmt: skip
 
     def _metrics(self) -> Iterable[Metric]:
@@ -91,6 +106,9 @@ class Agent:
                     ("model",), {model: load.queued})  # fmt: skip
         yield gauge("kscope_agent_draining", "1 while the agent drains.", ("model",),
                     {model: 1 if load.draining else 0})  # fmt: skip
+        yield counter("kscope_agent_capability_discovery_failures",
+                      "Times the engine did not say what it can do.", ("model",),
+                      {model: self.discovery_failures})  # fmt: skip
 
     def _set_phase(self, phase: agent_pb2.AgentPhase.ValueType, detail: str) -> None:
         if (phase, detail) != (self.phase, self.detail):
@@ -146,6 +164,10 @@ class Agent:
             ok = await self.engine.healthy()
             if self.phase == agent_pb2.AGENT_PHASE_DRAINING:
                 return
+            if ok and self.phase != agent_pb2.AGENT_PHASE_READY and self.capabilities is None:
+                # READY goes out with what the engine can do, so the facades
+                # never route to an instance they know nothing of.
+                await self.learn_capabilities()
             if ok:
                 failures = 0
                 self._set_phase(agent_pb2.AGENT_PHASE_READY, "engine healthy")
@@ -165,6 +187,32 @@ class Agent:
                 said_problem = bool(problem)
             ready = self.phase == agent_pb2.AGENT_PHASE_READY
             await asyncio.sleep(self.settings.health_interval_s if ready else 0.5)
+
+    async def learn_capabilities(self) -> None:
+        """Ask the engine what it can do; tell the controller when that changed.
+        A failure keeps what was known (logged and counted): the facades then
+        refuse nothing the agent could not confirm."""
+        if self.discovery is None:
+            return
+        try:
+            learned = await asyncio.wait_for(self.discovery.discover(), DISCOVERY_TIMEOUT_S)
+        except (DiscoveryError, TimeoutError) as exc:
+            self.discovery_failures += 1
+            log.warning("model %s: could not learn what the engine can do: %s",
+                        self.settings.served_model, exc)  # fmt: skip
+            return
+        if learned != self.capabilities:
+            log.info("model %s: the engine can do %s", self.settings.served_model, learned)
+            self.capabilities = learned
+            if self.link is not None:
+                self.link.report_now.set()
+
+    async def _refresh_capabilities(self) -> None:
+        """Ask again now and then while ready: LoRA adapters come and go at run time."""
+        while True:
+            await asyncio.sleep(self.settings.capabilities_refresh_s)
+            if self.phase == agent_pb2.AGENT_PHASE_READY:
+                await self.learn_capabilities()
 
     async def run(self) -> int:
         """Serve until drained; return the process exit code."""
@@ -205,6 +253,7 @@ class Agent:
         )  # fmt: skip
         link_task = asyncio.create_task(self.link.run(), name="controller-link")
         watch_task = asyncio.create_task(self._watch_engine(), name="engine-watch")
+        refresh_task = asyncio.create_task(self._refresh_capabilities(), name="capabilities")
         drain_wait = asyncio.create_task(self._drain_requested.wait())
         await asyncio.wait({link_task, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
         exit_code = 0
@@ -219,11 +268,14 @@ class Agent:
             self._drain_reason = "lost the controller for good"
         await self._drain()
         watch_task.cancel()
+        refresh_task.cancel()
         drain_wait.cancel()
         self.link.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(link_task, 5)
         await self.engine.stop()
+        if self.discovery is not None:
+            await self.discovery.close()
         if self.server is not None:
             await self.server.stop(1)
         await credentials.close()

@@ -110,6 +110,8 @@ def instance_argv(load: agent_pb2.LoadModelCommand, path: Path) -> list[str]:
             max_concurrency=load.max_concurrency if load.HasField("max_concurrency") else None,
             queue_size=load.queue_size if load.HasField("queue_size") else None,
             queue_timeout_s=load.queue_timeout_s if load.HasField("queue_timeout_s") else None,
+            aliases=tuple(load.aliases),
+            lora_modules=tuple(load.lora_modules),
         )
     )
 

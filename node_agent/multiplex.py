@@ -24,13 +24,7 @@ import grpc
 from kscope.v1 import inference_pb2
 from kscope_common.mailbox import Mailbox
 from node_agent.engines.base import copy_usage
-from node_agent.request_life import (
-    ENDPOINTS,
-    AgentCore,
-    RequestFailed,
-    agent_error,
-    serve_request,
-)
+from node_agent.request_life import AgentCore, RequestFailed, endpoint_of, serve_request
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +115,10 @@ class MultiplexSession:
         window = self._windows[sid]
         put = self._out.put
         try:
-            endpoint = ENDPOINTS.get(opened.kind)
-            if endpoint is None:
-                raise agent_error(grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {opened.kind}")
-            life = serve_request(self._core, endpoint, opened.body, opened.envelope)
+            endpoint = endpoint_of(opened.kind)
+            life = serve_request(
+                self._core, endpoint, opened.body, opened.envelope, opened.content_type
+            )
             async with contextlib.aclosing(life) as outputs:
                 async for output in outputs:
                     frame = Frame(stream_id=sid, chunks=output.chunks)

@@ -19,7 +19,7 @@ import grpc
 from kscope.v1 import inference_pb2
 from kscope_common.errors import grpc_code_for_http
 from kscope_common.request_stats import CANCELLED
-from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput
+from node_agent.engines.base import Endpoint, Engine, EngineError, EngineOutput, EngineRequest
 from node_agent.load import Load, RequestClock
 from node_agent.queue import RequestQueue
 from node_agent.usage_request import ask_for_usage, without_usage_chunk
@@ -33,7 +33,20 @@ ENDPOINTS = {
     inference_pb2.INFERENCE_KIND_CHAT_COMPLETION: Endpoint.CHAT,
     inference_pb2.INFERENCE_KIND_COMPLETION: Endpoint.COMPLETIONS,
     inference_pb2.INFERENCE_KIND_EMBEDDING: Endpoint.EMBEDDINGS,
+    inference_pb2.INFERENCE_KIND_RESPONSE: Endpoint.RESPONSES,
+    inference_pb2.INFERENCE_KIND_TOKENIZE: Endpoint.TOKENIZE,
+    inference_pb2.INFERENCE_KIND_DETOKENIZE: Endpoint.DETOKENIZE,
+    inference_pb2.INFERENCE_KIND_SCORE: Endpoint.SCORE,
+    inference_pb2.INFERENCE_KIND_SCORE_V1: Endpoint.SCORE_V1,
+    inference_pb2.INFERENCE_KIND_RERANK: Endpoint.RERANK,
+    inference_pb2.INFERENCE_KIND_RERANK_V1: Endpoint.RERANK_V1,
+    inference_pb2.INFERENCE_KIND_RERANK_V2: Endpoint.RERANK_V2,
+    inference_pb2.INFERENCE_KIND_POOLING: Endpoint.POOLING,
+    inference_pb2.INFERENCE_KIND_CLASSIFY: Endpoint.CLASSIFY,
+    inference_pb2.INFERENCE_KIND_TRANSCRIPTION: Endpoint.TRANSCRIPTIONS,
+    inference_pb2.INFERENCE_KIND_TRANSLATION: Endpoint.TRANSLATIONS,
 }
+"""Each kind a facade may ask for, and the one engine path it means."""
 
 
 class RequestFailed(Exception):
@@ -54,6 +67,15 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 def agent_error(code: grpc.StatusCode, message: str) -> RequestFailed:
     """A failure of the agent's own (draining, an unknown kind, a bug)."""
     return RequestFailed(inference_pb2.RequestError(grpc_code=code.value[0], message=message))
+
+
+def endpoint_of(kind: int) -> Endpoint:
+    """The engine endpoint of an InferenceKind; RequestFailed(INVALID_ARGUMENT)
+    for one this agent does not know."""
+    endpoint: Endpoint | None = ENDPOINTS.get(kind)  # type: ignore[call-overload]
+    if endpoint is None:
+        raise agent_error(grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {kind}")
+    return endpoint
 
 
 def engine_error(exc: EngineError) -> RequestFailed:
@@ -82,6 +104,7 @@ async def serve_request(
     endpoint: Endpoint,
     body: bytes,
     envelope: inference_pb2.RequestEnvelope,
+    content_type: str = "",
 ) -> AsyncGenerator[EngineOutput, None]:
     """The engine's outputs for one request; RequestFailed for any failure.
     Iterate it under `contextlib.aclosing` so leaving early ends it at once."""
@@ -97,7 +120,10 @@ async def serve_request(
             asked = False
             if envelope.stream and endpoint in _STREAMED_WITH_USAGE:
                 body, asked = ask_for_usage(body)  # exact token counts (usage_request.py)
-            generation = core.engine.generate(endpoint, body, envelope.stream)
+            request = EngineRequest(
+                endpoint, body, envelope.stream, envelope.request_id, content_type
+            )
+            generation = core.engine.generate(request)
             async with contextlib.aclosing(generation) as outputs:  # type: ignore[type-var]
                 async for output in outputs:
                     clock.saw(output)

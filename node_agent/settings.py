@@ -53,6 +53,15 @@ class AgentSettings(BaseSettings):
     excludes upstream_ca_bundle)."""
     engine_args: list[str] = Field(default_factory=list)
     """Extra engine flags (vllm serve arguments)."""
+    aliases: list[str] = Field(default_factory=list)
+    """Other names clients may use for the model; the engine answers to them too
+    (vllm: more --served-model-name; openai: the agent names the upstream's model)."""
+    lora_modules: list[str] = Field(default_factory=list)
+    """LoRA adapters the vllm engine serves, each NAME=PATH; clients use NAME as
+    the model."""
+    capabilities_refresh_s: float = Field(default=30.0, gt=0)
+    """How often the agent asks its engine again what it can do (LoRA adapters
+    loaded at run time), once it is ready."""
     host: str = "127.0.0.1"
     """Address InferenceService binds; `@node`: the address this machine's host
     name resolves to (what SLURM jobs use, rather than every interface)."""
@@ -122,13 +131,13 @@ class AgentSettings(BaseSettings):
             )
         return self
 
-    @field_validator("engine_args", mode="before")
+    @field_validator("engine_args", "aliases", "lora_modules", mode="before")
     @classmethod
     def _parse_json_list(cls, value: object) -> object:
         if isinstance(value, str):
             parsed = json.loads(value) if value.strip() else []
             if not isinstance(parsed, list) or not all(isinstance(a, str) for a in parsed):
-                raise ValueError("engine_args must be a JSON list of strings")
+                raise ValueError("must be a JSON list of strings")
             return parsed
         return value
 

@@ -89,6 +89,8 @@ def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInv
             max_concurrency=model.max_concurrency,
             queue_size=model.queue_size,
             queue_timeout_s=model.queue_timeout_s,
+            aliases=model.aliases,
+            lora_modules=tuple(f"{m.name}={m.path}" for m in model.lora_modules),
         ),
         python,
     )

@@ -13,11 +13,48 @@ from kscope.v1 import inference_pb2
 
 
 class Endpoint(StrEnum):
-    """OpenAI API paths, relative to the engine's /v1."""
+    """The engine paths the agent forwards to, relative to the engine's root
+    (vLLM serves the /v1 ones and the others side by side). Only these: the
+    facade names an endpoint by its InferenceKind, never by a path."""
 
-    CHAT = "/chat/completions"
-    COMPLETIONS = "/completions"
-    EMBEDDINGS = "/embeddings"
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
+    RESPONSES = "/v1/responses"
+    TOKENIZE = "/tokenize"
+    DETOKENIZE = "/detokenize"
+    SCORE = "/score"
+    SCORE_V1 = "/v1/score"
+    RERANK = "/rerank"
+    RERANK_V1 = "/v1/rerank"
+    RERANK_V2 = "/v2/rerank"
+    POOLING = "/pooling"
+    CLASSIFY = "/classify"
+    TRANSCRIPTIONS = "/v1/audio/transcriptions"
+    TRANSLATIONS = "/v1/audio/translations"
+
+    @property
+    def whole_events(self) -> bool:
+        """Its stream's SSE events are forwarded whole (`event:` lines and
+        all), not as `data:` payloads: the Responses API names every event."""
+        return self is Endpoint.RESPONSES
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One request as the agent hands it to its engine (read-only by
+    convention: not frozen, because a frozen dataclass costs a microsecond
+    more to build, once per request on the token path)."""
+
+    endpoint: Endpoint
+    body: bytes
+    """The client's body, unchanged (or with usage asked for, usage_request.py)."""
+    stream: bool = False
+    request_id: str = ""
+    """The facade's id for the request (the client's X-Request-Id, or its own):
+    sent to the engine as X-Request-Id, so the engine's log lines carry it."""
+    content_type: str = ""
+    """The body's Content-Type as the client sent it; "" is application/json."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +138,7 @@ class Engine(Protocol):
         """Why the engine can never become healthy (it exited), or ""."""
         ...
 
-    def generate(
-        self, endpoint: Endpoint, body: bytes, stream: bool
-    ) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Run one request. Closing the iterator aborts the engine's request."""
         ...
 

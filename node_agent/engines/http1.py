@@ -5,10 +5,11 @@ token path; a general-purpose client (aiohttp, httpx) spends several times
 more CPU per request than this: pre-built request bytes, keep-alive
 connections, httptools' C parser, and body pieces handed over in batches as
 they arrive. Only what talking to an OpenAI-compatible server needs is here:
-POST with a JSON body, any response framing httptools parses (Content-Length,
-chunked, close-delimited), over plain TCP or TLS (the event loop's own TLS
-transport: the handshake once per keep-alive connection, then the same
-protocol callbacks, so an https upstream streams the way an http one does).
+POST with a body (JSON, or a multipart upload), any response framing
+httptools parses (Content-Length, chunked, close-delimited), over plain TCP or
+TLS (the event loop's own TLS transport: the handshake once per keep-alive
+connection, then the same protocol callbacks, so an https upstream streams the
+way an http one does).
 """
 
 from __future__ import annotations

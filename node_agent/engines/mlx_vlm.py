@@ -26,7 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from node_agent.engines.base import Endpoint, EngineError, EngineOutput, EngineUnavailable, Usage
+from node_agent.engines.base import (
+    Endpoint,
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    EngineUnavailable,
+    Usage,
+)
 from node_agent.engines.openai_chat import (
     ChatRenderer,
     ChatRequest,
@@ -210,18 +217,17 @@ class MlxVlmEngine:
             return None
         return loading.result()
 
-    async def generate(
-        self, endpoint: Endpoint, body: bytes, stream: bool
-    ) -> AsyncIterator[EngineOutput]:
-        if endpoint is not Endpoint.CHAT:
+    async def generate(self, call: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if call.endpoint is not Endpoint.CHAT:
             raise EngineError(
-                404, f"the mlx_vlm engine serves /v1/chat/completions only, not /v1{endpoint}",
+                404, f"the mlx_vlm engine serves /v1/chat/completions only, not {call.endpoint}",
                 error_type="invalid_request_error", code="unsupported_endpoint",
             )  # fmt: skip
+        stream = call.stream
         loaded = self._loaded()
         if loaded is None:
             raise EngineUnavailable("the MLX-VLM model is not loaded yet")
-        request = parse_chat_request(body, self._served_model)
+        request = parse_chat_request(call.body, self._served_model)
         try:
             images = await self._images.load_all(request.image_urls)
         except ImageError as exc:

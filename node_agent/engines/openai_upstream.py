@@ -13,10 +13,11 @@ it starts, each request's error after), with the setting that fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,6 +27,7 @@ from node_agent.engines.base import (
     Endpoint,
     EngineError,
     EngineOutput,
+    EngineRequest,
     EngineUnavailable,
     Usage,
 )
@@ -38,11 +40,18 @@ _USAGE_FIELDS = {
     name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
     for name in ("prompt_tokens", "completion_tokens", "total_tokens")
 }
+_RESPONSES_USAGE_FIELDS = {
+    # The Responses API's names for the same counts.
+    "prompt_tokens": re.compile(rb'"input_tokens"\s*:\s*(\d+)'),
+    "completion_tokens": re.compile(rb'"output_tokens"\s*:\s*(\d+)'),
+    "total_tokens": _USAGE_FIELDS["total_tokens"],
+}
 
 
 def usage_of(payload: bytes) -> Usage | None:
-    """The usage object of an OpenAI JSON body or chunk, found without parsing
-    the whole (possibly large) document; None when it has none."""
+    """The usage object of an OpenAI JSON body or chunk (or of a Responses API
+    response: input and output tokens), found without parsing the whole
+    (possibly large) document; None when it has none."""
     at = payload.rfind(b'"usage"')
     if at < 0:
         return None
@@ -50,6 +59,8 @@ def usage_of(payload: bytes) -> Usage | None:
     if not rest.startswith(b"{"):
         return None  # "usage": null
     found = {name: rx.search(rest) for name, rx in _USAGE_FIELDS.items()}
+    if found["prompt_tokens"] is None and b'"input_tokens"' in rest:
+        found = {name: rx.search(rest) for name, rx in _RESPONSES_USAGE_FIELDS.items()}
     values = {name: int(m.group(1)) if m else 0 for name, m in found.items()}
     return Usage(**values)
 
@@ -69,6 +80,55 @@ def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
         if lines:
             payloads.append(b"\n".join(lines))
     return payloads, rest
+
+
+def split_whole_events(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Split complete SSE events off `buffer` as they are, every line kept
+    (`event:`, `data:`, `id:`), less the blank line that ends each; return
+    them and the incomplete rest. For streams whose events have names (the
+    Responses API), which the client must get as the engine sent them."""
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    *events, rest = buffer.split(b"\n\n")
+    return [event for event in events if event], rest
+
+
+FORM_DATA = "multipart/form-data"
+
+
+def form_boundary(content_type: str) -> bytes | None:
+    """The boundary of a multipart/form-data Content-Type, or None."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != FORM_DATA:
+        return None
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "boundary" and value:
+            return value.strip().strip('"').encode()
+    return None
+
+
+def renamed_form(body: bytes, content_type: str, model: str) -> bytes:
+    """A multipart/form-data body with the value of its `model` field
+    replaced (the catalog's upstream_model); every other byte as it was."""
+    boundary = form_boundary(content_type)
+    if boundary is None:
+        return body
+    delimiter = b"\r\n--" + boundary
+    at = body.find(b"--" + boundary)
+    while at >= 0:
+        headers_at = at + 2 + len(boundary)
+        if body.startswith(b"--", headers_at):
+            break  # the closing delimiter
+        headers_end = body.find(b"\r\n\r\n", headers_at)
+        end = body.find(delimiter, headers_end) if headers_end >= 0 else -1
+        if end < 0:
+            break
+        headers = body[headers_at:headers_end].lower()
+        if b'name="model"' in headers and b"filename" not in headers:
+            return body[: headers_end + 4] + model.encode() + body[end:]
+        at = end + 2
+    return body
 
 
 def tls_context(ca_bundle: str = "", insecure_skip_verify: bool = False) -> ssl.SSLContext:
@@ -103,6 +163,15 @@ def _error_from(status: int, raw: bytes) -> EngineError:
         return EngineError(status, error)
     detail = parsed.get("detail") if isinstance(parsed, dict) else None
     return EngineError(status, str(detail) if detail else message)
+
+
+def _header_safe(value: str) -> bool:
+    """Whether `value` can be a header value as it is (no CR, LF or other control)."""
+    return 0 < len(value) <= 1024 and value.isascii() and value.isprintable()
+
+
+def _header(name: bytes, value: str) -> bytes:
+    return name + b": " + value.encode() + b"\r\n"
 
 
 class OpenAIUpstream:
@@ -143,11 +212,15 @@ class OpenAIUpstream:
         """Why the upstream cannot become healthy as configured (its certificate
         does not verify), for the agent's not-ready detail; "" otherwise."""
         self._said = ""
-        self._path_prefix = parts.path.encode()
+        # The /v1 endpoints go under the URL's path, as ever; the others under
+        # the engine's root: the URL without its trailing /v1 (vLLM serves
+        # /tokenize, /pooling, /rerank … beside /v1).
+        self._v1_prefix = parts.path
+        self._root_prefix = parts.path.removesuffix("/v1")
+        self._request_lines: dict[Endpoint, bytes] = {}
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
-        self._fixed_headers = (
-            f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n{auth}"
-        ).encode()
+        self._fixed_headers = f"Host: {parts.netloc}\r\n{auth}".encode()
+        self._json_headers = self._fixed_headers + b"Content-Type: application/json\r\n"
 
     def _client(self) -> aiohttp.ClientSession:
         """aiohttp, for health checks only (off the token path)."""
@@ -202,20 +275,43 @@ class OpenAIUpstream:
     def failure(self) -> str:
         return ""
 
-    def _body_for_upstream(self, body: bytes) -> bytes:
+    def _body_for_upstream(self, request: EngineRequest) -> bytes:
+        body = request.body
         if not self._rename:
             return body
+        if request.content_type and form_boundary(request.content_type) is not None:
+            return renamed_form(body, request.content_type, self._rename)
         parsed = orjson.loads(body)
         parsed["model"] = self._rename
         return orjson.dumps(parsed)
 
-    def _request(self, endpoint: Endpoint, body: bytes) -> bytes:
-        body = self._body_for_upstream(body)
+    def path_of(self, endpoint: Endpoint) -> str:
+        """Where `endpoint` is on this upstream."""
+        if endpoint.startswith("/v1/"):
+            return self._v1_prefix + endpoint[3:]
+        return self._root_prefix + endpoint
+
+    def _request_line(self, endpoint: Endpoint) -> bytes:
+        line = self._request_lines.get(endpoint)
+        if line is None:
+            line = f"POST {self.path_of(endpoint)} HTTP/1.1\r\n".encode()
+            self._request_lines[endpoint] = line
+        return line
+
+    def _request(self, request: EngineRequest) -> bytes:
+        body = self._body_for_upstream(request)
+        if request.content_type:
+            headers = self._fixed_headers + _header(b"Content-Type", request.content_type)
+        else:
+            headers = self._json_headers
+        rid = request.request_id
+        # vLLM takes X-Request-Id as its request id: its log lines carry ours.
+        # An id that could break the header is left out (the facade never sends one).
+        identity = b"X-Request-Id: " + rid.encode() + b"\r\n" if _header_safe(rid) else b""
         return b"".join(
             [
-                b"POST ", self._path_prefix, endpoint.value.encode(), b" HTTP/1.1\r\n",
-                self._fixed_headers, b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n",
-                body,
+                self._request_line(request.endpoint), headers, identity,
+                b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body,
             ]
         )  # fmt: skip
 
@@ -239,16 +335,22 @@ class OpenAIUpstream:
                 raise EngineUnavailable(f"engine unreachable at {self.url}: {exc}") from exc
         raise AssertionError("unreachable")
 
-    async def generate(
-        self, endpoint: Endpoint, body: bytes, stream: bool
-    ) -> AsyncIterator[EngineOutput]:
-        conn = await self._send(self._request(endpoint, body))
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if request.content_type and not _header_safe(request.content_type):
+            raise EngineError(400, "the request's Content-Type is not a valid header value",
+                              error_type="invalid_request_error")  # fmt: skip
+        conn = await self._send(self._request(request))
         try:
             if conn.status >= 400:
                 raise _error_from(conn.status, await conn.read_all(self._timeout_s))
-            if not stream or not conn.content_type.startswith(b"text/event-stream"):
+            if not request.stream or not conn.content_type.startswith(b"text/event-stream"):
                 raw = await conn.read_all(self._timeout_s)
                 yield EngineOutput([raw], usage_of(raw))
+                return
+            if request.endpoint.whole_events:
+                async with contextlib.aclosing(self._whole_events(conn)) as outputs:
+                    async for output in outputs:
+                        yield output
                 return
             rest = b""
             while (data := await conn.read(self._timeout_s)) is not None:
@@ -269,6 +371,20 @@ class OpenAIUpstream:
             # An unfinished response's connection is closed, not reused: that is
             # how an OpenAI server learns the client went away and aborts the request.
             self._pool.release(conn)
+
+    async def _whole_events(self, conn: Connection) -> AsyncGenerator[EngineOutput, None]:
+        """A stream whose events pass as the engine sent them, each whole."""
+        rest = b""
+        while (data := await conn.read(self._timeout_s)) is not None:
+            events, rest = split_whole_events(rest + data if rest else data)
+            if events:
+                usage = None
+                for event in events:
+                    if b'"usage"' in event:
+                        usage = usage_of(event) or usage
+                yield EngineOutput(events, usage)
+        if rest.strip():
+            yield EngineOutput([rest.rstrip(b"\r\n")], usage_of(rest))  # no blank line at the end
 
     async def stop(self) -> None:
         self._pool.close()

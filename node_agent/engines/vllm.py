@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -23,10 +24,11 @@ import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 
 import aiohttp
 
-from node_agent.engines.base import Endpoint, EngineOutput, EngineUnavailable
+from node_agent.engines.base import EngineOutput, EngineRequest, EngineUnavailable
 from node_agent.engines.openai_upstream import OpenAIUpstream
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,37 @@ def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM 0.32 takes for --max-lora-rank (its default is 16)."""
+
+
+def _lora_rank(path: str) -> int:
+    """An adapter's rank (`r` in its adapter_config.json); 0 when unreadable
+    (vLLM then says what is wrong with it)."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        return int(config.get("r", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def lora_flags(modules: Sequence[str], engine_args: Sequence[str]) -> list[str]:
+    """vLLM's flags for serving the LoRA adapters `modules` (NAME=PATH each):
+    --enable-lora, the adapters, and limits that fit all of them at once
+    (--max-loras, --max-lora-rank), unless `engine_args` set those already."""
+    if not modules:
+        return []
+    given = {arg.split("=", 1)[0] for arg in engine_args if arg.startswith("--")}
+    flags = [] if "--enable-lora" in given else ["--enable-lora"]
+    flags += ["--lora-modules", *modules]
+    if "--max-loras" not in given:
+        flags += ["--max-loras", str(len(modules))]
+    rank = max(_lora_rank(m.partition("=")[2]) for m in modules)
+    if "--max-lora-rank" not in given and rank > 16:
+        flags += ["--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
+    return flags
+
+
 class VllmEngine:
     """Starts, health-checks and stops one vLLM OpenAI server."""
 
@@ -66,11 +99,15 @@ class VllmEngine:
         engine_args: Sequence[str] = (),
         timeout_s: float = 600.0,
         stop_grace_s: float = 15.0,
+        aliases: Sequence[str] = (),
+        lora_modules: Sequence[str] = (),
     ):
         self._python = python
         self._model_path = model_path
         self._served_model = served_model
         self._engine_args = list(engine_args)
+        self._aliases = [a for a in aliases if a != served_model]
+        self._lora_modules = list(lora_modules)
         self._stop_grace_s = stop_grace_s
         self._port = free_port()
         self._root = f"http://127.0.0.1:{self._port}"
@@ -83,14 +120,31 @@ class VllmEngine:
         self._health: aiohttp.ClientSession | None = None
         self._cache_dir = ""
 
+    @property
+    def root(self) -> str:
+        """vLLM's own URL, without /v1 (/version, /openapi.json live there)."""
+        return self._root
+
+    @property
+    def api_key(self) -> str:
+        """The key vLLM wants (for the agent's own questions to it)."""
+        return self._api_key
+
+    @property
+    def engine_args(self) -> list[str]:
+        """The flags vLLM runs with beyond the model, names and address."""
+        return [*lora_flags(self._lora_modules, self._engine_args), *self._engine_args]
+
     def command(self) -> list[str]:
+        # vLLM answers to every served name (the first is the one it answers
+        # with) and serves each LoRA adapter under its own name.
         argv = [
             self._python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self._model_path,
-            "--served-model-name", self._served_model,
+            "--served-model-name", self._served_model, *self._aliases,
             "--host", "127.0.0.1",
             "--port", str(self._port),
-            *self._engine_args,
+            *self.engine_args,
         ]  # fmt: skip
         setpriv = shutil.which("setpriv")
         if setpriv:  # util-linux; absent on macOS, where vLLM is not the engine anyway
@@ -131,10 +185,8 @@ class VllmEngine:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    def generate(
-        self, endpoint: Endpoint, body: bytes, stream: bool
-    ) -> AsyncIterator[EngineOutput]:
-        return self._forward.generate(endpoint, body, stream)
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        return self._forward.generate(request)
 
     async def stop(self) -> None:
         await self._forward.stop()

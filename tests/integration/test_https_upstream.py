@@ -21,7 +21,7 @@ import pytest
 from controller.catalog import CatalogError, EngineKind, ModelSpec, parse_catalog
 from controller.launchers.base import LaunchSpec, agent_invocation
 from kscope_common.pki import CertificateAuthority, agent_host, key_pem, make_ca, new_private_key
-from node_agent.engines.base import Endpoint, EngineUnavailable
+from node_agent.engines.base import Endpoint, EngineRequest, EngineUnavailable
 from node_agent.engines.http1 import CertificateError, Http1Pool
 from node_agent.engines.openai_upstream import OpenAIUpstream, split_events, tls_context
 from node_agent.main import parse_settings
@@ -133,10 +133,10 @@ async def test_engine_health_uses_the_same_tls_settings(pki: Pki, upstream: Upst
         assert "certificate verify failed" in wrong.health_problem
         assert "upstream_ca_bundle" in wrong.health_problem
         body = b'{"model":"bench","stream":true,"max_tokens":3,"messages":[]}'
-        outputs = [o async for o in good.generate(Endpoint.CHAT, body, stream=True)]
+        outputs = [o async for o in good.generate(EngineRequest(Endpoint.CHAT, body, stream=True))]
         assert sum(len(o.chunks) for o in outputs) == 1 + 3 + 1  # role, tokens, finish
         with pytest.raises(EngineUnavailable, match="certificate verify failed") as caught:
-            _ = [o async for o in wrong.generate(Endpoint.CHAT, body, stream=True)]
+            _ = [o async for o in wrong.generate(EngineRequest(Endpoint.CHAT, body, stream=True))]
         assert caught.value.http_status == 503 and "upstream_ca_bundle" in caught.value.message
     finally:
         await good.stop()

@@ -102,3 +102,14 @@ def test_no_secret_is_ever_logged(logged: Logged) -> None:
     assert logged.secret not in text and "ks-wrong" not in text
     facade_log = logged.facade.proc.log()
     assert logged.secret not in facade_log
+
+
+def test_with_one_model_in_the_catalog_a_request_may_name_none(logged: Logged) -> None:
+    body = {k: v for k, v in BODY.items() if k != "model"}
+    reply = post(logged, body)
+    assert reply.status_code == 200, reply.text
+    wait_until(
+        lambda: any(x["request_id"] == reply.headers["x-request-id"] and x["model"] == "one"
+                    for x in lines(logged)),
+        5, what="logged under the one model",
+    )  # fmt: skip

@@ -198,6 +198,16 @@ def test_usage_counts_each_request_with_the_engines_tokens_and_survives_a_restar
                        what="routes back after the restart")  # fmt: skip
 
 
+def test_with_two_models_a_request_must_name_one(stack: Stack) -> None:
+    _, secret = make_key(stack.controller, "nameless")
+    reply = httpx.post(
+        f"{stack.facades[0].base_url}/v1/chat/completions", json={"messages": HI},
+        headers={"Authorization": f"Bearer {secret}"}, timeout=10,
+    )  # fmt: skip
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "model"
+
+
 def test_the_facades_metrics_count_tokens_by_owner(stack: Stack) -> None:
     _, secret = make_key(stack.controller, "metrics-owner")
     facade = stack.facades[0]

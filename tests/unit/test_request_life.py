@@ -19,7 +19,7 @@ from facade.exchange import ERROR_METADATA_KEY as FACADE_ERROR_KEY
 from facade.exchange import MultiplexExchange, PerCallExchange
 from kscope.v1 import inference_pb2
 from kscope_common.request_stats import CANCELLED
-from node_agent.engines.base import Endpoint, EngineError, EngineOutput, Usage
+from node_agent.engines.base import Endpoint, EngineError, EngineOutput, EngineRequest, Usage
 from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
 from node_agent.queue import QueueLimits, RequestQueue
@@ -54,6 +54,8 @@ class FakeEngine:
         self.error = error
         self.hang = hang
         self.calls: list[tuple[Endpoint, bytes, bool]] = []
+        self.requests: list[EngineRequest] = []
+        """Every request whole (its id and content type too)."""
         self.pulled = 0
         self.closed = 0
         """Requests ended by aclose() (GeneratorExit at a yield)."""
@@ -75,10 +77,9 @@ class FakeEngine:
     async def stop(self) -> None:
         pass
 
-    async def generate(
-        self, endpoint: Endpoint, body: bytes, stream: bool
-    ) -> AsyncIterator[EngineOutput]:
-        self.calls.append((endpoint, body, stream))
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.calls.append((request.endpoint, request.body, request.stream))
+        self.requests.append(request)
         self.running += 1
         try:
             for output in self.outputs:
@@ -473,6 +474,37 @@ async def test_unknown_kind_is_invalid_argument() -> None:
             grpc_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="unknown kind 99"
         )
     assert engine.calls == []
+
+
+@pytest.mark.parametrize("kind", [99, inference_pb2.INFERENCE_KIND_UNSPECIFIED])
+async def test_the_generic_rpc_refuses_an_unknown_kind(kind: int) -> None:
+    engine = FakeEngine(chunks("a"))
+    context = FakeServicerContext()
+    request = inference_pb2.InferenceRequest(kind=kind, envelope=envelope(), body=b"{}")  # type: ignore[arg-type]
+    with pytest.raises(FakeServicerContext.Aborted):
+        async for _ in InferenceServicer(engine, Load()).Inference(request, context):  # type: ignore[arg-type]
+            pass
+    assert context.aborted == (grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {kind}")
+    assert engine.calls == []
+
+
+async def test_the_generic_rpc_serves_a_kind_with_its_content_type() -> None:
+    engine = FakeEngine(chunks('{"text":"ok"}'))
+    request = inference_pb2.InferenceRequest(
+        kind=inference_pb2.INFERENCE_KIND_TRANSLATION,
+        envelope=envelope(stream=False, request_id="req-7"),
+        body=b"--b\r\n...",
+        content_type="multipart/form-data; boundary=b",
+    )
+    servicer = InferenceServicer(engine, Load())
+    messages = [m async for m in servicer.Inference(request, FakeServicerContext())]  # type: ignore[arg-type]
+    assert [list(m.chunks) for m in messages] == [[b'{"text":"ok"}']]
+    assert engine.requests == [
+        EngineRequest(
+            Endpoint.TRANSLATIONS, b"--b\r\n...", False, "req-7",
+            "multipart/form-data; boundary=b",
+        )
+    ]  # fmt: skip
 
 
 async def test_cancel_stops_the_engine_request_and_only_that_one() -> None:

@@ -19,6 +19,8 @@ import pytest
 
 from facade import exchange as exchange_module
 from facade import response as response_module
+from facade.app import FacadeApp
+from facade.auth import KeyChecker
 from facade.errors import AgentFailure, ApiError, failure
 from facade.proxy import KINDS, InferenceProxy
 from facade.response import ResponseWriter
@@ -26,7 +28,7 @@ from facade.routing import RouteTable, Target
 from facade.settings import FacadeSettings
 from kscope.v1 import control_pb2, inference_pb2
 from kscope_common.request_stats import CANCELLED
-from node_agent.engines.base import Endpoint, EngineError, EngineOutput
+from node_agent.engines.base import Endpoint, EngineError, EngineOutput, EngineRequest
 from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
 from node_agent.servicer import InferenceServicer
@@ -216,11 +218,18 @@ def unreachable() -> AgentFailure:
     return agent_failure(grpc.StatusCode.UNAVAILABLE, "connection refused")
 
 
-def route_update(instances: int = 1) -> control_pb2.WatchRoutesResponse:
-    """One READY model 'm' with `instances` endpoints, as the controller pushes it."""
+def route_update(instances: int = 1, cold: tuple[str, ...] = ()) -> control_pb2.WatchRoutesResponse:
+    """One READY model 'm' with `instances` endpoints, as the controller pushes
+    it (and the `cold` models, with none)."""
     return control_pb2.WatchRoutesResponse(
         version=1,
         routes=[
+            *(
+                control_pb2.ModelRoute(
+                    model=control_pb2.Model(name=name, state=control_pb2.MODEL_STATE_COLD)
+                )
+                for name in cold
+            ),
             control_pb2.ModelRoute(
                 model=control_pb2.Model(
                     name="m",
@@ -233,16 +242,16 @@ def route_update(instances: int = 1) -> control_pb2.WatchRoutesResponse:
                     control_pb2.Endpoint(instance_id=f"i-{n}", address=f"10.0.0.{n}:7000")
                     for n in range(1, instances + 1)
                 ],
-            )
+            ),
         ],
     )
 
 
 def gateway(
-    *exchanges: FakeExchange, instances: int = 1, **settings: Any
+    *exchanges: FakeExchange, instances: int = 1, cold: tuple[str, ...] = (), **settings: Any
 ) -> tuple[InferenceProxy, FakeOpener, RouteTable]:
     table = RouteTable(dial=lambda address, instance_id: FakeChannel())  # type: ignore[arg-type,return-value]
-    table.apply(route_update(instances))
+    table.apply(route_update(instances, cold))
     config = FacadeSettings(controller="127.0.0.1:1", require_key=False, **settings)
     proxy = InferenceProxy(config, table, FakeRouteWatcher())  # type: ignore[arg-type]
     opener = FakeOpener(*exchanges)
@@ -258,10 +267,26 @@ async def call(
     receive: ClientReceive | None = None,
     send: ClientSend | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = b"",
 ) -> ClientSend:
     send = send or ClientSend()
-    await proxy(http_scope(path, headers), receive or ClientReceive(body), send, KINDS[path])
+    await proxy(
+        scope_of(path, headers, content_type), receive or ClientReceive(body), send, KINDS[path]
+    )
     return send
+
+
+def scope_of(
+    path: str, headers: list[tuple[bytes, bytes]] | None = None, content_type: bytes = b""
+) -> dict[str, Any]:
+    """A POST's scope; `content_type` replaces the JSON one."""
+    scope = http_scope(path, headers)
+    if content_type:
+        scope["headers"] = [
+            (name, content_type if name == b"content-type" else value)
+            for name, value in scope["headers"]
+        ]
+    return scope
 
 
 def statuses(proxy: InferenceProxy, model: str = "m") -> dict[int, int]:
@@ -504,13 +529,21 @@ async def test_a_client_that_stops_reading_is_cut_at_the_idle_timeout(
 async def test_bad_requests_are_400(
     body: bytes, message: str, code: str | None, param: str | None
 ) -> None:
-    proxy, opener, _ = gateway()
+    proxy, opener, _ = gateway(cold=("other",))  # two models: a request must name one
     sent = await call(proxy, body)
     assert sent.messages == [
         start(400, JSON_HEADERS),
         last(error_body(message, "invalid_request_error", code, param)),
     ]
     assert opener.opened == []
+
+
+async def test_with_one_model_a_request_may_name_none() -> None:
+    exchange = FakeExchange([b'{"a":1}'])
+    proxy, opener, _ = gateway(exchange)
+    sent = await call(proxy, b'{"messages":[],"stream":true}')
+    assert sent.status == 200
+    assert [r.envelope.model for r in opener.requests] == ["m"]
 
 
 async def test_bad_json_is_400() -> None:
@@ -984,3 +1017,233 @@ async def test_in_process_a_client_that_stops_reading_stops_the_engine(
     assert agent.engine.running == 0  # and the idle cut aborted its request
     assert agent.load.stats.by_status == {CANCELLED: 1}
     assert statuses(proxy) == {504: 1}
+
+
+# ---------------------------------------------------------------- more endpoints
+
+RESPONSES_STREAM_BODY = b'{"model":"m","input":"hi","stream":true}'
+RESPONSE_EVENTS = [
+    b'event: response.created\ndata: {"type":"response.created","sequence_number":0}',
+    b'event: response.output_text.delta\ndata: {"delta":"il","sequence_number":1}',
+    b'event: response.completed\ndata: {"type":"response.completed","response":'
+    b'{"usage":{"input_tokens":3,"output_tokens":1,"total_tokens":4}},"sequence_number":2}',
+]
+BOUNDARY = b"kscope-boundary-7d3f"
+FORM_TYPE = b"multipart/form-data; boundary=" + BOUNDARY
+# Bytes a re-encoding would change, and a near miss of the boundary.
+AUDIO = bytes(range(256)) + b"\r\n--kscope-boundary-7d3\r\n\r\n" + bytes(range(255, -1, -1))
+
+
+def form(model: bytes = b"m", audio: bytes = AUDIO, **fields: bytes) -> bytes:
+    """A multipart/form-data upload as the openai SDK sends it: the file, then
+    the text fields (the model last, so the gateway must look past the file)."""
+    parts = [
+        b'Content-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\n" + audio
+    ]
+    for name, value in [*fields.items(), ("model", model)]:
+        disposition = b'Content-Disposition: form-data; name="%s"' % name.encode()
+        parts.append(disposition + b"\r\n\r\n" + value)
+    delimiter = b"--" + BOUNDARY
+    return b"".join(delimiter + b"\r\n" + p + b"\r\n" for p in parts) + delimiter + b"--\r\n"
+
+
+NEW_KINDS = [
+    ("/v1/responses", inference_pb2.INFERENCE_KIND_RESPONSE),
+    ("/tokenize", inference_pb2.INFERENCE_KIND_TOKENIZE),
+    ("/detokenize", inference_pb2.INFERENCE_KIND_DETOKENIZE),
+    ("/score", inference_pb2.INFERENCE_KIND_SCORE),
+    ("/v1/score", inference_pb2.INFERENCE_KIND_SCORE_V1),
+    ("/rerank", inference_pb2.INFERENCE_KIND_RERANK),
+    ("/v1/rerank", inference_pb2.INFERENCE_KIND_RERANK_V1),
+    ("/v2/rerank", inference_pb2.INFERENCE_KIND_RERANK_V2),
+    ("/pooling", inference_pb2.INFERENCE_KIND_POOLING),
+    ("/classify", inference_pb2.INFERENCE_KIND_CLASSIFY),
+]
+
+
+@pytest.mark.parametrize(("path", "kind"), NEW_KINDS, ids=[p for p, _ in NEW_KINDS])
+async def test_new_endpoints_go_through_the_generic_rpc(path: str, kind: int) -> None:
+    body = b'{"model":"m", "prompt": "caf\\u00e9",  "extra": [1, 2]}'  # spaces kept
+    proxy, opener, _ = gateway(FakeExchange([b'{"count":2}']))
+    sent = await call(proxy, body, path=path)
+    assert sent.messages == [start(200, JSON_HEADERS), last(b'{"count":2}')]
+    assert opener.opened == [("i-1", kind, "Inference", 600.0)]
+    (request,) = opener.requests
+    assert isinstance(request, inference_pb2.InferenceRequest)
+    assert (request.kind, request.body, request.content_type) == (kind, body, "")
+    assert (request.envelope.model, request.envelope.stream) == ("m", False)
+    assert request.envelope.request_id == REQUEST_ID.decode()
+    assert statuses(proxy) == {200: 1}
+
+
+async def test_an_endpoint_that_does_not_stream_refuses_stream_true() -> None:
+    proxy, opener, _ = gateway()
+    sent = await call(proxy, b'{"model":"m","stream":true}', path="/tokenize")
+    assert sent.status == 400
+    assert orjson.loads(sent.body)["error"]["param"] == "stream"
+    assert opener.opened == []
+
+
+async def test_a_responses_stream_passes_its_events_whole() -> None:
+    exchange = FakeExchange(RESPONSE_EVENTS[:2], RESPONSE_EVENTS[2:])
+    proxy, opener, _ = gateway(exchange)
+    sent = await call(proxy, RESPONSES_STREAM_BODY, path="/v1/responses")
+    whole = [{"type": "http.response.body", "more_body": True,
+              "body": b"".join(e + b"\n\n" for e in events)}
+             for events in (RESPONSE_EVENTS[:2], RESPONSE_EVENTS[2:])]  # fmt: skip
+    # The engine's events as it sent them, and the stream ends as it ended it: no [DONE].
+    assert sent.messages == [start(200, SSE_HEADERS), *whole, last(b"")]
+    assert opener.requests[0].envelope.stream is True
+    assert proxy.stream_chunks == 3
+    assert proxy.stats.of("m").ttft.count == 1
+
+
+async def test_a_responses_stream_that_fails_after_it_began_ends_with_an_error_event() -> None:
+    bug = agent_failure(grpc.StatusCode.INTERNAL, "the engine failed unexpectedly")
+    proxy, _, _ = gateway(FakeExchange(RESPONSE_EVENTS[:1], bug))
+    sent = await call(proxy, RESPONSES_STREAM_BODY, path="/v1/responses")
+    error = orjson.dumps(
+        {"message": "the engine failed unexpectedly", "type": "upstream_error", "param": None,
+         "code": None}
+    )  # fmt: skip
+    assert sent.messages == [
+        start(200, SSE_HEADERS),
+        {"type": "http.response.body", "body": RESPONSE_EVENTS[0] + b"\n\n", "more_body": True},
+        last(b'event: error\ndata: {"type":"error","error":' + error + b"}\n\n"),
+    ]
+    assert statuses(proxy) == {502: 1}
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/v1/audio/transcriptions", inference_pb2.INFERENCE_KIND_TRANSCRIPTION),
+        ("/v1/audio/translations", inference_pb2.INFERENCE_KIND_TRANSLATION),
+    ],
+)
+async def test_a_multipart_upload_routes_by_its_model_field(path: str, kind: int) -> None:
+    body = form(language=b"en")
+    proxy, opener, _ = gateway(FakeExchange([b'{"text":"hi"}']))
+    sent = await call(proxy, body, path=path, content_type=FORM_TYPE)
+    assert sent.messages == [start(200, JSON_HEADERS), last(b'{"text":"hi"}')]
+    (request,) = opener.requests
+    assert opener.opened == [("i-1", kind, "Inference", 600.0)]
+    # The bytes and the Content-Type (its boundary) go on unchanged.
+    assert (request.body, request.content_type) == (body, FORM_TYPE.decode())
+    assert (request.envelope.model, request.envelope.stream) == ("m", False)
+
+
+async def test_a_multipart_stream_field_makes_a_stream() -> None:
+    proxy, opener, _ = gateway(FakeExchange([b'{"delta":"hi"}']))
+    sent = await call(
+        proxy, form(stream=b"true"), path="/v1/audio/transcriptions", content_type=FORM_TYPE
+    )
+    assert sent.messages == [start(200, SSE_HEADERS), event(b'{"delta":"hi"}'), last(DONE)]
+    assert opener.requests[0].envelope.stream is True
+
+
+async def test_a_multipart_upload_for_an_unknown_model_is_404() -> None:
+    proxy, opener, _ = gateway()
+    sent = await call(
+        proxy, form(model=b"nope"), path="/v1/audio/transcriptions", content_type=FORM_TYPE
+    )
+    assert sent.status == 404
+    assert orjson.loads(sent.body)["error"]["code"] == "model_not_found"
+    assert opener.opened == []
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "code"),
+    [
+        (form(), b"application/json", "invalid_content_type"),
+        (form(), b"multipart/form-data", "invalid_content_type"),
+        (form(), b"multipart/form-data; boundary=other", "invalid_multipart"),
+        (form()[:-40], FORM_TYPE, "invalid_multipart"),
+        (form(model=b""), FORM_TYPE, None),
+    ],
+    ids=["json", "no-boundary", "wrong-boundary", "truncated", "no-model"],
+)
+async def test_a_bad_multipart_upload_is_400(
+    body: bytes, content_type: bytes, code: str | None
+) -> None:
+    proxy, opener, _ = gateway(cold=("other",))
+    sent = await call(proxy, body, path="/v1/audio/transcriptions", content_type=content_type)
+    assert sent.status == 400
+    assert orjson.loads(sent.body)["error"]["code"] == code
+    assert opener.opened == []
+
+
+def facade_app(proxy: InferenceProxy) -> FacadeApp:
+    """The facade's ASGI entry with a static key and `proxy` (no lifespan, no controller)."""
+    settings = FacadeSettings(controller="127.0.0.1:1", api_key="sk-test")  # type: ignore[arg-type]
+    app = FacadeApp(settings)
+    app.keys = KeyChecker(None, "sk-test", True, 60.0)  # type: ignore[arg-type]
+    app.proxy = proxy
+    return app
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/pooling", "/v2/rerank", "/v1/score"])
+async def test_a_path_outside_v1_needs_a_key_too(path: str) -> None:
+    proxy, opener, _ = gateway(FakeExchange([b'{"ok":1}']))
+    app = facade_app(proxy)
+    body = b'{"model":"m"}'
+    refused = ClientSend()
+    await app(scope_of(path), ClientReceive(body), refused)
+    assert refused.status == 401
+    assert orjson.loads(refused.body)["error"]["code"] == "missing_api_key"
+    assert opener.opened == []
+    served = ClientSend()
+    await app(scope_of(path, [(b"authorization", b"Bearer sk-test")]), ClientReceive(body), served)
+    assert served.messages == [start(200, JSON_HEADERS), last(b'{"ok":1}')]
+
+
+async def test_a_get_to_an_inference_path_outside_v1_is_405() -> None:
+    proxy, opener, _ = gateway()
+    scope = {**scope_of("/tokenize", [(b"authorization", b"Bearer sk-test")]), "method": "GET"}
+    sent = ClientSend()
+    await facade_app(proxy)(scope, ClientReceive(b""), sent)
+    assert sent.status == 405
+    assert opener.opened == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_in_process_a_multipart_upload_reaches_the_engine_unchanged(transport: str) -> None:
+    body = form(response_format=b"json")
+    agent = Agent(FakeEngine(chunks('{"text":"ok"}')))
+    async with in_process(agent, transport) as (proxy, _):
+        sent = await call(proxy, body, path="/v1/audio/transcriptions", content_type=FORM_TYPE)
+    assert sent.messages == [start(200, JSON_HEADERS), last(b'{"text":"ok"}')]
+    assert agent.engine.requests == [
+        EngineRequest(Endpoint.TRANSCRIPTIONS, body, False, REQUEST_ID.decode(), FORM_TYPE.decode())
+    ]
+    assert agent.load.stats.by_status == {200: 1}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_in_process_a_responses_stream(transport: str) -> None:
+    outputs = [EngineOutput(RESPONSE_EVENTS[:2]), EngineOutput(RESPONSE_EVENTS[2:])]
+    agent = Agent(FakeEngine(outputs))
+    async with in_process(agent, transport) as (proxy, _):
+        sent = await call(proxy, RESPONSES_STREAM_BODY, path="/v1/responses")
+    assert sent.status == 200
+    assert sent.body == b"".join(e + b"\n\n" for e in RESPONSE_EVENTS)
+    assert sent.ended
+    # No stream_options added: only chat and completions streams take them.
+    assert agent.engine.calls == [(Endpoint.RESPONSES, RESPONSES_STREAM_BODY, True)]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [("/v1/chat/completions", Endpoint.CHAT), ("/rerank", Endpoint.RERANK)],
+)
+async def test_in_process_the_request_id_reaches_the_engine(
+    transport: str, path: str, endpoint: Endpoint
+) -> None:
+    agent = Agent(FakeEngine(chunks("{}")))
+    async with in_process(agent, transport) as (proxy, _):
+        sent = await call(proxy, UNARY_BODY, path=path)
+    assert sent.status == 200
+    (request,) = agent.engine.requests
+    assert (request.endpoint, request.request_id) == (endpoint, REQUEST_ID.decode())

@@ -7,11 +7,17 @@ import grpc
 import orjson
 import pytest
 
+from facade.endpoints import form_boundary, form_fields
 from facade.errors import ApiError
 from facade.proxy import KINDS, parse_request
 from kscope_common.errors import grpc_code_for_http, http_for_grpc
 from node_agent.engines.base import Usage
-from node_agent.engines.openai_upstream import split_events, usage_of
+from node_agent.engines.openai_upstream import (
+    renamed_form,
+    split_events,
+    split_whole_events,
+    usage_of,
+)
 
 
 def test_split_events_keeps_incomplete_rest() -> None:
@@ -61,8 +67,11 @@ def test_parse_request_rejects(body: bytes, param: str | None, status: int) -> N
 
 
 def test_parse_request_accepts_and_reads_stream_flag() -> None:
-    assert parse_request(b'{"model": "m", "messages": [], "stream": true}', CHAT) == ("m", True)
-    assert parse_request(b'{"model": "m", "messages": [], "stream": null}', CHAT) == ("m", False)
+    assert parse_request(b'{"model": "m", "messages": [], "stream": true}', CHAT)[:2] == ("m", True)
+    assert parse_request(b'{"model": "m", "messages": [], "stream": null}', CHAT)[:2] == (
+        "m",
+        False,
+    )
     with pytest.raises(ApiError):
         parse_request(b'{"model": "m", "input": "x", "stream": true}', EMBED)
 
@@ -138,3 +147,200 @@ async def test_opens_queued_together_never_make_one_oversized_message() -> None:
     assert max(m.ByteSize() for m in sent) < 64 * 1024 * 1024
     if session._reader is not None:
         session._reader.cancel()
+
+
+# ---------------------------------------------------------------- more endpoints
+
+
+def test_split_whole_events_keeps_every_line_of_an_event() -> None:
+    buffer = (
+        b'event: response.created\r\ndata: {"a":1}\r\n\r\n'
+        b'event: response.output_text.delta\ndata: {"b":2}\n\n: comment\n\nevent: resp'
+    )
+    events, rest = split_whole_events(buffer)
+    assert events == [
+        b'event: response.created\ndata: {"a":1}',
+        b'event: response.output_text.delta\ndata: {"b":2}',
+        b": comment",
+    ]
+    assert rest == b"event: resp"
+
+
+def test_usage_of_a_responses_answer_reads_input_and_output_tokens() -> None:
+    completed = (
+        b'event: response.completed\ndata: {"response":{"output":[],"usage":{"input_tokens":16,'
+        b'"input_tokens_details":{"cached_tokens":0},"output_tokens":3,'
+        b'"output_tokens_details":{"reasoning_tokens":0},"total_tokens":19}},"type":"x"}'
+    )
+    assert usage_of(completed) == Usage(16, 3, 19)
+    assert usage_of(b'{"response":{"usage":null}}') is None
+
+
+def _form(*parts: tuple[bytes, bytes], boundary: bytes = b"XyZ") -> bytes:
+    delimiter = b"--" + boundary
+    encoded = [delimiter + b"\r\n" + h + b"\r\n\r\n" + v + b"\r\n" for h, v in parts]
+    return b"".join(encoded) + delimiter + b"--\r\n"
+
+
+FILE_PART = (b'Content-Disposition: form-data; name="model"; filename="model"', b"\x00\r\n--XyY")
+
+
+def test_form_fields_reads_text_fields_and_skips_files() -> None:
+    body = _form(
+        FILE_PART,
+        (b'content-disposition: form-data; name="model"', b"whisper"),
+        (b'Content-Disposition: form-data; name="stream"\r\nContent-Type: text/plain', b"true"),
+    )
+    fields = form_fields(body, b"XyZ", (b"model", b"stream"))
+    assert fields == {b"model": b"whisper", b"stream": b"true"}
+    assert form_fields(body, b"XyZ", (b"language",)) == {}
+
+
+@pytest.mark.parametrize(
+    ("content_type", "boundary"),
+    [
+        (b"multipart/form-data; boundary=XyZ", b"XyZ"),
+        (b'Multipart/Form-Data;charset=utf-8; Boundary="a b"', b"a b"),
+        (b"multipart/form-data", None),
+        (b"application/json", None),
+    ],
+)
+def test_form_boundary(content_type: bytes, boundary: bytes | None) -> None:
+    assert form_boundary(content_type) == boundary
+
+
+def test_parse_request_of_a_form_reads_model_and_stream() -> None:
+    audio = KINDS["/v1/audio/transcriptions"]
+    kind = b"multipart/form-data; boundary=XyZ"
+    body = _form(FILE_PART, (b'Content-Disposition: form-data; name="model"', b"w"))
+    assert parse_request(body, audio, content_type=kind)[:2] == ("w", False)
+    assert parse_request(_form(FILE_PART), audio, "dflt", kind)[:2] == ("dflt", False)
+    streamed = _form((b'Content-Disposition: form-data; name="stream"', b"True"), FILE_PART)
+    assert parse_request(streamed, audio, "d", kind)[:2] == ("d", True)
+    with pytest.raises(ApiError) as info:
+        parse_request(_form((b'Content-Disposition: form-data; name="stream"', b"yes")), audio,
+                      "d", kind)  # fmt: skip
+    assert info.value.param == "stream"
+
+
+def test_renamed_form_replaces_only_the_model_value() -> None:
+    body = _form(FILE_PART, (b'Content-Disposition: form-data; name="model"', b"public-name"))
+    renamed = renamed_form(body, "multipart/form-data; boundary=XyZ", "engine-name")
+    assert renamed == body.replace(b"\r\n\r\npublic-name\r\n", b"\r\n\r\nengine-name\r\n")
+    assert renamed_form(body, "application/json", "x") == body
+
+
+async def test_the_upstream_gets_the_path_content_type_and_request_id() -> None:
+    """What the agent's HTTP client sends, read off a socket: the endpoint's
+    path under the engine's root or its /v1, the client's Content-Type and
+    body as they were, and the request id as X-Request-Id."""
+    import asyncio
+
+    from node_agent.engines.base import Endpoint, EngineRequest
+    from node_agent.engines.openai_upstream import OpenAIUpstream
+
+    received: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )  # fmt: skip
+            received.append(head + await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 2\r\n\r\n{}")  # fmt: skip
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = OpenAIUpstream(f"http://127.0.0.1:{port}/v1", "m", api_key="k")
+    form_type = "multipart/form-data; boundary=XyZ"
+    requests = [
+        EngineRequest(Endpoint.TOKENIZE, b'{"model":"m"}', False, "req-1"),
+        EngineRequest(Endpoint.CHAT, b'{"model":"m"}', False, "client-id:7"),
+        EngineRequest(Endpoint.TRANSCRIPTIONS, b"--XyZ--\r\n", False, "req-3", form_type),
+        EngineRequest(Endpoint.RERANK_V2, b"{}", False, "bad\r\nInjected: 1"),
+    ]
+    try:
+        for request in requests:
+            outputs = [o async for o in upstream.generate(request)]
+            assert [o.chunks for o in outputs] == [[b"{}"]]
+    finally:
+        await upstream.stop()
+        server.close()
+    assert received == [
+        b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer k\r\n"
+        b"Content-Type: application/json\r\nX-Request-Id: req-1\r\nContent-Length: 13\r\n\r\n"
+        b'{"model":"m"}' % port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer k\r\n"
+        b"Content-Type: application/json\r\nX-Request-Id: client-id:7\r\nContent-Length: 13\r\n"
+        b'\r\n{"model":"m"}' % port,
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer k"
+        b"\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nX-Request-Id: req-3\r\n"
+        b"Content-Length: 9\r\n\r\n--XyZ--\r\n" % port,
+        # An id that would break the header is left out, never sent.
+        b"POST /v2/rerank HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer k\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % port,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint", "path"),
+    [
+        ("http://h/v1", "/v1/chat/completions", "/v1/chat/completions"),
+        ("http://h/v1", "/pooling", "/pooling"),
+        ("https://h/openai/v1/", "/v1/responses", "/openai/v1/responses"),
+        ("https://h/openai/v1/", "/v2/rerank", "/openai/v2/rerank"),
+        ("http://h:8000", "/v1/completions", "/completions"),  # as before: under the URL
+        ("http://h:8000", "/tokenize", "/tokenize"),
+    ],
+)
+def test_upstream_paths(url: str, endpoint: str, path: str) -> None:
+    from node_agent.engines.base import Endpoint
+    from node_agent.engines.openai_upstream import OpenAIUpstream
+
+    assert OpenAIUpstream(url, "m").path_of(Endpoint(endpoint)) == path
+
+
+async def test_a_responses_stream_comes_from_the_upstream_as_whole_events() -> None:
+    """Read off a socket: a Responses stream's events keep their `event:` lines
+    (and a [DONE], had the engine sent one); a chat stream's are data payloads."""
+    import asyncio
+
+    from node_agent.engines.base import Endpoint, EngineRequest
+    from node_agent.engines.openai_upstream import OpenAIUpstream
+
+    events = (
+        b'event: response.created\ndata: {"usage":null}\n\n'
+        b'event: response.completed\ndata: {"response":{"usage":{"input_tokens":2,'
+        b'"output_tokens":1,"total_tokens":3}}}\n\ndata: [DONE]\n\n'
+    )
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d"
+            writer.write(head % len(events) + b"\r\n\r\n" + events)
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = OpenAIUpstream(f"http://127.0.0.1:{port}/v1", "m")
+    try:
+        whole = [o async for o in upstream.generate(EngineRequest(Endpoint.RESPONSES, b"{}", True))]
+        data = [o async for o in upstream.generate(EngineRequest(Endpoint.CHAT, b"{}", True))]
+    finally:
+        await upstream.stop()
+        server.close()
+    assert [c for o in whole for c in o.chunks] == [
+        b'event: response.created\ndata: {"usage":null}',
+        b'event: response.completed\ndata: {"response":{"usage":{"input_tokens":2,'
+        b'"output_tokens":1,"total_tokens":3}}}',
+        b"data: [DONE]",
+    ]
+    assert [o.usage for o in whole if o.usage is not None] == [Usage(2, 1, 3)]
+    assert [c for o in data for c in o.chunks] == [
+        b'{"usage":null}',
+        b'{"response":{"usage":{"input_tokens":2,"output_tokens":1,"total_tokens":3}}}',
+    ]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kscope/v1/agent.proto\x12\tkscope.v1\"\xc7\x01\n\x0fRegisterRequest\x12\x11\n\x05token\x18\x01 \x01(\tB\x02\x18\x01\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x12\n\nhost_agent\x18\t \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\"@\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"3\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\x05token\x18\x02 \x01(\tB\x02\x18\x01\"\xc3\x03\n\nLoadReport\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.kscope.v1.AgentPhase\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\x05\x12\x0e\n\x06served\x18\x07 \x01(\x03\x12)\n\x06hosted\x18\x08 \x03(\x0b\x32\x19.kscope.v1.HostedInstance\x12\x0e\n\x06\x65rrors\x18\t \x01(\x03\x12\x19\n\x11generation_tokens\x18\n \x01(\x03\x12\x18\n\x10ttft_seconds_sum\x18\x0b \x01(\x01\x12\x12\n\nttft_count\x18\x0c \x01(\x03\x12\x1b\n\x13latency_seconds_sum\x18\r \x01(\x01\x12\x43\n\x10queued_by_caller\x18\x0e \x03(\x0b\x32).kscope.v1.LoadReport.QueuedByCallerEntry\x1a\x35\n\x13QueuedByCallerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"F\n\x0eHostedInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"s\n\x0eSessionRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.kscope.v1.SessionHelloH\x00\x12,\n\x0bload_report\x18\x02 \x01(\x0b\x32\x15.kscope.v1.LoadReportH\x00\x42\t\n\x07message\"\x1e\n\x0c\x44rainCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xfd\x01\n\x10LoadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0b\x65ngine_args\x18\x04 \x03(\t\x12\x1c\n\x0fmax_concurrency\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nqueue_size\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fqueue_timeout_s\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0c\x65nroll_token\x18\x08 \x01(\tB\x12\n\x10_max_concurrencyB\r\n\x0b_queue_sizeB\x12\n\x10_queue_timeout_s\")\n\x12UnloadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xe2\x01\n\x0fSessionResponse\x12(\n\x05\x64rain\x18\x01 \x01(\x0b\x32\x17.kscope.v1.DrainCommandH\x00\x12\x31\n\nload_model\x18\x02 \x01(\x0b\x32\x1b.kscope.v1.LoadModelCommandH\x00\x12\x35\n\x0cunload_model\x18\x03 \x01(\x0b\x32\x1d.kscope.v1.UnloadModelCommandH\x00\x12\x30\n\x07revoked\x18\x04 \x01(\x0b\x32\x1d.kscope.v1.RevokedEnrollmentsH\x00\x42\t\n\x07\x63ommand\",\n\x12RevokedEnrollments\x12\x16\n\x0e\x65nrollment_ids\x18\x01 \x03(\t*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_PHASE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_PHASE_READY\x10\x02\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x03\x12\x16\n\x12\x41GENT_PHASE_FAILED\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.kscope.v1.RegisterRequest\x1a\x1b.kscope.v1.RegisterResponse\x12\x44\n\x07Session\x12\x19.kscope.v1.SessionRequest\x1a\x1a.kscope.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kscope/v1/agent.proto\x12\tkscope.v1\"\xf6\x01\n\x0fRegisterRequest\x12\x11\n\x05token\x18\x01 \x01(\tB\x02\x18\x01\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\nengine_url\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x12\n\nhost_agent\x18\t \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\x12-\n\x0c\x63\x61pabilities\x18\x0b \x01(\x0b\x32\x17.kscope.v1.Capabilities\"@\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"3\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\x05token\x18\x02 \x01(\tB\x02\x18\x01\"\xf2\x03\n\nLoadReport\x12$\n\x05phase\x18\x01 \x01(\x0e\x32\x15.kscope.v1.AgentPhase\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\x05\x12\x0e\n\x06served\x18\x07 \x01(\x03\x12)\n\x06hosted\x18\x08 \x03(\x0b\x32\x19.kscope.v1.HostedInstance\x12\x0e\n\x06\x65rrors\x18\t \x01(\x03\x12\x19\n\x11generation_tokens\x18\n \x01(\x03\x12\x18\n\x10ttft_seconds_sum\x18\x0b \x01(\x01\x12\x12\n\nttft_count\x18\x0c \x01(\x03\x12\x1b\n\x13latency_seconds_sum\x18\r \x01(\x01\x12\x43\n\x10queued_by_caller\x18\x0e \x03(\x0b\x32).kscope.v1.LoadReport.QueuedByCallerEntry\x12-\n\x0c\x63\x61pabilities\x18\x0f \x01(\x0b\x32\x17.kscope.v1.Capabilities\x1a\x35\n\x13QueuedByCallerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"+\n\x0bLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\"\xd7\x02\n\x0c\x43\x61pabilities\x12)\n\tendpoints\x18\x01 \x03(\x0e\x32\x16.kscope.v1.ApiEndpoint\x12-\n\x10input_modalities\x18\x02 \x03(\x0e\x32\x13.kscope.v1.Modality\x12\x12\n\x05tools\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x11structured_output\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x1b\n\x13max_chars_per_token\x18\x06 \x01(\x05\x12-\n\rlora_adapters\x18\x07 \x03(\x0b\x32\x16.kscope.v1.LoraAdapter\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\t \x01(\t\x12\x0e\n\x06runner\x18\n \x01(\tB\x08\n\x06_toolsB\x14\n\x12_structured_output\"F\n\x0eHostedInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"s\n\x0eSessionRequest\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.kscope.v1.SessionHelloH\x00\x12,\n\x0bload_report\x18\x02 \x01(\x0b\x32\x15.kscope.v1.LoadReportH\x00\x42\t\n\x07message\"\x1e\n\x0c\x44rainCommand\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa4\x02\n\x10LoadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0b\x65ngine_args\x18\x04 \x03(\t\x12\x1c\n\x0fmax_concurrency\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nqueue_size\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fqueue_timeout_s\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0c\x65nroll_token\x18\x08 \x01(\t\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x14\n\x0clora_modules\x18\n \x03(\tB\x12\n\x10_max_concurrencyB\r\n\x0b_queue_sizeB\x12\n\x10_queue_timeout_s\")\n\x12UnloadModelCommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xe2\x01\n\x0fSessionResponse\x12(\n\x05\x64rain\x18\x01 \x01(\x0b\x32\x17.kscope.v1.DrainCommandH\x00\x12\x31\n\nload_model\x18\x02 \x01(\x0b\x32\x1b.kscope.v1.LoadModelCommandH\x00\x12\x35\n\x0cunload_model\x18\x03 \x01(\x0b\x32\x1d.kscope.v1.UnloadModelCommandH\x00\x12\x30\n\x07revoked\x18\x04 \x01(\x0b\x32\x1d.kscope.v1.RevokedEnrollmentsH\x00\x42\t\n\x07\x63ommand\",\n\x12RevokedEnrollments\x12\x16\n\x0e\x65nrollment_ids\x18\x01 \x03(\t*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_PHASE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_PHASE_READY\x10\x02\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x03\x12\x16\n\x12\x41GENT_PHASE_FAILED\x10\x04*\xc6\x02\n\x0b\x41piEndpoint\x12\x1c\n\x18\x41PI_ENDPOINT_UNSPECIFIED\x10\x00\x12!\n\x1d\x41PI_ENDPOINT_CHAT_COMPLETIONS\x10\x01\x12\x1c\n\x18\x41PI_ENDPOINT_COMPLETIONS\x10\x02\x12\x1b\n\x17\x41PI_ENDPOINT_EMBEDDINGS\x10\x03\x12\x1a\n\x16\x41PI_ENDPOINT_RESPONSES\x10\x04\x12\x19\n\x15\x41PI_ENDPOINT_TOKENIZE\x10\x05\x12\x16\n\x12\x41PI_ENDPOINT_SCORE\x10\x06\x12\x17\n\x13\x41PI_ENDPOINT_RERANK\x10\x07\x12\x18\n\x14\x41PI_ENDPOINT_POOLING\x10\x08\x12\x19\n\x15\x41PI_ENDPOINT_CLASSIFY\x10\t\x12\x1e\n\x1a\x41PI_ENDPOINT_TRANSCRIPTION\x10\n*s\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x12\x12\n\x0eMODALITY_VIDEO\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x43\n\x08Register\x12\x1a.kscope.v1.RegisterRequest\x1a\x1b.kscope.v1.RegisterResponse\x12\x44\n\x07Session\x12\x19.kscope.v1.SessionRequest\x1a\x1a.kscope.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONHELLO'].fields_by_name['token']._serialized_options = b'\030\001'
   _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._loaded_options = None
   _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTPHASE']._serialized_start=1607
-  _globals['_AGENTPHASE']._serialized_end=1747
+  _globals['_AGENTPHASE']._serialized_start=2131
+  _globals['_AGENTPHASE']._serialized_end=2271
+  _globals['_APIENDPOINT']._serialized_start=2274
+  _globals['_APIENDPOINT']._serialized_end=2600
+  _globals['_MODALITY']._serialized_start=2602
+  _globals['_MODALITY']._serialized_end=2717
   _globals['_REGISTERREQUEST']._serialized_start=37
-  _globals['_REGISTERREQUEST']._serialized_end=236
-  _globals['_REGISTERRESPONSE']._serialized_start=238
-  _globals['_REGISTERRESPONSE']._serialized_end=302
-  _globals['_SESSIONHELLO']._serialized_start=304
-  _globals['_SESSIONHELLO']._serialized_end=355
-  _globals['_LOADREPORT']._serialized_start=358
-  _globals['_LOADREPORT']._serialized_end=809
-  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_start=756
-  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_end=809
-  _globals['_HOSTEDINSTANCE']._serialized_start=811
-  _globals['_HOSTEDINSTANCE']._serialized_end=881
-  _globals['_SESSIONREQUEST']._serialized_start=883
-  _globals['_SESSIONREQUEST']._serialized_end=998
-  _globals['_DRAINCOMMAND']._serialized_start=1000
-  _globals['_DRAINCOMMAND']._serialized_end=1030
-  _globals['_LOADMODELCOMMAND']._serialized_start=1033
-  _globals['_LOADMODELCOMMAND']._serialized_end=1286
-  _globals['_UNLOADMODELCOMMAND']._serialized_start=1288
-  _globals['_UNLOADMODELCOMMAND']._serialized_end=1329
-  _globals['_SESSIONRESPONSE']._serialized_start=1332
-  _globals['_SESSIONRESPONSE']._serialized_end=1558
-  _globals['_REVOKEDENROLLMENTS']._serialized_start=1560
-  _globals['_REVOKEDENROLLMENTS']._serialized_end=1604
-  _globals['_AGENTSERVICE']._serialized_start=1750
-  _globals['_AGENTSERVICE']._serialized_end=1903
+  _globals['_REGISTERREQUEST']._serialized_end=283
+  _globals['_REGISTERRESPONSE']._serialized_start=285
+  _globals['_REGISTERRESPONSE']._serialized_end=349
+  _globals['_SESSIONHELLO']._serialized_start=351
+  _globals['_SESSIONHELLO']._serialized_end=402
+  _globals['_LOADREPORT']._serialized_start=405
+  _globals['_LOADREPORT']._serialized_end=903
+  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_start=850
+  _globals['_LOADREPORT_QUEUEDBYCALLERENTRY']._serialized_end=903
+  _globals['_LORAADAPTER']._serialized_start=905
+  _globals['_LORAADAPTER']._serialized_end=948
+  _globals['_CAPABILITIES']._serialized_start=951
+  _globals['_CAPABILITIES']._serialized_end=1294
+  _globals['_HOSTEDINSTANCE']._serialized_start=1296
+  _globals['_HOSTEDINSTANCE']._serialized_end=1366
+  _globals['_SESSIONREQUEST']._serialized_start=1368
+  _globals['_SESSIONREQUEST']._serialized_end=1483
+  _globals['_DRAINCOMMAND']._serialized_start=1485
+  _globals['_DRAINCOMMAND']._serialized_end=1515
+  _globals['_LOADMODELCOMMAND']._serialized_start=1518
+  _globals['_LOADMODELCOMMAND']._serialized_end=1810
+  _globals['_UNLOADMODELCOMMAND']._serialized_start=1812
+  _globals['_UNLOADMODELCOMMAND']._serialized_end=1853
+  _globals['_SESSIONRESPONSE']._serialized_start=1856
+  _globals['_SESSIONRESPONSE']._serialized_end=2082
+  _globals['_REVOKEDENROLLMENTS']._serialized_start=2084
+  _globals['_REVOKEDENROLLMENTS']._serialized_end=2128
+  _globals['_AGENTSERVICE']._serialized_start=2720
+  _globals['_AGENTSERVICE']._serialized_end=2873
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,84 @@ AGENT_PHASE_FAILED: AgentPhase.ValueType  # 4
 """The engine died or never came up."""
 Global___AgentPhase: _TypeAlias = AgentPhase  # noqa: Y015
 
+class _ApiEndpoint:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApiEndpointEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApiEndpoint.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    API_ENDPOINT_UNSPECIFIED: _ApiEndpoint.ValueType  # 0
+    API_ENDPOINT_CHAT_COMPLETIONS: _ApiEndpoint.ValueType  # 1
+    """POST /v1/chat/completions."""
+    API_ENDPOINT_COMPLETIONS: _ApiEndpoint.ValueType  # 2
+    """POST /v1/completions."""
+    API_ENDPOINT_EMBEDDINGS: _ApiEndpoint.ValueType  # 3
+    """POST /v1/embeddings."""
+    API_ENDPOINT_RESPONSES: _ApiEndpoint.ValueType  # 4
+    """POST /v1/responses."""
+    API_ENDPOINT_TOKENIZE: _ApiEndpoint.ValueType  # 5
+    """POST /tokenize and /detokenize."""
+    API_ENDPOINT_SCORE: _ApiEndpoint.ValueType  # 6
+    """POST /score and /v1/score."""
+    API_ENDPOINT_RERANK: _ApiEndpoint.ValueType  # 7
+    """POST /rerank, /v1/rerank and /v2/rerank."""
+    API_ENDPOINT_POOLING: _ApiEndpoint.ValueType  # 8
+    """POST /pooling."""
+    API_ENDPOINT_CLASSIFY: _ApiEndpoint.ValueType  # 9
+    """POST /classify."""
+    API_ENDPOINT_TRANSCRIPTION: _ApiEndpoint.ValueType  # 10
+    """POST /v1/audio/transcriptions and /v1/audio/translations."""
+
+class ApiEndpoint(_ApiEndpoint, metaclass=_ApiEndpointEnumTypeWrapper):
+    """ApiEndpoint is an inference endpoint an instance may serve (one value per
+    family of paths).
+    """
+
+API_ENDPOINT_UNSPECIFIED: ApiEndpoint.ValueType  # 0
+API_ENDPOINT_CHAT_COMPLETIONS: ApiEndpoint.ValueType  # 1
+"""POST /v1/chat/completions."""
+API_ENDPOINT_COMPLETIONS: ApiEndpoint.ValueType  # 2
+"""POST /v1/completions."""
+API_ENDPOINT_EMBEDDINGS: ApiEndpoint.ValueType  # 3
+"""POST /v1/embeddings."""
+API_ENDPOINT_RESPONSES: ApiEndpoint.ValueType  # 4
+"""POST /v1/responses."""
+API_ENDPOINT_TOKENIZE: ApiEndpoint.ValueType  # 5
+"""POST /tokenize and /detokenize."""
+API_ENDPOINT_SCORE: ApiEndpoint.ValueType  # 6
+"""POST /score and /v1/score."""
+API_ENDPOINT_RERANK: ApiEndpoint.ValueType  # 7
+"""POST /rerank, /v1/rerank and /v2/rerank."""
+API_ENDPOINT_POOLING: ApiEndpoint.ValueType  # 8
+"""POST /pooling."""
+API_ENDPOINT_CLASSIFY: ApiEndpoint.ValueType  # 9
+"""POST /classify."""
+API_ENDPOINT_TRANSCRIPTION: ApiEndpoint.ValueType  # 10
+"""POST /v1/audio/transcriptions and /v1/audio/translations."""
+Global___ApiEndpoint: _TypeAlias = ApiEndpoint  # noqa: Y015
+
+class _Modality:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModalityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Modality.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODALITY_UNSPECIFIED: _Modality.ValueType  # 0
+    MODALITY_TEXT: _Modality.ValueType  # 1
+    MODALITY_IMAGE: _Modality.ValueType  # 2
+    MODALITY_AUDIO: _Modality.ValueType  # 3
+    MODALITY_VIDEO: _Modality.ValueType  # 4
+
+class Modality(_Modality, metaclass=_ModalityEnumTypeWrapper):
+    """Modality is a kind of input a model accepts."""
+
+MODALITY_UNSPECIFIED: Modality.ValueType  # 0
+MODALITY_TEXT: Modality.ValueType  # 1
+MODALITY_IMAGE: Modality.ValueType  # 2
+MODALITY_AUDIO: Modality.ValueType  # 3
+MODALITY_VIDEO: Modality.ValueType  # 4
+Global___Modality: _TypeAlias = Modality  # noqa: Y015
+
 @_typing.final
 class RegisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -68,6 +146,7 @@ class RegisterRequest(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     HOST_AGENT_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def token(self) -> _builtins.str:
@@ -100,6 +179,12 @@ class RegisterRequest(_message.Message):
         from its own disk.
         """
 
+    @_builtins.property
+    def capabilities(self) -> Global___Capabilities:
+        """What the instance can do, when the agent knows it already (it learns it
+        from its engine once the engine answers; LoadReport carries changes).
+        """
+
     def __init__(
         self,
         *,
@@ -113,10 +198,11 @@ class RegisterRequest(_message.Message):
         pid: _builtins.int = ...,
         host_agent: _builtins.bool = ...,
         memory_bytes: _builtins.int = ...,
+        capabilities: Global___Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "engine_url", b"engine_url", "host_agent", b"host_agent", "hostname", b"hostname", "instance_id", b"instance_id", "memory_bytes", b"memory_bytes", "models", b"models", "pid", b"pid", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capabilities", b"capabilities", "engine", b"engine", "engine_url", b"engine_url", "host_agent", b"host_agent", "hostname", b"hostname", "instance_id", b"instance_id", "memory_bytes", b"memory_bytes", "models", b"models", "pid", b"pid", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -218,6 +304,7 @@ class LoadReport(_message.Message):
     TTFT_COUNT_FIELD_NUMBER: _builtins.int
     LATENCY_SECONDS_SUM_FIELD_NUMBER: _builtins.int
     QUEUED_BY_CALLER_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     phase: Global___AgentPhase.ValueType
     in_flight: _builtins.int
     """Requests being generated by the engine now."""
@@ -252,6 +339,12 @@ class LoadReport(_message.Message):
     def queued_by_caller(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Requests waiting in the agent's queue, by caller (the key's owner)."""
 
+    @_builtins.property
+    def capabilities(self) -> Global___Capabilities:
+        """What the instance can do: set in the first report of a Session that
+        knows them and whenever they change; unset means unchanged.
+        """
+
     def __init__(
         self,
         *,
@@ -269,14 +362,117 @@ class LoadReport(_message.Message):
         ttft_count: _builtins.int = ...,
         latency_seconds_sum: _builtins.float = ...,
         queued_by_caller: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        capabilities: Global___Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "errors", b"errors", "generation_tokens", b"generation_tokens", "hosted", b"hosted", "in_flight", b"in_flight", "latency_seconds_sum", b"latency_seconds_sum", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "phase", b"phase", "queued", b"queued", "queued_by_caller", b"queued_by_caller", "served", b"served", "ttft_count", b"ttft_count", "ttft_seconds_sum", b"ttft_seconds_sum"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "detail", b"detail", "errors", b"errors", "generation_tokens", b"generation_tokens", "hosted", b"hosted", "in_flight", b"in_flight", "latency_seconds_sum", b"latency_seconds_sum", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "phase", b"phase", "queued", b"queued", "queued_by_caller", b"queued_by_caller", "served", b"served", "ttft_count", b"ttft_count", "ttft_seconds_sum", b"ttft_seconds_sum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadReport: _TypeAlias = LoadReport  # noqa: Y015
+
+@_typing.final
+class LoraAdapter(_message.Message):
+    """LoraAdapter is one LoRA adapter an instance serves under its own name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name clients put in the request's `model` field."""
+    parent: _builtins.str
+    """The base model it adapts (vLLM's `parent`)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraAdapter: _TypeAlias = LoraAdapter  # noqa: Y015
+
+@_typing.final
+class Capabilities(_message.Message):
+    """Capabilities says what an instance can do, as its agent learned it from the
+    engine (and the catalog declares on top). An empty or unset field means
+    "not known": the facade then refuses nothing on its account and lets the
+    engine judge.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    INPUT_MODALITIES_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    MAX_CHARS_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    LORA_ADAPTERS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_VERSION_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
+    tools: _builtins.bool
+    """Whether it takes `tools` (function calling)."""
+    structured_output: _builtins.bool
+    """Whether it honours `response_format` json_schema / json_object."""
+    max_model_len: _builtins.int
+    """The longest prompt plus completion, in tokens (vLLM's max_model_len)."""
+    max_chars_per_token: _builtins.int
+    """The longest token of its tokenizer, in characters: a prompt longer than
+    max_model_len times this is too long for certain (vLLM's own bound).
+    """
+    engine: _builtins.str
+    """The engine (vllm, mlx_vlm, openai) and its version."""
+    engine_version: _builtins.str
+    runner: _builtins.str
+    """vLLM's runner: generate or pooling; empty when not known."""
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedScalarFieldContainer[Global___ApiEndpoint.ValueType]:
+        """The inference endpoints it serves."""
+
+    @_builtins.property
+    def input_modalities(self) -> _containers.RepeatedScalarFieldContainer[Global___Modality.ValueType]:
+        """The kinds of input it accepts (text, image, audio, video)."""
+
+    @_builtins.property
+    def lora_adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraAdapter]:
+        """The LoRA adapters it has loaded."""
+
+    def __init__(
+        self,
+        *,
+        endpoints: _abc.Iterable[Global___ApiEndpoint.ValueType] | None = ...,
+        input_modalities: _abc.Iterable[Global___Modality.ValueType] | None = ...,
+        tools: _builtins.bool | None = ...,
+        structured_output: _builtins.bool | None = ...,
+        max_model_len: _builtins.int = ...,
+        max_chars_per_token: _builtins.int = ...,
+        lora_adapters: _abc.Iterable[Global___LoraAdapter] | None = ...,
+        engine: _builtins.str = ...,
+        engine_version: _builtins.str = ...,
+        runner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_structured_output", b"_structured_output", "_tools", b"_tools", "structured_output", b"structured_output", "tools", b"tools"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_structured_output", b"_structured_output", "_tools", b"_tools", "endpoints", b"endpoints", "engine", b"engine", "engine_version", b"engine_version", "input_modalities", b"input_modalities", "lora_adapters", b"lora_adapters", "max_chars_per_token", b"max_chars_per_token", "max_model_len", b"max_model_len", "runner", b"runner", "structured_output", b"structured_output", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__structured_output: _TypeAlias = _typing.Literal["structured_output"]  # noqa: Y015
+    _WhichOneofArgType__structured_output: _TypeAlias = _typing.Literal["_structured_output", b"_structured_output"]  # noqa: Y015
+    _WhichOneofReturnType__tools: _TypeAlias = _typing.Literal["tools"]  # noqa: Y015
+    _WhichOneofArgType__tools: _TypeAlias = _typing.Literal["_tools", b"_tools"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__structured_output) -> _WhichOneofReturnType__structured_output | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tools) -> _WhichOneofReturnType__tools | None: ...
+
+Global___Capabilities: _TypeAlias = Capabilities  # noqa: Y015
 
 @_typing.final
 class HostedInstance(_message.Message):
@@ -372,6 +568,8 @@ class LoadModelCommand(_message.Message):
     QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     ENROLL_TOKEN_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    LORA_MODULES_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     model: _builtins.str
     engine: _builtins.str
@@ -386,6 +584,14 @@ class LoadModelCommand(_message.Message):
     """
     @_builtins.property
     def engine_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other names the engine answers to (the catalog's aliases)."""
+
+    @_builtins.property
+    def lora_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """LoRA adapters to serve, each NAME=PATH (the catalog's lora_modules)."""
+
     def __init__(
         self,
         *,
@@ -397,10 +603,12 @@ class LoadModelCommand(_message.Message):
         queue_size: _builtins.int | None = ...,
         queue_timeout_s: _builtins.float | None = ...,
         enroll_token: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        lora_modules: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "_queue_size", b"_queue_size", "_queue_timeout_s", b"_queue_timeout_s", "max_concurrency", b"max_concurrency", "queue_size", b"queue_size", "queue_timeout_s", b"queue_timeout_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "_queue_size", b"_queue_size", "_queue_timeout_s", b"_queue_timeout_s", "engine", b"engine", "engine_args", b"engine_args", "enroll_token", b"enroll_token", "instance_id", b"instance_id", "max_concurrency", b"max_concurrency", "model", b"model", "queue_size", b"queue_size", "queue_timeout_s", b"queue_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "_queue_size", b"_queue_size", "_queue_timeout_s", b"_queue_timeout_s", "aliases", b"aliases", "engine", b"engine", "engine_args", b"engine_args", "enroll_token", b"enroll_token", "instance_id", b"instance_id", "lora_modules", b"lora_modules", "max_concurrency", b"max_concurrency", "model", b"model", "queue_size", b"queue_size", "queue_timeout_s", b"queue_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_concurrency: _TypeAlias = _typing.Literal["max_concurrency"]  # noqa: Y015
     _WhichOneofArgType__max_concurrency: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency"]  # noqa: Y015

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from kscope.v1 import agent_pb2 as _agent_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -105,6 +106,9 @@ class Model(_message.Message):
     READY_REPLICAS_FIELD_NUMBER: _builtins.int
     LIVE_REPLICAS_FIELD_NUMBER: _builtins.int
     LAUNCHER_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    LORA_ADAPTERS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     engine: _builtins.str
     min_replicas: _builtins.int
@@ -116,6 +120,23 @@ class Model(_message.Message):
     live_replicas: _builtins.int
     """Instances neither stopped nor failed."""
     launcher: _builtins.str
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other names clients may use for this model (the catalog's aliases)."""
+
+    @_builtins.property
+    def lora_adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The LoRA adapters the catalog lists for it, by name: each is a model
+        name of its own, served by the instances that have it loaded.
+        """
+
+    @_builtins.property
+    def capabilities(self) -> _agent_pb2.Capabilities:
+        """What the model can do: the union of its READY instances' capabilities,
+        else the last ones an instance reported, with the catalog's declared
+        capabilities on top; unset when nothing is known.
+        """
+
     def __init__(
         self,
         *,
@@ -128,10 +149,13 @@ class Model(_message.Message):
         ready_replicas: _builtins.int = ...,
         live_replicas: _builtins.int = ...,
         launcher: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        lora_adapters: _abc.Iterable[_builtins.str] | None = ...,
+        capabilities: _agent_pb2.Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "launcher", b"launcher", "live_replicas", b"live_replicas", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "name", b"name", "ready_replicas", b"ready_replicas", "state", b"state", "state_message", b"state_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "engine", b"engine", "launcher", b"launcher", "live_replicas", b"live_replicas", "lora_adapters", b"lora_adapters", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "name", b"name", "ready_replicas", b"ready_replicas", "state", b"state", "state_message", b"state_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,6 +201,7 @@ class Instance(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     QUEUED_BY_CALLER_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model: _builtins.str
     state: Global___InstanceState.ValueType
@@ -201,6 +226,12 @@ class Instance(_message.Message):
     def queued_by_caller(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Requests waiting in the agent's queue, by caller (the key's owner)."""
 
+    @_builtins.property
+    def capabilities(self) -> _agent_pb2.Capabilities:
+        """What this instance can do (its agent's report, the catalog's declared
+        capabilities on top); unset until its agent knows.
+        """
+
     def __init__(
         self,
         *,
@@ -220,10 +251,11 @@ class Instance(_message.Message):
         max_concurrency: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
         queued_by_caller: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        capabilities: _agent_pb2.Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_id", b"agent_id", "created_at", b"created_at", "engine_url", b"engine_url", "id", b"id", "in_flight", b"in_flight", "launcher", b"launcher", "launcher_ref", b"launcher_ref", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "model", b"model", "queued", b"queued", "queued_by_caller", b"queued_by_caller", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_id", b"agent_id", "capabilities", b"capabilities", "created_at", b"created_at", "engine_url", b"engine_url", "id", b"id", "in_flight", b"in_flight", "launcher", b"launcher", "launcher_ref", b"launcher_ref", "max_concurrency", b"max_concurrency", "max_queue_size", b"max_queue_size", "model", b"model", "queued", b"queued", "queued_by_caller", b"queued_by_caller", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,17 +597,23 @@ class Endpoint(_message.Message):
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     address: _builtins.str
+    @_builtins.property
+    def capabilities(self) -> _agent_pb2.Capabilities:
+        """What this instance can do; unset when not known yet (nothing refused)."""
+
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         address: _builtins.str = ...,
+        capabilities: _agent_pb2.Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capabilities", b"capabilities", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,16 +33,76 @@ class _InferenceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inferen
     DESCRIPTOR: _descriptor.EnumDescriptor
     INFERENCE_KIND_UNSPECIFIED: _InferenceKind.ValueType  # 0
     INFERENCE_KIND_CHAT_COMPLETION: _InferenceKind.ValueType  # 1
+    """POST /v1/chat/completions"""
     INFERENCE_KIND_COMPLETION: _InferenceKind.ValueType  # 2
+    """POST /v1/completions"""
     INFERENCE_KIND_EMBEDDING: _InferenceKind.ValueType  # 3
+    """POST /v1/embeddings"""
+    INFERENCE_KIND_RESPONSE: _InferenceKind.ValueType  # 4
+    """POST /v1/responses. Its stream's SSE events travel whole (`event:` lines
+    included), one chunk per event without the blank line that ends it.
+    """
+    INFERENCE_KIND_TOKENIZE: _InferenceKind.ValueType  # 5
+    """POST /tokenize"""
+    INFERENCE_KIND_DETOKENIZE: _InferenceKind.ValueType  # 6
+    """POST /detokenize"""
+    INFERENCE_KIND_SCORE: _InferenceKind.ValueType  # 7
+    """POST /score"""
+    INFERENCE_KIND_SCORE_V1: _InferenceKind.ValueType  # 8
+    """POST /v1/score"""
+    INFERENCE_KIND_RERANK: _InferenceKind.ValueType  # 9
+    """POST /rerank"""
+    INFERENCE_KIND_RERANK_V1: _InferenceKind.ValueType  # 10
+    """POST /v1/rerank"""
+    INFERENCE_KIND_RERANK_V2: _InferenceKind.ValueType  # 11
+    """POST /v2/rerank"""
+    INFERENCE_KIND_POOLING: _InferenceKind.ValueType  # 12
+    """POST /pooling"""
+    INFERENCE_KIND_CLASSIFY: _InferenceKind.ValueType  # 13
+    """POST /classify"""
+    INFERENCE_KIND_TRANSCRIPTION: _InferenceKind.ValueType  # 14
+    """POST /v1/audio/transcriptions (a multipart/form-data body)"""
+    INFERENCE_KIND_TRANSLATION: _InferenceKind.ValueType  # 15
+    """POST /v1/audio/translations (a multipart/form-data body)"""
 
 class InferenceKind(_InferenceKind, metaclass=_InferenceKindEnumTypeWrapper):
-    """InferenceKind names the endpoint a multiplexed request is for."""
+    """InferenceKind names the endpoint a request is for: each kind is one engine
+    path (vLLM's), so an agent forwards only to the endpoints listed here.
+    """
 
 INFERENCE_KIND_UNSPECIFIED: InferenceKind.ValueType  # 0
 INFERENCE_KIND_CHAT_COMPLETION: InferenceKind.ValueType  # 1
+"""POST /v1/chat/completions"""
 INFERENCE_KIND_COMPLETION: InferenceKind.ValueType  # 2
+"""POST /v1/completions"""
 INFERENCE_KIND_EMBEDDING: InferenceKind.ValueType  # 3
+"""POST /v1/embeddings"""
+INFERENCE_KIND_RESPONSE: InferenceKind.ValueType  # 4
+"""POST /v1/responses. Its stream's SSE events travel whole (`event:` lines
+included), one chunk per event without the blank line that ends it.
+"""
+INFERENCE_KIND_TOKENIZE: InferenceKind.ValueType  # 5
+"""POST /tokenize"""
+INFERENCE_KIND_DETOKENIZE: InferenceKind.ValueType  # 6
+"""POST /detokenize"""
+INFERENCE_KIND_SCORE: InferenceKind.ValueType  # 7
+"""POST /score"""
+INFERENCE_KIND_SCORE_V1: InferenceKind.ValueType  # 8
+"""POST /v1/score"""
+INFERENCE_KIND_RERANK: InferenceKind.ValueType  # 9
+"""POST /rerank"""
+INFERENCE_KIND_RERANK_V1: InferenceKind.ValueType  # 10
+"""POST /v1/rerank"""
+INFERENCE_KIND_RERANK_V2: InferenceKind.ValueType  # 11
+"""POST /v2/rerank"""
+INFERENCE_KIND_POOLING: InferenceKind.ValueType  # 12
+"""POST /pooling"""
+INFERENCE_KIND_CLASSIFY: InferenceKind.ValueType  # 13
+"""POST /classify"""
+INFERENCE_KIND_TRANSCRIPTION: InferenceKind.ValueType  # 14
+"""POST /v1/audio/transcriptions (a multipart/form-data body)"""
+INFERENCE_KIND_TRANSLATION: InferenceKind.ValueType  # 15
+"""POST /v1/audio/translations (a multipart/form-data body)"""
 Global___InferenceKind: _TypeAlias = InferenceKind  # noqa: Y015
 
 @_typing.final
@@ -56,14 +116,19 @@ class MultiplexOpen(_message.Message):
     ENVELOPE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.int
     """Chosen by the facade, unique within the stream."""
     kind: Global___InferenceKind.ValueType
     body: _builtins.bytes
-    """The client's OpenAI request body, JSON, unchanged."""
+    """The client's request body, unchanged (see content_type)."""
     window_bytes: _builtins.int
     """Flow control: bytes of chunks the agent may send for this request before
     the facade grants more (MultiplexCredit); 0 means no limit.
+    """
+    content_type: _builtins.str
+    """The body's Content-Type as the client sent it (a multipart boundary
+    included); empty means application/json.
     """
     @_builtins.property
     def envelope(self) -> Global___RequestEnvelope: ...
@@ -75,10 +140,11 @@ class MultiplexOpen(_message.Message):
         envelope: Global___RequestEnvelope | None = ...,
         body: _builtins.bytes = ...,
         window_bytes: _builtins.int = ...,
+        content_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "envelope", b"envelope", "kind", b"kind", "stream_id", b"stream_id", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "envelope", b"envelope", "kind", b"kind", "stream_id", b"stream_id", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,6 +559,73 @@ class EmbeddingRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbeddingRequest: _TypeAlias = EmbeddingRequest  # noqa: Y015
+
+@_typing.final
+class InferenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    kind: Global___InferenceKind.ValueType
+    """Which endpoint; UNSPECIFIED (or one the agent does not know) is refused
+    with INVALID_ARGUMENT.
+    """
+    body: _builtins.bytes
+    """The client's request body, unchanged (see content_type)."""
+    content_type: _builtins.str
+    """The body's Content-Type as the client sent it (a multipart boundary
+    included); empty means application/json.
+    """
+    @_builtins.property
+    def envelope(self) -> Global___RequestEnvelope: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___InferenceKind.ValueType = ...,
+        envelope: Global___RequestEnvelope | None = ...,
+        body: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "envelope", b"envelope", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceRequest: _TypeAlias = InferenceRequest  # noqa: Y015
+
+@_typing.final
+class InferenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """As in ChatCompletionResponse: the whole answer when not streaming,
+        otherwise the stream's events that arrived together (a RESPONSE stream's
+        events whole, the others' `data:` payloads).
+        """
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """As in ChatCompletionResponse, when the engine reported usage."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[_builtins.bytes] | None = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceResponse: _TypeAlias = InferenceResponse  # noqa: Y015
 
 @_typing.final
 class EmbeddingResponse(_message.Message):

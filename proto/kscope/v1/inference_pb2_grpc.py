@@ -27,11 +27,12 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """InferenceService is served by every node agent. Each RPC carries the
-    client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. ChatCompletion, Completion and
-    Embedding take one call per request (what grpcurl users see; cancelling the
-    call aborts the engine's request); Multiplex carries many. A failed request
-    is told the same way on both: a RequestError. Only facades may call it.
+    client's request body unchanged as bytes (OpenAI JSON, or a multipart form
+    for audio), so every OpenAI and engine field works without this file knowing
+    it. ChatCompletion, Completion, Embedding and Inference take one call per
+    request (what grpcurl users see; cancelling the call aborts the engine's
+    request); Multiplex carries many. A failed request is told the same way on
+    both: a RequestError. Only facades may call it.
     """
 
     def __init__(self, channel):
@@ -55,6 +56,11 @@ class InferenceServiceStub:
                 request_serializer=kscope_dot_v1_dot_inference__pb2.EmbeddingRequest.SerializeToString,
                 response_deserializer=kscope_dot_v1_dot_inference__pb2.EmbeddingResponse.FromString,
                 _registered_method=True)
+        self.Inference = channel.unary_stream(
+                '/kscope.v1.InferenceService/Inference',
+                request_serializer=kscope_dot_v1_dot_inference__pb2.InferenceRequest.SerializeToString,
+                response_deserializer=kscope_dot_v1_dot_inference__pb2.InferenceResponse.FromString,
+                _registered_method=True)
         self.Multiplex = channel.stream_stream(
                 '/kscope.v1.InferenceService/Multiplex',
                 request_serializer=kscope_dot_v1_dot_inference__pb2.MultiplexRequest.SerializeToString,
@@ -64,11 +70,12 @@ class InferenceServiceStub:
 
 class InferenceServiceServicer:
     """InferenceService is served by every node agent. Each RPC carries the
-    client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. ChatCompletion, Completion and
-    Embedding take one call per request (what grpcurl users see; cancelling the
-    call aborts the engine's request); Multiplex carries many. A failed request
-    is told the same way on both: a RequestError. Only facades may call it.
+    client's request body unchanged as bytes (OpenAI JSON, or a multipart form
+    for audio), so every OpenAI and engine field works without this file knowing
+    it. ChatCompletion, Completion, Embedding and Inference take one call per
+    request (what grpcurl users see; cancelling the call aborts the engine's
+    request); Multiplex carries many. A failed request is told the same way on
+    both: a RequestError. Only facades may call it.
     """
 
     def ChatCompletion(self, request, context):
@@ -87,6 +94,15 @@ class InferenceServiceServicer:
 
     def Embedding(self, request, context):
         """POST /v1/embeddings. Always yields one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Inference(self, request, context):
+        """Any endpoint InferenceKind names, the three above included: the kind says
+        which (the engine path is the agent's to know, never the caller's). A
+        non-streaming request yields one message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +138,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=kscope_dot_v1_dot_inference__pb2.EmbeddingRequest.FromString,
                     response_serializer=kscope_dot_v1_dot_inference__pb2.EmbeddingResponse.SerializeToString,
             ),
+            'Inference': grpc.unary_stream_rpc_method_handler(
+                    servicer.Inference,
+                    request_deserializer=kscope_dot_v1_dot_inference__pb2.InferenceRequest.FromString,
+                    response_serializer=kscope_dot_v1_dot_inference__pb2.InferenceResponse.SerializeToString,
+            ),
             'Multiplex': grpc.stream_stream_rpc_method_handler(
                     servicer.Multiplex,
                     request_deserializer=kscope_dot_v1_dot_inference__pb2.MultiplexRequest.FromString,
@@ -137,11 +158,12 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """InferenceService is served by every node agent. Each RPC carries the
-    client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. ChatCompletion, Completion and
-    Embedding take one call per request (what grpcurl users see; cancelling the
-    call aborts the engine's request); Multiplex carries many. A failed request
-    is told the same way on both: a RequestError. Only facades may call it.
+    client's request body unchanged as bytes (OpenAI JSON, or a multipart form
+    for audio), so every OpenAI and engine field works without this file knowing
+    it. ChatCompletion, Completion, Embedding and Inference take one call per
+    request (what grpcurl users see; cancelling the call aborts the engine's
+    request); Multiplex carries many. A failed request is told the same way on
+    both: a RequestError. Only facades may call it.
     """
 
     @staticmethod
@@ -215,6 +237,33 @@ class InferenceService:
             '/kscope.v1.InferenceService/Embedding',
             kscope_dot_v1_dot_inference__pb2.EmbeddingRequest.SerializeToString,
             kscope_dot_v1_dot_inference__pb2.EmbeddingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kscope.v1.InferenceService/Inference',
+            kscope_dot_v1_dot_inference__pb2.InferenceRequest.SerializeToString,
+            kscope_dot_v1_dot_inference__pb2.InferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,11 +28,12 @@ GRPC_VERSION: str
 
 class InferenceServiceStub:
     """InferenceService is served by every node agent. Each RPC carries the
-    client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. ChatCompletion, Completion and
-    Embedding take one call per request (what grpcurl users see; cancelling the
-    call aborts the engine's request); Multiplex carries many. A failed request
-    is told the same way on both: a RequestError. Only facades may call it.
+    client's request body unchanged as bytes (OpenAI JSON, or a multipart form
+    for audio), so every OpenAI and engine field works without this file knowing
+    it. ChatCompletion, Completion, Embedding and Inference take one call per
+    request (what grpcurl users see; cancelling the call aborts the engine's
+    request); Multiplex carries many. A failed request is told the same way on
+    both: a RequestError. Only facades may call it.
     """
 
     @_typing.overload
@@ -45,6 +46,11 @@ class InferenceServiceStub:
     """POST /v1/completions. A non-streaming request yields one message."""
     Embedding: _grpc.UnaryStreamMultiCallable[_inference_pb2.EmbeddingRequest, _inference_pb2.EmbeddingResponse]
     """POST /v1/embeddings. Always yields one message."""
+    Inference: _grpc.UnaryStreamMultiCallable[_inference_pb2.InferenceRequest, _inference_pb2.InferenceResponse]
+    """Any endpoint InferenceKind names, the three above included: the kind says
+    which (the engine path is the agent's to know, never the caller's). A
+    non-streaming request yields one message.
+    """
     Multiplex: _grpc.StreamStreamMultiCallable[_inference_pb2.MultiplexRequest, _inference_pb2.MultiplexResponse]
     """Multiplex carries many requests over one long-lived stream between a
     facade and an agent, because grpc.aio's per-call cost dominates the token
@@ -57,11 +63,12 @@ class InferenceServiceStub:
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
     """InferenceService is served by every node agent. Each RPC carries the
-    client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. ChatCompletion, Completion and
-    Embedding take one call per request (what grpcurl users see; cancelling the
-    call aborts the engine's request); Multiplex carries many. A failed request
-    is told the same way on both: a RequestError. Only facades may call it.
+    client's request body unchanged as bytes (OpenAI JSON, or a multipart form
+    for audio), so every OpenAI and engine field works without this file knowing
+    it. ChatCompletion, Completion, Embedding and Inference take one call per
+    request (what grpcurl users see; cancelling the call aborts the engine's
+    request); Multiplex carries many. A failed request is told the same way on
+    both: a RequestError. Only facades may call it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -71,6 +78,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """POST /v1/completions. A non-streaming request yields one message."""
     Embedding: _aio.UnaryStreamMultiCallable[_inference_pb2.EmbeddingRequest, _inference_pb2.EmbeddingResponse]  # type: ignore[assignment]
     """POST /v1/embeddings. Always yields one message."""
+    Inference: _aio.UnaryStreamMultiCallable[_inference_pb2.InferenceRequest, _inference_pb2.InferenceResponse]  # type: ignore[assignment]
+    """Any endpoint InferenceKind names, the three above included: the kind says
+    which (the engine path is the agent's to know, never the caller's). A
+    non-streaming request yields one message.
+    """
     Multiplex: _aio.StreamStreamMultiCallable[_inference_pb2.MultiplexRequest, _inference_pb2.MultiplexResponse]  # type: ignore[assignment]
     """Multiplex carries many requests over one long-lived stream between a
     facade and an agent, because grpc.aio's per-call cost dominates the token
@@ -82,11 +94,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService is served by every node agent. Each RPC carries the
-    client's OpenAI JSON body unchanged as bytes, so every OpenAI and engine
-    field works without this file knowing it. ChatCompletion, Completion and
-    Embedding take one call per request (what grpcurl users see; cancelling the
-    call aborts the engine's request); Multiplex carries many. A failed request
-    is told the same way on both: a RequestError. Only facades may call it.
+    client's request body unchanged as bytes (OpenAI JSON, or a multipart form
+    for audio), so every OpenAI and engine field works without this file knowing
+    it. ChatCompletion, Completion, Embedding and Inference take one call per
+    request (what grpcurl users see; cancelling the call aborts the engine's
+    request); Multiplex carries many. A failed request is told the same way on
+    both: a RequestError. Only facades may call it.
     """
 
     @_abc_1.abstractmethod
@@ -112,6 +125,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.EmbeddingResponse], _abc.AsyncIterator[_inference_pb2.EmbeddingResponse]]:
         """POST /v1/embeddings. Always yields one message."""
+
+    @_abc_1.abstractmethod
+    def Inference(
+        self,
+        request: _inference_pb2.InferenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.InferenceResponse], _abc.AsyncIterator[_inference_pb2.InferenceResponse]]:
+        """Any endpoint InferenceKind names, the three above included: the kind says
+        which (the engine path is the agent's to know, never the caller's). A
+        non-streaming request yields one message.
+        """
 
     @_abc_1.abstractmethod
     def Multiplex(

@@ -1,0 +1,106 @@
+"""Build a tiny random-weight cross-encoder that vLLM's CPU build serves with its
+pooling runner: /classify, /pooling, /score and /rerank.
+
+It is the tiny Qwen2 of tools/tiny_model.py (same tokenizer, same layers) with
+a sequence-classification head instead of the language-model head:
+``Qwen2ForSequenceClassification`` with one label, which vLLM serves as a
+classifier and, having one label, as a cross-encoder for scoring and reranking.
+Everything is made offline, with numpy, safetensors and tokenizers only.
+
+Usage: ``python tools/tiny_pooling.py OUT_DIR [--seed N]``; prints the model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_model import HIDDEN, build_tiny_model
+
+__all__ = ["MARKER", "build_tiny_pooling_model", "main"]
+
+FORMAT_VERSION = 1
+MARKER = ".kscope-tiny-pooling.json"
+"""Written last, so its presence means every other file is complete."""
+SCORE_STD = 0.2
+"""Wide enough that different inputs get clearly different scores."""
+
+
+def _recipe(seed: int) -> dict[str, int]:
+    return {"format": FORMAT_VERSION, "seed": seed}
+
+
+def _is_complete(d: Path, seed: int) -> bool:
+    try:
+        return bool(json.loads((d / MARKER).read_text(encoding="utf-8")) == _recipe(seed))
+    except (OSError, ValueError):
+        return False
+
+
+def _write_model(d: Path, seed: int) -> None:
+    """The causal model's files in `d`, turned into a one-label classifier."""
+    with tempfile.TemporaryDirectory(prefix=".causal-", dir=d.parent) as scratch:
+        causal = build_tiny_model(Path(scratch) / "causal", seed=seed)
+        for f in causal.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy(f, d / f.name)
+    weights = load_file(str(d / "model.safetensors"))
+    del weights["lm_head.weight"]
+    rng = np.random.default_rng(seed + 1)
+    weights["score.weight"] = (rng.standard_normal((1, HIDDEN)) * SCORE_STD).astype(np.float32)
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config: dict[str, Any] = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    config["architectures"] = ["Qwen2ForSequenceClassification"]
+    config["num_labels"] = 1
+    config["id2label"] = {"0": "LABEL_0"}
+    config["label2id"] = {"LABEL_0": 0}
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (d / "generation_config.json").unlink(missing_ok=True)
+    d.chmod(0o755)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    (d / MARKER).write_text(json.dumps(_recipe(seed)) + "\n", encoding="utf-8")
+
+
+def build_tiny_pooling_model(out_dir: Path, seed: int = 0) -> Path:
+    """Build the model in out_dir (reusing a complete one) and return its path.
+    Written beside out_dir and renamed into place, so a half-written model
+    never sits at out_dir."""
+    out = Path(out_dir).absolute()
+    if _is_complete(out, seed):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_model(tmp, seed)
+        if out.exists():
+            if _is_complete(out, seed):
+                return out
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("out_dir", type=Path, help="directory to create the model in")
+    ap.add_argument("--seed", type=int, default=0, help="weight RNG seed (default 0)")
+    args = ap.parse_args(argv)
+    print(build_tiny_pooling_model(args.out_dir, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
