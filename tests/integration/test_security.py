@@ -38,6 +38,8 @@ from kscope.v1 import (
     inference_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 from kscope_common.pki import (
     CONTROLLER_DNS_NAME,
@@ -293,6 +295,14 @@ def _open(stream_id: int, body: bytes = CHAT) -> inference_pb2.MultiplexRequest:
     return inference_pb2.MultiplexRequest(opens=[opened])
 
 
+def _generic(system: System, caller: Caller) -> Message:
+    envelope = inference_pb2.RequestEnvelope(request_id="sec-generic", model=MODEL)
+    return inference_pb2.InferenceRequest(
+        kind=inference_pb2.INFERENCE_KIND_TOKENIZE, envelope=envelope,
+        body=json.dumps({"model": MODEL, "prompt": "hi"}).encode(),
+    )  # fmt: skip
+
+
 def _inference(cls: Any, body: dict[str, Any]) -> Message:
     envelope = inference_pb2.RequestEnvelope(request_id="sec-table", model=MODEL)
     message: Message = cls(envelope=envelope, body=json.dumps({"model": MODEL, **body}).encode())
@@ -303,6 +313,7 @@ def _inference(cls: Any, body: dict[str, Any]) -> Message:
 C, AG = control_pb2_grpc.ControlServiceStub, agent_pb2_grpc.AgentServiceStub
 K, ID = keys_pb2_grpc.KeyServiceStub, identity_pb2_grpc.IdentityServiceStub
 INF = inference_pb2_grpc.InferenceServiceStub
+U = usage_pb2_grpc.UsageServiceStub
 HI = [{"role": "user", "content": "hi"}]
 
 CONTROLLER_RPCS: dict[str, Rpc] = {
@@ -336,6 +347,13 @@ CONTROLLER_RPCS: dict[str, Rpc] = {
     "KeyService/AuthenticateKey": Rpc(K, "AuthenticateKey", _authenticate),
     "KeyService/WatchKeyEvents": Rpc(K, "WatchKeyEvents", keys_pb2.WatchKeyEventsRequest(),
                                      "server"),
+    "KeyService/UpdateKey": Rpc(K, "UpdateKey", keys_pb2.UpdateKeyRequest(key_id="key_nope"),
+                                admitted=NF),
+    "KeyService/SetOwnerLimits": Rpc(K, "SetOwnerLimits", keys_pb2.SetOwnerLimitsRequest(),
+                                     admitted=BAD),
+    "KeyService/ListOwnerLimits": Rpc(K, "ListOwnerLimits", keys_pb2.ListOwnerLimitsRequest()),
+    "UsageService/ReportUsage": Rpc(U, "ReportUsage", usage_pb2.ReportUsageRequest()),
+    "UsageService/QueryUsage": Rpc(U, "QueryUsage", usage_pb2.QueryUsageRequest()),
     "IdentityService/Discover": Rpc(ID, "Discover", identity_pb2.DiscoverRequest()),
     "IdentityService/Enroll": Rpc(ID, "Enroll", _enroll),
     "IdentityService/Renew": Rpc(ID, "Renew", _renew),
@@ -357,6 +375,8 @@ AGENT_RPCS: dict[str, Rpc] = {
     "InferenceService/Embedding": Rpc(INF, "Embedding", _inference(
         inference_pb2.EmbeddingRequest, {"input": "hi"}), "server", admitted=NF),
     "InferenceService/Multiplex": Rpc(INF, "Multiplex", _open(1), "bidi"),
+    # bench/upstream.py has no /tokenize: the engine's 404 comes back.
+    "InferenceService/Inference": Rpc(INF, "Inference", _generic, "server", admitted=NF),
 }
 # fmt: on
 
@@ -382,6 +402,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "KeyService/RevokeKey": _KEY_MANAGERS,
     "KeyService/AuthenticateKey": frozenset({FACADE}),
     "KeyService/WatchKeyEvents": frozenset({FACADE}),
+    "KeyService/UpdateKey": _OPERATORS,
+    "KeyService/SetOwnerLimits": _OPERATORS,
+    "KeyService/ListOwnerLimits": _KEY_MANAGERS,
+    "UsageService/ReportUsage": frozenset({FACADE}),
+    "UsageService/QueryUsage": _KEY_MANAGERS,
     "IdentityService/Discover": frozenset(ROLES),
     "IdentityService/Enroll": frozenset(ROLES),
     "IdentityService/Renew": frozenset({HOST, FACADE, OPER}),
@@ -392,13 +417,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     "InferenceService/Completion": frozenset({FACADE}),
     "InferenceService/Embedding": frozenset({FACADE}),
     "InferenceService/Multiplex": frozenset({FACADE}),
+    "InferenceService/Inference": frozenset({FACADE}),
 }
 
 
 def test_the_table_lists_every_rpc() -> None:
     defined = {
         f"{service.name}/{method.name}"
-        for module in (agent_pb2, control_pb2, identity_pb2, inference_pb2, keys_pb2)
+        for module in (agent_pb2, control_pb2, identity_pb2, inference_pb2, keys_pb2, usage_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
