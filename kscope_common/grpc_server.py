@@ -26,7 +26,7 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # gRPC's default reconnect backoff grows to minutes; a restarted controller or
     # agent must be found again within a second or two.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5_000),  # despite its name: each connect attempt's timeout
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
