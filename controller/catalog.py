@@ -107,6 +107,18 @@ EndpointName = Literal[
 ModalityName = Literal["text", "image", "audio", "video"]
 
 
+class KeyLimits(BaseModel):
+    """Limits on each key's use of one model (`[models.key_limits]`), beside
+    the key's own and its owner's (docs/usage.md); 0: no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    max_concurrent: int = Field(default=0, ge=0)
+    daily_tokens: int = Field(default=0, ge=0)
+
+
 class LoraModule(BaseModel):
     """One LoRA adapter of a vllm model (`lora_modules = [{name = "…", path = "…"}]`).
     Clients use its name as a model name; vLLM serves it on the base model."""
@@ -178,6 +190,9 @@ class ModelSpec(BaseModel):
     lora_modules: tuple[LoraModule, ...] = ()
     """LoRA adapters the vllm engine serves beside the base model, each a model
     name of its own (`[{name = "sql-lora", path = "/models/sql-lora"}]`)."""
+    key_limits: KeyLimits = KeyLimits()
+    """What each key may use of this model (requests and tokens per minute,
+    requests at once, tokens per UTC day), whatever limits the key has itself."""
     capabilities: DeclaredCapabilities | None = None
     """What the model can do, where the engine cannot tell (openai upstreams)
     or should be overruled; unset: what the agents learn from the engine."""

@@ -11,7 +11,7 @@ from controller.lifecycle import AgentPhase, InstanceState
 from controller.records import AgentRecord, Capabilities, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
 from controller.store.telemetry import Record
-from kscope.v1 import agent_pb2, control_pb2
+from kscope.v1 import agent_pb2, control_pb2, keys_pb2
 from kscope_common.request_stats import RequestTotals
 
 INSTANCE_STATE_TO_PROTO = {
@@ -116,6 +116,8 @@ def model_to_proto(
         aliases=spec.aliases,
         lora_adapters=[m.name for m in spec.lora_modules],
     )
+    if any(spec.key_limits.model_dump().values()):  # unset: the facades' fast path
+        model.key_limits.CopyFrom(keys_pb2.Limits(**spec.key_limits.model_dump()))
     if capabilities is not None:
         model.capabilities.CopyFrom(capabilities_to_proto(capabilities))
     return model

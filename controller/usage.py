@@ -78,7 +78,11 @@ class UsageLedger:
         await self._store.add(entries)  # first: a failed write leaves the report to be resent
         for entry in entries:
             if entry.hour >= self._today:
-                for subject in (f"key:{entry.key_id}", f"owner:{entry.owner}"):
+                subjects = (
+                    f"key:{entry.key_id}", f"owner:{entry.owner}",
+                    f"key:{entry.key_id}@{entry.model}",  # the catalog's key_limits
+                )  # fmt: skip
+                for subject in subjects:
                     self._tokens_today[subject] = self._tokens_today.get(subject, 0) + entry.tokens
         mine = {load.subject: load for load in loads}
         self._loads[facade] = (now, mine)

@@ -51,6 +51,8 @@ class Counter:
 
     subject: str
     limits: Limits
+    who: str
+    """Whose limit it is, in words ("this API key's owner")."""
     starts: deque[float] = field(default_factory=deque)
     tokens: deque[tuple[float, int]] = field(default_factory=deque)
     tokens_in_window: int = 0
@@ -84,8 +86,7 @@ class Counter:
 
     def refusal(self, now: float, wall: float) -> ApiError | None:
         """Why a request may not start now, or None."""
-        limits, name = self.limits, self.subject.partition(":")[0]
-        whose = "this API key" if name == "key" else "this API key's owner"
+        limits, whose = self.limits, self.who
         if limits.requests_per_minute and self.requests_used() >= limits.requests_per_minute:
             return _refused(
                 f"{whose} may send {limits.requests_per_minute} requests per minute",
@@ -185,6 +186,8 @@ class Subject:
 
     name: str
     limits: Limits
+    who: str = ""
+    """Whose limit, in words; default: from the name ("key:…", "owner:…")."""
 
 
 class Limiter:
@@ -199,7 +202,10 @@ class Limiter:
         for subject in subjects:
             counter = self._counters.get(subject.name)
             if counter is None:
-                counter = self._counters[subject.name] = Counter(subject.name, subject.limits)
+                who = subject.who or (
+                    "this API key" if subject.name.startswith("key:") else "this API key's owner"
+                )
+                counter = self._counters[subject.name] = Counter(subject.name, subject.limits, who)
             counter.limits = subject.limits  # the grant's are the latest
             counter.prune(now)
             counter.used_at = now

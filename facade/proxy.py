@@ -29,13 +29,14 @@ from facade.cold_start import ClientGone, ColdStart
 from facade.endpoints import KINDS, EndpointKind, content_type_of, parse_request
 from facade.errors import AgentFailure, ApiError
 from facade.exchange import Exchange, opener_for
-from facade.limits import Limiter
+from facade.limits import Admission, Limiter, Subject
 from facade.request_log import access, request_id
 from facade.response import ResponseWriter, send_error
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
 from facade.usage import UsageRecorder
-from kscope.v1 import inference_pb2
+from kscope.v1 import control_pb2, inference_pb2
+from kscope_common.limits import Limits
 from kscope_common.request_stats import RequestStats
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class InferenceProxy:
         self.stream_chunks = 0
         """SSE events forwarded to clients."""
         self.limiter = Limiter()
+        self._key_limits: dict[str, tuple[control_pb2.Model, Limits]] = {}
+        """A model's catalog key_limits, read once per route update."""
         self.usage = UsageRecorder(self.limiter)
 
     @property
@@ -110,18 +113,21 @@ class InferenceProxy:
         writer.headers = [(b"x-request-id", rid)]
         writer.whole_events = kind.whole_events
         admission = self.limiter.admit(grant.subjects)
+        admitted: list[Admission] = []
         try:
             if isinstance(admission, ApiError):
                 await writer.fail(admission)
                 return
+            admitted.append(admission)
             writer.headers.extend(admission.headers)
-            model = await self._handle(scope, receive, writer, kind, grant, rid.decode())
+            model = await self._handle(scope, receive, writer, kind, grant, rid.decode(), admitted)
         finally:
             usage = writer.usage
-            if not isinstance(admission, ApiError):
-                admission.release(usage.total_tokens if usage is not None else 0)
-            # Labelled by model only for catalog models: a client's typo is no new series.
-            known = model if model in self._table.names else ""
+            for taken in admitted:
+                taken.release(usage.total_tokens if usage is not None else 0)
+            # Labelled by model only for catalog models: a client's typo is no
+            # new series; an alias counts as its model.
+            known = self._catalog_name(model)
             stats = self.stats.of(known)
             duration_s = time.monotonic() - writer.start
             stats.ended(writer.status, duration_s)
@@ -145,6 +151,7 @@ class InferenceProxy:
         kind: EndpointKind,
         grant: Grant,
         rid: str,
+        admitted: list[Admission],
     ) -> str:
         """Answer one request; returns its model ('' when it had none)."""
         model = ""
@@ -158,6 +165,13 @@ class InferenceProxy:
                 model = self._settings.default_model
             if not grant.allows(model):
                 raise model_forbidden(model)
+            per_model = self._admit_to_model(grant, model)
+            if per_model is not None:
+                if isinstance(per_model, ApiError):
+                    raise per_model
+                admitted.append(per_model)
+                if len(admitted) == 1 or not admitted[0].headers:
+                    writer.headers.extend(per_model.headers)
             # What the model cannot do is refused here, before any instance sees it.
             requirement = requirement_of(kind.path, parsed)
             refused = refusal(model, requirement, self._table.capabilities(model))
@@ -186,6 +200,25 @@ class InferenceProxy:
         )  # fmt: skip
         await self._forward(target, kind, request, model, stream, receive, writer, requirement)
         return model
+
+    def _catalog_name(self, model: str) -> str:
+        """The catalog model a name stands for ('' for none): aliases count as their model."""
+        entry = self._table.names.get(model)
+        if entry is None:
+            return ""
+        return entry.alias_of or model
+
+    def _admit_to_model(self, grant: Grant, model: str) -> Admission | ApiError | None:
+        """The catalog's key_limits of `model` for this request's key (None: it has none)."""
+        entry = self._table.names.get(model)
+        if entry is None or not grant.key_id or not entry.info.HasField("key_limits"):
+            return None
+        cached = self._key_limits.get(model)
+        if cached is None or cached[0] is not entry.info:
+            cached = (entry.info, Limits.from_proto(entry.info.key_limits))
+            self._key_limits[model] = cached
+        name = f"key:{grant.key_id}@{entry.alias_of or model}"
+        return self.limiter.admit((Subject(name, cached[1], f"this API key on {model!r}"),))
 
     def _default_model(self) -> str:
         """What a request that names no model gets: settings.default_model, or

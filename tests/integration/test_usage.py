@@ -51,6 +51,14 @@ name = "slow"
 engine = "openai"
 upstream_url = "{slow}"
 min_replicas = 1
+
+[[models]]
+name = "capped"
+engine = "openai"
+upstream_url = "{fast}"
+min_replicas = 1
+[models.key_limits]
+requests_per_minute = 2
 """
 
 
@@ -75,7 +83,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(tmp, controller, facades)
     try:
         ready = control_pb2.INSTANCE_STATE_READY
-        for model in ("one", "slow"):
+        for model in ("one", "slow", "capped"):
             wait_until(
                 lambda m=model: any(i.state == ready for i in stack.controller.list_instances(m)),
                 60, what=f"{model} ready",
@@ -313,6 +321,19 @@ def test_an_owners_limit_covers_all_its_keys(stack: Stack) -> None:
     refused = chat(facade, second)
     assert refused.status_code == 429
     assert "owner" in refused.json()["error"]["message"]
+
+
+def test_the_catalog_limits_each_keys_use_of_a_model(stack: Stack) -> None:
+    _, secret = make_key(stack.controller, "catalog-capped")
+    facade = stack.facades[0]
+    first = chat(facade, secret, model="capped")
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert chat(facade, secret, model="capped").status_code == 200
+    refused = chat(facade, secret, model="capped")
+    assert refused.status_code == 429
+    assert "on 'capped'" in refused.json()["error"]["message"]
+    assert chat(facade, secret, model="one").status_code == 200  # other models: no such limit
 
 
 def test_keys_update_changes_a_live_keys_limit(stack: Stack) -> None:

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from kscope.v1 import agent_pb2 as _agent_pb2
+from kscope.v1 import keys_pb2 as _keys_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -109,6 +110,7 @@ class Model(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     LORA_ADAPTERS_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    KEY_LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     engine: _builtins.str
     min_replicas: _builtins.int
@@ -137,6 +139,12 @@ class Model(_message.Message):
         capabilities on top; unset when nothing is known.
         """
 
+    @_builtins.property
+    def key_limits(self) -> _keys_pb2.Limits:
+        """The catalog's limits on each key's use of this model (the key's own and
+        its owner's limits apply as well).
+        """
+
     def __init__(
         self,
         *,
@@ -152,10 +160,11 @@ class Model(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         lora_adapters: _abc.Iterable[_builtins.str] | None = ...,
         capabilities: _agent_pb2.Capabilities | None = ...,
+        key_limits: _keys_pb2.Limits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "key_limits", b"key_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "engine", b"engine", "launcher", b"launcher", "live_replicas", b"live_replicas", "lora_adapters", b"lora_adapters", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "name", b"name", "ready_replicas", b"ready_replicas", "state", b"state", "state_message", b"state_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "capabilities", b"capabilities", "engine", b"engine", "key_limits", b"key_limits", "launcher", b"launcher", "live_replicas", b"live_replicas", "lora_adapters", b"lora_adapters", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "name", b"name", "ready_replicas", b"ready_replicas", "state", b"state", "state_message", b"state_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
