@@ -46,7 +46,22 @@ def instance_facts(
     come back; after it, it will not."""
     connected = agent is not None and agent.connected
     stale = connected and agent is not None and (now - agent.last_report_at > agent_stale_after_s)
-    reconnect_window = inst.ever_registered and not connected and not inst.agent_lost
+    # An agent that registered with this controller and has not opened its
+    # Session yet (a busy controller accepts it later) is starting its session,
+    # not one that may come back after a restart; it is lost only if that
+    # takes agent_stale_after_s.
+    opening = (
+        agent is not None and not connected and agent.registered_at >= started_at
+        and not inst.agent_lost
+    )  # fmt: skip
+    never_opened = (
+        opening and agent is not None and (now - agent.registered_at > agent_stale_after_s)
+    )
+    if never_opened:
+        stale = True
+    reconnect_window = (
+        inst.ever_registered and not connected and not inst.agent_lost and not opening
+    )
     in_grace = now - started_at < reconnect_grace_s
     return InstanceFacts(
         previous=inst.state,
@@ -60,6 +75,7 @@ def instance_facts(
         agent_detail=agent.detail if agent is not None else "",
         agent_lost=inst.agent_lost or stale,
         agent_lost_reason=inst.agent_lost_reason
+        or ("agent registered but never opened its session" if never_opened else "")
         or ("agent sent no report for too long" if stale else ""),
         awaiting_reconnect=reconnect_window and in_grace,
         reconnect_expired=reconnect_window and not in_grace,

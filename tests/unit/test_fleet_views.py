@@ -114,6 +114,26 @@ def test_a_stored_instance_waits_for_its_agent_during_the_grace_only() -> None:
     )  # fmt: skip
 
 
+def test_an_agent_that_registered_here_is_opening_its_session_not_reconnecting() -> None:
+    # A busy controller accepted the Register long after its start, and the
+    # Session not yet: the instance keeps starting (it used to FAIL as "did not
+    # reconnect after a controller restart" once the grace had passed).
+    inst = record(agent_id="a1", launcher_ref="42", launcher_phase=LauncherPhase.RUNNING,
+                  state=S.STARTING, ever_registered=True)  # fmt: skip
+    ag = agent(connected=False, registered_at=T0 + 60, last_report_at=T0 + 60,
+               phase=AgentPhase.STARTING)  # fmt: skip
+    facts = instance_facts(
+        inst, ag, spec(), T0 + 65, started_at=T0, agent_stale_after_s=10.0,
+        reconnect_grace_s=15.0,
+    )  # fmt: skip
+    assert not facts.awaiting_reconnect and not facts.reconnect_expired and not facts.agent_lost
+    assert facts_at(inst, ag, T0 + 65)[0] is S.STARTING
+    # A Session that never opens: lost after agent_stale_after_s.
+    assert facts_at(inst, ag, T0 + 70.5) == (
+        S.FAILED, "agent registered but never opened its session",
+    )  # fmt: skip
+
+
 def test_a_lost_session_is_not_a_reconnect_window() -> None:
     broke = "agent lost: its session with the controller broke"
     inst = record(agent_id="a1", launcher_ref="42", launcher_phase=LauncherPhase.RUNNING,
