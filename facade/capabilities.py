@@ -27,6 +27,7 @@ the request when a model's instances differ.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +218,31 @@ def _prompts(value: Any) -> tuple[int, int]:
 def _needs_tools(request: Mapping[str, Any]) -> bool:
     tools = request.get("tools") or request.get("functions")
     return bool(tools) and request.get("tool_choice") != "none"
+
+
+_SPECIAL = re.compile(
+    rb'"(?:'
+    + b"|".join(re.escape(k.encode()) for k in _PART_MODALITY)
+    + rb'|tools|functions|response_format)"'
+)
+"""A body without any of these asks for nothing beyond its endpoint and length."""
+_BARE: dict[str, Requirement] = {}
+
+
+def requirement_for(
+    path: str, body: bytes, request: Mapping[str, Any] | None, caps: Capabilities | None
+) -> Requirement:
+    """`requirement_of`, or at once the bare requirement of `path` when nothing
+    in the body can matter: nothing is known of the model, or the body has no
+    part type, tools or response_format and is shorter in bytes than the
+    context is in tokens (no prompt in it can be too long). Most requests."""
+    fits = caps is None or caps.max_model_len <= 0 or len(body) <= caps.max_model_len
+    if caps is None or (fits and _SPECIAL.search(body) is None):
+        bare = _BARE.get(path)
+        if bare is None:
+            bare = _BARE[path] = Requirement(path, ENDPOINT_OF_PATH.get(path))
+        return bare
+    return requirement_of(path, request)
 
 
 def requirement_of(path: str, request: Mapping[str, Any] | None) -> Requirement:

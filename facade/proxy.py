@@ -24,7 +24,7 @@ import grpc
 
 from facade.asgi import Receive, Scope, Send
 from facade.auth import GRANT_SCOPE_KEY, OPEN, Grant, model_forbidden
-from facade.capabilities import Requirement, refusal, requirement_of
+from facade.capabilities import Requirement, refusal, requirement_for
 from facade.cold_start import ClientGone, ColdStart
 from facade.endpoints import KINDS, EndpointKind, content_type_of, parse_request
 from facade.errors import AgentFailure, ApiError
@@ -173,8 +173,9 @@ class InferenceProxy:
                 if len(admitted) == 1 or not admitted[0].headers:
                     writer.headers.extend(per_model.headers)
             # What the model cannot do is refused here, before any instance sees it.
-            requirement = requirement_of(kind.path, parsed)
-            refused = refusal(model, requirement, self._table.capabilities(model))
+            caps = self._table.capabilities(model)
+            requirement = requirement_for(kind.path, body, parsed, caps)
+            refused = refusal(model, requirement, caps)
             if refused is not None:
                 raise refused
             target = self._table.pick(model, requirement=requirement)

@@ -16,6 +16,8 @@ from node_agent.engines.base import EngineOutput
 _OPTION = b'"stream_options"'
 _ADDED = b',"stream_options":{"include_usage":true}}'
 _NULL = b'"usage":null'
+_COMMA_NULL = b"," + _NULL
+_NULL_COMMA = _NULL + b","
 
 
 def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
@@ -48,14 +50,22 @@ def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
 def without_usage_chunk(output: EngineOutput) -> EngineOutput:
     """The output as the client would have had it without include_usage: no
     usage-only chunk (empty `choices`; its usage kept for the accounting), and
-    no `"usage":null` that some servers (OpenAI's own) add to every other chunk."""
+    no `"usage":null` that some servers (OpenAI's own) add to every other chunk.
+    Runs for every output of such a request: the common cases test once."""
     chunks = output.chunks
-    if not any(b'"usage"' in c for c in chunks):
-        return output
+    if output.usage is None:
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            if _NULL not in chunk:
+                return output
+            return EngineOutput([_without_null_usage(chunk)])
+        if not any(_NULL in c for c in chunks):
+            return output
+        return EngineOutput([_without_null_usage(c) for c in chunks])
     kept = [
         _without_null_usage(c)
         for c in chunks
-        if not (output.usage is not None and b'"usage"' in c and _usage_only(c))
+        if not (b'"usage"' in c and _usage_only(c))
     ]
     return EngineOutput(kept, output.usage)
 
@@ -63,7 +73,7 @@ def without_usage_chunk(output: EngineOutput) -> EngineOutput:
 def _without_null_usage(chunk: bytes) -> bytes:
     if _NULL not in chunk:
         return chunk
-    return chunk.replace(b"," + _NULL, b"").replace(_NULL + b",", b"")
+    return chunk.replace(_COMMA_NULL, b"").replace(_NULL_COMMA, b"")
 
 
 def _usage_only(chunk: bytes) -> bool:

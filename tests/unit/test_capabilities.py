@@ -19,6 +19,7 @@ from facade.capabilities import (
     Requirement,
     check,
     refusal,
+    requirement_for,
     requirement_of,
 )
 from facade.errors import ApiError
@@ -457,3 +458,30 @@ async def test_a_key_sees_only_the_models_it_may_use(table: RouteTable) -> None:
     assert hidden.status_code == 404
     assert hidden.json()["error"]["code"] == "model_not_found"
     assert (await _get(table, None, "/v1/models/other")).status_code == 200
+
+
+def test_a_plain_short_body_skips_the_walk_and_is_judged_the_same() -> None:
+    plain = {"model": "m", "messages": HI}
+    body = orjson.dumps(plain)
+    bare = requirement_for(CHAT, body, plain, TEXT_MODEL)
+    assert bare == Requirement(CHAT, "chat_completions")
+    assert requirement_for(CHAT, body, plain, TEXT_MODEL) is bare  # made once per path
+    # Anything that could matter takes the full walk: the same verdicts as before.
+    for request in (
+        {"model": "m", "messages": _image()},
+        {"model": "m", "messages": HI, "tools": [{"type": "function"}]},
+        {"model": "m", "messages": HI, "response_format": {"type": "json_object"}},
+        {"model": "m", "messages": [{"role": "user", "content": "x" * 3000}]},
+    ):
+        raw = orjson.dumps(request)
+        assert requirement_for(CHAT, raw, request, TEXT_MODEL) == requirement_of(CHAT, request)
+    refused = [
+        refusal("m", requirement_for(CHAT, orjson.dumps(r), r, TEXT_MODEL), TEXT_MODEL)
+        for r in (
+            {"messages": _image()}, {"messages": HI, "tools": [{"type": "function"}]},
+            {"messages": [{"role": "user", "content": "x" * 3000}]},
+        )
+    ]  # fmt: skip
+    assert all(error is not None for error in refused)
+    # Nothing known of the model: nothing to walk for.
+    assert requirement_for(CHAT, orjson.dumps(_image()), None, None).modalities == frozenset()
