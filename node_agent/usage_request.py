@@ -62,11 +62,7 @@ def without_usage_chunk(output: EngineOutput) -> EngineOutput:
         if not any(_NULL in c for c in chunks):
             return output
         return EngineOutput([_without_null_usage(c) for c in chunks])
-    kept = [
-        _without_null_usage(c)
-        for c in chunks
-        if not (b'"usage"' in c and _usage_only(c))
-    ]
+    kept = [_without_null_usage(c) for c in chunks if not (b'"usage"' in c and _usage_only(c))]
     return EngineOutput(kept, output.usage)
 
 
