@@ -643,7 +643,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(took {time.monotonic() - started:.0f} s)")
     if opts.json_path is not None:
         dump(opts.json_path, results, opts)
-    return 1 if any(r.errors or r.open_sessions < r.agents for r in results) else 0
+    for r in results:
+        if r.errors or r.open_sessions < r.agents:
+            # A measurement, not a test: what it reached is the result (exit 0).
+            print(f"note: N={r.agents}: {r.open_sessions} sessions open at the end; "
+                  f"{len(r.errors)} errors; see docs/performance.md")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

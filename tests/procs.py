@@ -444,3 +444,19 @@ def one_model_stack(
             controller.proc.stop()
             stop_instances_left_behind(controller.state_dir)
         upstream.proc.stop()
+
+
+def agent_metrics_env(port_file: Path) -> str:
+    """A catalog entry's env (TOML inline-table items) giving its agents a metrics port."""
+    return f'KSCOPE_AGENT_METRICS_PORT = "0", KSCOPE_AGENT_METRICS_PORT_FILE = "{port_file}"'
+
+
+def agent_requests(port_file: Path, model: str) -> float:
+    """Requests the model's agent counted (kscope_agent_requests_total): an
+    unchanged count proves a request was answered before it reached an agent."""
+    port = int(port_file.read_text())
+    scraped = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
+    return sum(
+        v for (name, labels), v in scraped.items()
+        if name == "kscope_agent_requests_total" and ("model", model) in labels
+    )  # fmt: skip

@@ -28,6 +28,8 @@ from tests.procs import (
     ROOT,
     Controller,
     Facade,
+    agent_metrics_env,
+    agent_requests,
     start_controller,
     start_facade,
     stop_instances_left_behind,
@@ -63,9 +65,10 @@ def tiny_pooling(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class System:
-    def __init__(self, controller: Controller, facade: Facade):
+    def __init__(self, controller: Controller, facade: Facade, tmp: Path):
         self.controller = controller
         self.facade = facade
+        self.tmp = tmp
 
     def instance(self, model: str) -> control_pb2.Instance:
         (ready,) = [
@@ -158,13 +161,13 @@ min_replicas = 1
 max_replicas = 1
 expected_startup_s = 60
 engine_args = {json.dumps(ENGINE_ARGS)}
-env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}" }}
+env = {{ KSCOPE_VLLM_PYTHON = "{vllm_python}", {agent_metrics_env(tmp / "pool-metrics.port")} }}
 """
     controller = start_controller(tmp, catalog)
     facade = start_facade(tmp, controller, api_key=API_KEY)
     try:
         wait_until(lambda: _ready(facade), READY_TIMEOUT_S, 0.5, what="both vLLMs ready")
-        yield System(controller, facade)
+        yield System(controller, facade, tmp)
     finally:
         facade.proc.stop()
         controller.proc.stop(grace_s=40)
@@ -338,6 +341,18 @@ def test_the_pooling_endpoints_match_vllm_directly(
     if body["input" if "input" in body else "documents"] != 42:
         assert ours.status_code == 200
         assert ours.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_a_chat_request_to_the_pooling_model_is_refused_before_routing(system: System) -> None:
+    port_file = system.tmp / "pool-metrics.port"
+    before = agent_requests(port_file, POOL_MODEL)
+    hi = [{"role": "user", "content": "hi"}]
+    reply = system.post("/v1/chat/completions", {"model": POOL_MODEL, "messages": hi})
+    assert reply.status_code == 404, reply.text
+    assert reply.json()["error"]["message"] == (
+        f"model '{POOL_MODEL}' does not offer /v1/chat/completions"
+    )
+    assert agent_requests(port_file, POOL_MODEL) == before  # no agent saw it
 
 
 def test_an_endpoint_the_engine_lacks_is_an_openai_shaped_404(system: System) -> None:

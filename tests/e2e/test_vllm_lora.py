@@ -30,7 +30,8 @@ from tests.procs import (
     ROOT,
     Controller,
     Facade,
-    scrape_metrics,
+    agent_metrics_env,
+    agent_requests,
     start_controller,
     start_facade,
     stop_instances_left_behind,
@@ -119,12 +120,7 @@ class System:
 
     def agent_requests(self, model: str) -> float:
         """Requests the model's agents counted (kscope_agent_requests_total)."""
-        port = int((self.tmp / f"{model}-metrics.port").read_text())
-        scraped = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
-        return sum(
-            v for (name, labels), v in scraped.items()
-            if name == "kscope_agent_requests_total" and ("model", model) in labels
-        )  # fmt: skip
+        return agent_requests(self.tmp / f"{model}-metrics.port", model)
 
     def create_key(self, models: list[str]) -> str:
         with self.controller.channel() as channel:
@@ -135,8 +131,7 @@ class System:
 
 
 def _metrics_env(tmp: Path, model: str) -> str:
-    port_file = tmp / f"{model}-metrics.port"
-    return f'KSCOPE_AGENT_METRICS_PORT = "0", KSCOPE_AGENT_METRICS_PORT_FILE = "{port_file}"'
+    return agent_metrics_env(tmp / f"{model}-metrics.port")
 
 
 @pytest.fixture(scope="module")
