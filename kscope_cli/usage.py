@@ -6,6 +6,7 @@ only its own owner's)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from enum import StrEnum
 from typing import Annotated
@@ -36,6 +37,9 @@ from kscope_cli.ops import (
     limits_text,
 )
 
+KEY_ID_PREFIX = "key_"
+"""Key ids start so; secrets start with "ks-"."""
+
 
 class By(StrEnum):
     owner = "owner"
@@ -59,12 +63,24 @@ def usage(
     since: Annotated[str, typer.Option(help="how far back: 90m, 24h, 7d …")] = "7d",
     by: Annotated[By, typer.Option(help="totals per owner, key, model or day")] = By.owner,
     controller: Controller = DEFAULT_CONTROLLER,
-    key: Key = "",
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key",
+            envvar="KSCOPE_API_KEY",
+            show_default=False,
+            help="a key id (key_…) to show only that key, as --key-id; or your API key (ks-…)",
+        ),
+    ] = "",
     ca: Ca = "",
     plaintext: Plaintext = False,
     as_json: AsJson = False,
 ) -> None:
     """Requests and tokens per owner, key, model or day (UTC hours, from the controller)."""
+    if key.startswith(KEY_ID_PREFIX):
+        # `--key key_…` names the key to report on (the issue's spelling); the
+        # caller's credential then comes from KSCOPE_API_KEY.
+        key_id, key = key_id or key, os.environ.get("KSCOPE_API_KEY", "")
     start = Timestamp()
     start.FromSeconds(int(time.time() - parse_duration(since)))
     request = usage_pb2.QueryUsageRequest(

@@ -182,6 +182,10 @@ def test_usage_counts_each_request_with_the_engines_tokens_and_survives_a_restar
                what="usage reported")  # fmt: skip
     by_key = usage_rows(ctl, "--by", "key")
     assert row_for(by_key, "key", a_id)["owner"] == "ann"  # type: ignore[index]
+    # `--key key_…` (the spelling) filters like --key-id; the caller's
+    # credential comes from KSCOPE_API_KEY then.
+    only_ann = usage_rows(ctl, "--by", "key", "--key", a_id)
+    assert [r["key"] for r in only_ann] == [a_id]
     by_model = row_for(usage_rows(ctl, "--by", "model", "--owner", "ben"), "model", "one")
     assert by_model is not None and by_model["total_tokens"] == 3 * PROMPT_TOKENS + 4
 
