@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from controller.records import Capabilities
+from kscope_common.capabilities import Capabilities
 
 
 class CatalogError(ValueError):

@@ -8,10 +8,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.fleet import AgentCommand, DrainCommand, LoadModelCommand, RevokedCommand
 from controller.lifecycle import AgentPhase, InstanceState
-from controller.records import AgentRecord, Capabilities, HostedState, InstanceRecord
+from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
 from controller.store.telemetry import Record
 from kscope.v1 import agent_pb2, control_pb2, keys_pb2
+from kscope_common.capabilities import Capabilities
 from kscope_common.request_stats import RequestTotals
 
 INSTANCE_STATE_TO_PROTO = {
@@ -39,57 +40,12 @@ AGENT_PHASE_FROM_PROTO = {
 }
 
 
-_ENDPOINT_NAMES = {
-    value: name.removeprefix("API_ENDPOINT_").lower()
-    for name, value in agent_pb2.ApiEndpoint.items()
-    if value != agent_pb2.API_ENDPOINT_UNSPECIFIED
-}
-_ENDPOINT_VALUES = {name: value for value, name in _ENDPOINT_NAMES.items()}
-_MODALITY_NAMES = {
-    value: name.removeprefix("MODALITY_").lower()
-    for name, value in agent_pb2.Modality.items()
-    if value != agent_pb2.MODALITY_UNSPECIFIED
-}
-_MODALITY_VALUES = {name: value for value, name in _MODALITY_NAMES.items()}
-
-
 def capabilities_from_proto(message: agent_pb2.Capabilities) -> Capabilities:
-    """An agent's word on what its instance can do (values this controller does
-    not know, from a newer agent, are left out)."""
-    return Capabilities(
-        endpoints=frozenset(_ENDPOINT_NAMES[e] for e in message.endpoints if e in _ENDPOINT_NAMES),
-        input_modalities=frozenset(
-            _MODALITY_NAMES[m] for m in message.input_modalities if m in _MODALITY_NAMES
-        ),
-        tools=message.tools if message.HasField("tools") else None,
-        structured_output=(
-            message.structured_output if message.HasField("structured_output") else None
-        ),
-        max_model_len=message.max_model_len,
-        max_chars_per_token=message.max_chars_per_token,
-        lora_adapters=tuple(sorted((a.name, a.parent) for a in message.lora_adapters)),
-        engine=message.engine,
-        engine_version=message.engine_version,
-        runner=message.runner,
-    )
+    return Capabilities.from_proto(message)
 
 
 def capabilities_to_proto(caps: Capabilities) -> agent_pb2.Capabilities:
-    message = agent_pb2.Capabilities(
-        endpoints=sorted(_ENDPOINT_VALUES[e] for e in caps.endpoints),
-        input_modalities=sorted(_MODALITY_VALUES[m] for m in caps.input_modalities),
-        max_model_len=caps.max_model_len,
-        max_chars_per_token=caps.max_chars_per_token,
-        lora_adapters=[agent_pb2.LoraAdapter(name=n, parent=p) for n, p in caps.lora_adapters],
-        engine=caps.engine,
-        engine_version=caps.engine_version,
-        runner=caps.runner,
-    )
-    if caps.tools is not None:
-        message.tools = caps.tools
-    if caps.structured_output is not None:
-        message.structured_output = caps.structured_output
-    return message
+    return caps.to_proto()
 
 
 def timestamp(seconds: float) -> Timestamp:

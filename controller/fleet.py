@@ -33,15 +33,10 @@ from controller.fleet_views import (
     route_signature,
 )
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
-from controller.records import (
-    AgentRecord,
-    Capabilities,
-    HostedState,
-    InstanceRecord,
-    union_of,
-)
+from controller.records import AgentRecord, HostedState, InstanceRecord, union_of
 from controller.routes import ModelRoute, ModelSummary, build_routes, summarize
 from controller.store.sqlite import SqliteStore
+from kscope_common.capabilities import Capabilities
 from kscope_common.pki import Identity
 from kscope_common.request_stats import RequestTotals
 

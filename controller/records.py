@@ -6,28 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
+from kscope_common.capabilities import Capabilities
 from kscope_common.request_stats import RequestTotals
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What an instance can do (agent.proto Capabilities), as its agent learned
-    it from the engine. Empty (or None, 0) fields are not known: nothing is
-    refused on their account."""
-
-    endpoints: frozenset[str] = frozenset()
-    """The inference endpoints it serves (chat_completions, embeddings, …)."""
-    input_modalities: frozenset[str] = frozenset()
-    """text, image, audio, video."""
-    tools: bool | None = None
-    structured_output: bool | None = None
-    max_model_len: int = 0
-    max_chars_per_token: int = 0
-    lora_adapters: tuple[tuple[str, str], ...] = ()
-    """(name, parent) of each LoRA adapter it has loaded, sorted."""
-    engine: str = ""
-    engine_version: str = ""
-    runner: str = ""
 
 
 def _any_of(values: Sequence[bool | None]) -> bool | None:

@@ -35,31 +35,13 @@ from typing import Any
 import orjson
 
 from facade.errors import ApiError
-from kscope.v1 import agent_pb2
+from kscope_common.capabilities import ENDPOINT_OF_PATH, Capabilities
 
 FALLBACK_CHARS_PER_TOKEN = 32
 """The longest token assumed for a tokenizer nobody described: far above any
 natural text's characters per token (about 4 in English), so a prompt past
 max_model_len times this is too long for any tokenizer one would serve."""
 
-ENDPOINT_OF_PATH: Mapping[str, str] = {
-    "/v1/chat/completions": "chat_completions",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/responses": "responses",
-    "/tokenize": "tokenize",
-    "/detokenize": "tokenize",
-    "/score": "score",
-    "/v1/score": "score",
-    "/rerank": "rerank",
-    "/v1/rerank": "rerank",
-    "/v2/rerank": "rerank",
-    "/pooling": "pooling",
-    "/classify": "classify",
-    "/v1/audio/transcriptions": "transcription",
-    "/v1/audio/translations": "transcription",
-}
-"""Request paths by the endpoint they belong to (agent.proto ApiEndpoint)."""
 
 _PART_MODALITY = {
     "image_url": "image",
@@ -74,72 +56,6 @@ _PART_MODALITY = {
 }
 """Content part types (chat and Responses API) by the input they carry."""
 _MODALITY_WORDS = {"image": "image", "audio": "audio", "video": "video"}
-_ENDPOINT_NAMES = {
-    value: name.removeprefix("API_ENDPOINT_").lower()
-    for name, value in agent_pb2.ApiEndpoint.items()
-    if value != agent_pb2.API_ENDPOINT_UNSPECIFIED
-}
-_MODALITY_NAMES = {
-    value: name.removeprefix("MODALITY_").lower()
-    for name, value in agent_pb2.Modality.items()
-    if value != agent_pb2.MODALITY_UNSPECIFIED
-}
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a model (or one instance) can do; empty, None and 0 are not known."""
-
-    endpoints: frozenset[str] = frozenset()
-    """chat_completions, completions, embeddings, responses, tokenize, score,
-    rerank, pooling, classify, transcription."""
-    input_modalities: frozenset[str] = frozenset()
-    """text, image, audio, video."""
-    tools: bool | None = None
-    structured_output: bool | None = None
-    max_model_len: int = 0
-    max_chars_per_token: int = 0
-    lora_adapters: tuple[tuple[str, str], ...] = ()
-    """(name, parent) of each LoRA adapter."""
-    engine: str = ""
-    engine_version: str = ""
-    runner: str = ""
-
-    @classmethod
-    def from_proto(cls, message: agent_pb2.Capabilities) -> Capabilities:
-        """The controller's message (values this facade does not know are left out)."""
-        return cls(
-            endpoints=frozenset(
-                _ENDPOINT_NAMES[e] for e in message.endpoints if e in _ENDPOINT_NAMES
-            ),
-            input_modalities=frozenset(
-                _MODALITY_NAMES[m] for m in message.input_modalities if m in _MODALITY_NAMES
-            ),
-            tools=message.tools if message.HasField("tools") else None,
-            structured_output=(
-                message.structured_output if message.HasField("structured_output") else None
-            ),
-            max_model_len=message.max_model_len,
-            max_chars_per_token=message.max_chars_per_token,
-            lora_adapters=tuple((a.name, a.parent) for a in message.lora_adapters),
-            engine=message.engine,
-            engine_version=message.engine_version,
-            runner=message.runner,
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        """For /v1/models: what is known, by OpenAI-ish names (null: not known)."""
-        return {
-            "endpoints": sorted(self.endpoints) or None,
-            "input_modalities": sorted(self.input_modalities) or None,
-            "tools": self.tools,
-            "structured_output": self.structured_output,
-            "max_model_len": self.max_model_len or None,
-            "lora_adapters": [name for name, _ in self.lora_adapters],
-            "engine": self.engine or None,
-            "engine_version": self.engine_version or None,
-            "runner": self.runner or None,
-        }
 
 
 @dataclass(frozen=True)

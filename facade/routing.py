@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from facade.capabilities import Capabilities, Requirement
+from facade.capabilities import Requirement
 from facade.exchange import AgentSession
 from kscope.v1 import control_pb2, control_pb2_grpc, inference_pb2_grpc
+from kscope_common.capabilities import Capabilities
 from kscope_common.grpc_server import CHANNEL_OPTIONS
 from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection

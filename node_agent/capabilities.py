@@ -34,87 +34,19 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from kscope.v1 import agent_pb2
+from kscope_common.capabilities import ENDPOINT_OF_PATH, Capabilities, LoraAdapter
 
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_S = 5.0
 """Each question to the engine must be answered within this."""
 
-ENDPOINT_OF_PATH: Mapping[str, str] = {
-    "/v1/chat/completions": "chat_completions",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/responses": "responses",
-    "/tokenize": "tokenize",
-    "/detokenize": "tokenize",
-    "/score": "score",
-    "/v1/score": "score",
-    "/rerank": "rerank",
-    "/v1/rerank": "rerank",
-    "/v2/rerank": "rerank",
-    "/pooling": "pooling",
-    "/classify": "classify",
-    "/v1/audio/transcriptions": "transcription",
-    "/v1/audio/translations": "transcription",
-}
-"""The inference paths vLLM serves, by the endpoint (agent.proto ApiEndpoint)
-each belongs to."""
 
 _GENERATE_ENDPOINTS = frozenset({"chat_completions", "completions", "responses"})
 
 
 class DiscoveryError(Exception):
     """The engine did not say what it can do (unreachable, or a bad answer)."""
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    name: str
-    parent: str
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What this instance can do; empty (None, 0) fields are not known."""
-
-    endpoints: frozenset[str] = frozenset()
-    """The inference endpoints it serves (ENDPOINT_OF_PATH's values)."""
-    input_modalities: frozenset[str] = frozenset()
-    """text, image, audio, video."""
-    tools: bool | None = None
-    structured_output: bool | None = None
-    max_model_len: int = 0
-    max_chars_per_token: int = 0
-    """The tokenizer's longest token in characters (vLLM's bound for prompts)."""
-    lora_adapters: tuple[LoraAdapter, ...] = ()
-    engine: str = ""
-    engine_version: str = ""
-    runner: str = ""
-    """vLLM's runner: generate or pooling."""
-
-    def to_proto(self) -> agent_pb2.Capabilities:
-        message = agent_pb2.Capabilities(
-            endpoints=sorted(
-                agent_pb2.ApiEndpoint.Value("API_ENDPOINT_" + e.upper()) for e in self.endpoints
-            ),
-            input_modalities=sorted(
-                agent_pb2.Modality.Value("MODALITY_" + m.upper()) for m in self.input_modalities
-            ),
-            max_model_len=self.max_model_len,
-            max_chars_per_token=self.max_chars_per_token,
-            lora_adapters=[
-                agent_pb2.LoraAdapter(name=a.name, parent=a.parent) for a in self.lora_adapters
-            ],
-            engine=self.engine,
-            engine_version=self.engine_version,
-            runner=self.runner,
-        )
-        if self.tools is not None:
-            message.tools = self.tools
-        if self.structured_output is not None:
-            message.structured_output = self.structured_output
-        return message
 
 
 # --- the model directory -----------------------------------------------------------------

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from kscope.v1 import agent_pb2, agent_pb2_grpc
+from kscope_common.capabilities import Capabilities
 from kscope_common.request_stats import RequestTotals
 from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
-from node_agent.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 

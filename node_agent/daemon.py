@@ -19,11 +19,12 @@ import grpc
 from prometheus_client.core import Metric
 
 from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
+from kscope_common.capabilities import Capabilities
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
 from kscope_common.metrics import counter, gauge, maybe_serve
 from kscope_common.request_stats import RequestStats
 from kscope_common.tls import EnrollmentError
-from node_agent.capabilities import Capabilities, Discovery, DiscoveryError
+from node_agent.capabilities import Discovery, DiscoveryError
 from node_agent.controller_link import (
     AgentIdentity,
     ControllerLink,

@@ -15,7 +15,6 @@ from fastapi.responses import Response
 from facade.auth import GRANT_SCOPE_KEY, Grant
 from facade.capabilities import (
     FALLBACK_CHARS_PER_TOKEN,
-    Capabilities,
     Requirement,
     check,
     refusal,
@@ -25,7 +24,8 @@ from facade.capabilities import (
 from facade.errors import ApiError
 from facade.models_api import models_router
 from facade.routing import RouteTable
-from kscope.v1 import agent_pb2, control_pb2
+from kscope.v1 import control_pb2
+from kscope_common.capabilities import Capabilities, LoraAdapter
 
 CHAT = "/v1/chat/completions"
 TEXT_MODEL = Capabilities(
@@ -244,28 +244,6 @@ def test_refusal_takes_the_requirement() -> None:
 # --- routing --------------------------------------------------------------------------------
 
 
-def _caps_proto(caps: Capabilities) -> agent_pb2.Capabilities:
-    message = agent_pb2.Capabilities(
-        endpoints=[
-            agent_pb2.ApiEndpoint.Value("API_ENDPOINT_" + e.upper()) for e in sorted(caps.endpoints)
-        ],
-        input_modalities=[
-            agent_pb2.Modality.Value("MODALITY_" + m.upper()) for m in sorted(caps.input_modalities)
-        ],
-        max_model_len=caps.max_model_len,
-        max_chars_per_token=caps.max_chars_per_token,
-        lora_adapters=[agent_pb2.LoraAdapter(name=n, parent=p) for n, p in caps.lora_adapters],
-        engine=caps.engine,
-        engine_version=caps.engine_version,
-        runner=caps.runner,
-    )
-    if caps.tools is not None:
-        message.tools = caps.tools
-    if caps.structured_output is not None:
-        message.structured_output = caps.structured_output
-    return message
-
-
 def _route(
     name: str,
     endpoints: list[tuple[str, Capabilities | None]],
@@ -279,14 +257,14 @@ def _route(
         live_replicas=len(endpoints), aliases=aliases, lora_adapters=adapters,
     )  # fmt: skip
     if model_caps is not None:
-        model.capabilities.CopyFrom(_caps_proto(model_caps))
+        model.capabilities.CopyFrom(model_caps.to_proto())
     route = control_pb2.ModelRoute(model=model, retry_after_seconds=7)
     for instance_id, caps in endpoints:
         ep = control_pb2.Endpoint(
             instance_id=instance_id, address=f"127.0.0.1:{len(route.endpoints) + 1}"
         )
         if caps is not None:
-            ep.capabilities.CopyFrom(_caps_proto(caps))
+            ep.capabilities.CopyFrom(caps.to_proto())
         route.endpoints.append(ep)
     return route
 
@@ -295,7 +273,9 @@ VISION = Capabilities(
     endpoints=frozenset({"chat_completions"}), input_modalities=frozenset({"text", "image"})
 )
 TEXT = Capabilities(endpoints=frozenset({"chat_completions"}), input_modalities=frozenset({"text"}))
-WITH_LORA = Capabilities(endpoints=frozenset({"chat_completions"}), lora_adapters=(("sql", "m"),))
+WITH_LORA = Capabilities(
+    endpoints=frozenset({"chat_completions"}), lora_adapters=(LoraAdapter("sql", "m"),)
+)
 WITHOUT_LORA = Capabilities(endpoints=frozenset({"chat_completions"}))
 
 
@@ -363,7 +343,7 @@ async def test_an_adapter_no_ready_instance_has_is_not_ready() -> None:
 
 async def test_an_adapter_loaded_at_run_time_becomes_a_name() -> None:
     table = RouteTable()
-    runtime = Capabilities(lora_adapters=(("fresh", "m"),))
+    runtime = Capabilities(lora_adapters=(LoraAdapter("fresh", "m"),))
     table.apply(
         control_pb2.WatchRoutesResponse(version=1, routes=[_route("m", [("a", runtime)], runtime)])
     )
@@ -416,8 +396,8 @@ async def _get(table: RouteTable, grant: Grant | None, path: str) -> httpx.Respo
 async def table() -> Any:
     caps = Capabilities(
         endpoints=frozenset({"chat_completions"}), input_modalities=frozenset({"text"}),
-        tools=False, max_model_len=512, lora_adapters=(("tiny-sql", "tiny"),), engine="vllm",
-        engine_version="0.32.0", runner="generate",
+        tools=False, max_model_len=512, lora_adapters=(LoraAdapter("tiny-sql", "tiny"),),
+        engine="vllm", engine_version="0.32.0", runner="generate",
     )  # fmt: skip
     table = RouteTable()
     table.apply(control_pb2.WatchRoutesResponse(version=1, routes=[

@@ -20,14 +20,13 @@ from controller.fleet import AgentReport, Fleet, LoadModelCommand
 from controller.launchers.base import LaunchSpec, agent_invocation
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
 from controller.records import AgentRecord
-from controller.records import Capabilities as Recorded
 from controller.store.sqlite import SqliteStore
 from kscope.v1 import agent_pb2
+from kscope_common.capabilities import Capabilities, LoraAdapter
+from kscope_common.capabilities import Capabilities as Recorded
 from kscope_common.request_stats import RequestTotals
 from node_agent.capabilities import (
-    Capabilities,
     DiscoveryError,
-    LoraAdapter,
     MlxDiscovery,
     UpstreamDiscovery,
     VllmDiscovery,
@@ -263,7 +262,8 @@ def test_capabilities_cross_the_wire_unchanged() -> None:
     assert recorded == Recorded(
         endpoints=learned.endpoints, input_modalities=learned.input_modalities, tools=True,
         structured_output=False, max_model_len=9, max_chars_per_token=3,
-        lora_adapters=(("a", "m"),), engine="vllm", engine_version="1", runner="generate",
+        lora_adapters=(LoraAdapter("a", "m"),), engine="vllm", engine_version="1",
+        runner="generate",
     )  # fmt: skip
     assert capabilities_to_proto(recorded) == learned.to_proto()
     assert not capabilities_to_proto(Recorded()).HasField("tools")
