@@ -41,6 +41,7 @@ from tests.procs import (
     Facade,
     Upstream,
     restart_controller,
+    run_kscope,
     start_controller,
     start_facade,
     start_upstream,
@@ -219,7 +220,9 @@ def test_scancel_from_outside_fails_the_instance_and_a_replacement_follows(echo:
 
 def test_stopping_an_instance_drains_it_and_its_job_leaves(echo: System) -> None:
     inst = echo.wait_ready("echo")
-    echo.stop_instance(inst.id)
+    # As an operator does it: `kscope stop`.
+    done = run_kscope(echo.controller, "stop", inst.id, key=echo.controller.admin_key)
+    assert done.returncode == 0, done.stderr
     wait_until(job_gone(echo, inst.launcher_ref), 20, 0.2, what="job left the queue")
     wait_until(lambda: not processes_of(inst.id), 15, what="agent processes gone")
     wait_until(lambda: echo.instance(inst.id).state == STOPPED, 5, what="instance STOPPED")
