@@ -396,10 +396,13 @@ class KeyRegistry:
 
     # --- limits shared by an owner's keys ----------------------------------------------------
 
-    async def owner_limits(self, owner: str) -> Limits:
+    async def _all_owner_limits(self) -> dict[str, Limits]:
         if self._owner_limits is None:
             self._owner_limits = await self._store.owner_limits()
-        return self._owner_limits.get(owner, NONE)
+        return self._owner_limits
+
+    async def owner_limits(self, owner: str) -> Limits:
+        return (await self._all_owner_limits()).get(owner, NONE)
 
     async def set_owner_limits(self, caller: Caller, owner: str, limits: Limits) -> Limits:
         if not caller.admin:
@@ -407,18 +410,15 @@ class KeyRegistry:
         if not owner.strip():
             raise InvalidKeyRequest("owner must not be empty")
         await self._store.set_owner_limits(owner, limits)
-        if self._owner_limits is not None:
-            self._owner_limits[owner] = limits
+        (await self._all_owner_limits())[owner] = limits
         log.info("owner %s: limits %s (by %s)", owner, limits, caller.owner)
         self._tell(KeyEvent(owners=[owner]))
         return limits
 
     async def list_owner_limits(self, caller: Caller) -> dict[str, Limits]:
-        await self.owner_limits("")
-        assert self._owner_limits is not None
         return {
             owner: limits
-            for owner, limits in sorted(self._owner_limits.items())
+            for owner, limits in sorted((await self._all_owner_limits()).items())
             if limits.any and (caller.admin or owner == caller.owner)
         }
 

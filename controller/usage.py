@@ -85,19 +85,24 @@ class UsageLedger:
                 for subject in subjects:
                     self._tokens_today[subject] = self._tokens_today.get(subject, 0) + entry.tokens
         mine = {load.subject: load for load in loads}
+        # A facade that stopped reporting is gone (each process has its own
+        # name, so restarts would otherwise pile up here).
+        self._loads = {
+            name: seen for name, seen in self._loads.items() if now - seen[0] <= STALE_AFTER_S
+        }
         self._loads[facade] = (now, mine)
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
             dropped = await self._store.prune(int(now - self._retention_s) // HOUR_S * HOUR_S)
             if dropped:
                 log.info("usage: dropped %d hourly rows older than the retention", dropped)
-        return [self._others(facade, subject, now) for subject in mine]
+        return [self._others(facade, subject) for subject in mine]
 
-    def _others(self, facade: str, subject: str, now: float) -> SubjectLoad:
+    def _others(self, facade: str, subject: str) -> SubjectLoad:
         requests = tokens = in_flight = 0
-        for name, (at, loads) in self._loads.items():
+        for name, (_, loads) in self._loads.items():  # all fresh: report() dropped the rest
             load = loads.get(subject)
-            if name == facade or load is None or now - at > STALE_AFTER_S:
+            if name == facade or load is None:
                 continue
             requests += load.requests_last_minute
             tokens += load.tokens_last_minute
