@@ -244,10 +244,16 @@ async def attempt(
     for _ in range(3):
         code = await _attempt_once(channel, rpc, request, metadata, timeout_s)
         # A write that loses the race with the server's refusal reports gRPC
-        # core's INTERNAL instead of the refusal: ask again.
+        # core's INTERNAL instead of the refusal (_attempt_once waits for a
+        # refusal before writing; under load it can come later): ask again.
         if not (rpc.shape == "bidi" and code == grpc.StatusCode.INTERNAL):
             return code
     return code
+
+
+REFUSAL_WAIT_S = 1.0
+"""How long a bidi attempt waits for a refusal before it writes: refusals come
+before the server reads anything, and a write racing one turns it into INTERNAL."""
 
 
 async def _attempt_once(
@@ -262,6 +268,12 @@ async def _attempt_once(
                       metadata=metadata, timeout=timeout_s)  # fmt: skip
         try:
             if rpc.shape == "bidi":
+                refused = asyncio.ensure_future(call.code())
+                done, _ = await asyncio.wait({refused}, timeout=REFUSAL_WAIT_S)
+                if done:
+                    code: grpc.StatusCode = refused.result()
+                    return code
+                refused.cancel()
                 await call.write(request)
             await call.read()
         finally:
