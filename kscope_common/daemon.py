@@ -7,6 +7,8 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+from kscope_common.memory import limit_malloc_arenas
+
 
 async def wait_for_stop_signal() -> signal.Signals:
     """Block until SIGTERM or SIGINT arrives; return which."""
@@ -27,7 +29,9 @@ async def wait_for_stop_signal() -> signal.Signals:
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` on uvloop when available."""
+    """Run `main` on uvloop when available, with few malloc arenas (before
+    any gRPC thread starts: see kscope_common/memory.py)."""
+    limit_malloc_arenas()
     try:
         import uvloop
     except ImportError:
