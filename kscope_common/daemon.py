@@ -7,8 +7,6 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
-from kscope_common.memory import limit_malloc_arenas
-
 
 async def wait_for_stop_signal() -> signal.Signals:
     """Block until SIGTERM or SIGINT arrives; return which."""
@@ -29,9 +27,7 @@ async def wait_for_stop_signal() -> signal.Signals:
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` on uvloop when available, with few malloc arenas (before
-    any gRPC thread starts: see kscope_common/memory.py)."""
-    limit_malloc_arenas()
+    """Run `main` on uvloop when available."""
     try:
         import uvloop
     except ImportError:
