@@ -16,7 +16,8 @@ upload (parsed by python-multipart, through Starlette) and answer with what
 arrived: `text`, and a `kscope_echo` of the body's digest, its Content-Type,
 the text fields, and each file's field, name, content type, size and SHA-256.
 With the form field `stream=true` the same comes as SSE `data:` chunks, then
-`[DONE]`.
+`[DONE]`; with `response_format` text, srt or vtt, only the text, as
+text/plain (text/vtt for vtt), as OpenAI answers those.
 
 Served by uvicorn (uvloop, httptools, no access log) as a raw ASGI app with
 orjson; no framework sits on the hot path.
@@ -349,6 +350,13 @@ async def answer_audio(scope: Scope, receive: Receive, send: Send, task: str) ->
                       DONE_EVENT):  # fmt: skip
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+        return
+    if fields.get("response_format") in ("text", "srt", "vtt"):
+        # As OpenAI answers these: the text itself, not JSON.
+        media = b"text/vtt" if fields["response_format"] == "vtt" else b"text/plain; charset=utf-8"
+        headers = [(b"content-type", media)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": text.encode() + b"\n"})
         return
     await send_json(send, 200, {"text": text, ECHO_FIELD: echo})
 

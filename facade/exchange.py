@@ -43,6 +43,8 @@ the stream every request on the agent shares."""
 class Exchange(Protocol):
     usage: inference_pb2.Usage | None
     """The engine's token counts, once a message carried them."""
+    content_type: str
+    """A one-piece answer's Content-Type when the engine's was not JSON (else empty)."""
 
     def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         """The engine's chunks as they arrive; AgentFailure when the request failed."""
@@ -72,15 +74,20 @@ class Opener(Protocol):
 class PerCallExchange:
     """One server-streaming RPC for one request."""
 
-    def __init__(self, call: Any, model: str):
+    def __init__(self, call: Any, model: str, generic: bool):
         self._call = call
         self._model = model
+        self._generic = generic
+        """The call is InferenceService.Inference (only its answers carry a content type)."""
         self._cancelled = False
         self.usage: inference_pb2.Usage | None = None
+        self.content_type = ""
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         try:
             async for message in self._call:
+                if self._generic and message.content_type:
+                    self.content_type = message.content_type
                 if message.HasField("usage"):
                     self.usage = message.usage
                     if not message.chunks:
@@ -126,7 +133,7 @@ def open_per_call(
 ) -> Exchange:
     deadline = timeout_s + CALL_DEADLINE_SLACK_S if timeout_s else None
     call = getattr(target.stub, rpc)(request, timeout=deadline)
-    return PerCallExchange(call, model)
+    return PerCallExchange(call, model, generic=type(request) is inference_pb2.InferenceRequest)
 
 
 def open_multiplexed(
@@ -161,6 +168,7 @@ class MultiplexExchange:
         self._ungranted = 0
         """Bytes the client took that the agent was not yet told of."""
         self.usage: inference_pb2.Usage | None = None
+        self.content_type = ""
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         while True:
@@ -177,6 +185,8 @@ class MultiplexExchange:
             for frame in frames:
                 if frame.HasField("usage"):
                     self.usage = frame.usage
+                if frame.content_type:  # a one-piece answer's frame
+                    self.content_type = frame.content_type
                 if frame.end:
                     self.ended = True
                     if frame.HasField("error"):

@@ -292,7 +292,8 @@ class InferenceProxy:
         except TimeoutError:
             raise StreamTimeout(_timed_out(model, self._total_timeout_s(), total=True)) from None
         writer.usage = exchange.usage
-        await writer.json(parts[0] if len(parts) == 1 else b"".join(parts))
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        await writer.json(body, exchange.content_type)
 
     async def _stream(self, exchange: Exchange, writer: ResponseWriter, model: str) -> None:
         """Forward an event stream. It begins with the first chunk, so an error

@@ -72,10 +72,15 @@ class ResponseWriter:
         are, ended as the engine ended it (no [DONE] of ours), an error as an
         `event: error`."""
 
-    async def json(self, body: bytes) -> None:
+    async def json(self, body: bytes, content_type: str = "") -> None:
+        """A one-piece answer: JSON, unless the engine labelled it otherwise
+        (`content_type`: an audio transcription as text, srt or vtt)."""
         self.status = 200
         self.started = True
-        headers = [*JSON_HEADERS, *self.headers] if self.headers else JSON_HEADERS
+        if content_type:
+            headers = [(b"content-type", content_type.encode("latin-1")), *self.headers]
+        else:
+            headers = [*JSON_HEADERS, *self.headers] if self.headers else JSON_HEADERS
         await self._send({"type": "http.response.start", "status": 200, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
         self.finished = True

@@ -123,6 +123,8 @@ class MultiplexSession:
                 async for output in outputs:
                     frame = Frame(stream_id=sid, chunks=output.chunks)
                     copy_usage(output, frame.usage)
+                    if output.content_type:
+                        frame.content_type = output.content_type
                     put(frame)
                     window.spend(frame_size(frame))
                     if window.closed:

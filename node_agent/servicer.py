@@ -54,6 +54,8 @@ def _handler(
                 async for output in outputs:
                     message = response_cls(chunks=output.chunks)
                     copy_usage(output, message.usage)
+                    if output.content_type and endpoint is None:  # InferenceResponse's field
+                        message.content_type = output.content_type
                     yield message
         except RequestFailed as failed:
             context.set_trailing_metadata(((ERROR_METADATA_KEY, failed.error.SerializeToString()),))

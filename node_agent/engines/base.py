@@ -72,6 +72,8 @@ class EngineOutput:
 
     chunks: list[bytes]
     usage: Usage | None = None
+    content_type: str = ""
+    """A one-piece answer's Content-Type when it is not JSON (empty: JSON)."""
 
 
 def copy_usage(output: EngineOutput, target: inference_pb2.Usage) -> None:

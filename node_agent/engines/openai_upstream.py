@@ -65,6 +65,14 @@ def usage_of(payload: bytes) -> Usage | None:
     return Usage(**values)
 
 
+def _not_json(content_type: bytes) -> str:
+    """The answer's Content-Type when it is not JSON (text, srt or vtt from an
+    audio endpoint): the client must get it as the engine labelled it."""
+    if not content_type or content_type.startswith(b"application/json"):
+        return ""
+    return content_type.decode("latin-1")
+
+
 def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     """Split complete SSE events off `buffer`; return their data payloads and
     the incomplete rest."""
@@ -345,7 +353,7 @@ class OpenAIUpstream:
                 raise _error_from(conn.status, await conn.read_all(self._timeout_s))
             if not request.stream or not conn.content_type.startswith(b"text/event-stream"):
                 raw = await conn.read_all(self._timeout_s)
-                yield EngineOutput([raw], usage_of(raw))
+                yield EngineOutput([raw], usage_of(raw), _not_json(conn.content_type))
                 return
             if request.endpoint.whole_events:
                 async with contextlib.aclosing(self._whole_events(conn)) as outputs:

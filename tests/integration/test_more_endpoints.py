@@ -165,6 +165,31 @@ def test_a_renamed_model_is_renamed_in_the_form_and_nothing_else(facade: Facade)
     assert echo["files"][0]["sha256"] == hashlib.sha256(AUDIO).hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("response_format", "media"), [("text", "text/plain; charset=utf-8"), ("vtt", "text/vtt")]
+)
+def test_a_text_transcription_keeps_the_engines_content_type(
+    facade: Facade, response_format: str, media: str
+) -> None:
+    # The SDK returns the text as it came (its type for these formats is str).
+    audio: Any = _client(facade).audio  # the SDK's overloads want the format as a literal
+    text = audio.transcriptions.create(
+        model="whisper", file=("t.wav", AUDIO, "audio/wav"), response_format=response_format
+    )
+    assert text == "transcriptions of t.wav\n"
+    reply = httpx.post(
+        f"{facade.base_url}/v1/audio/transcriptions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        data={"model": "whisper", "response_format": response_format},
+        files={"file": ("t.wav", AUDIO, "audio/wav")},
+        timeout=30,
+    )
+    assert reply.status_code == 200
+    assert reply.headers["content-type"] == media
+    assert reply.headers["x-request-id"]
+    assert reply.content == b"transcriptions of t.wav\n"
+
+
 def test_a_streamed_transcription(facade: Facade) -> None:
     stream = _client(facade).audio.transcriptions.create(
         model="whisper", file=("s.wav", AUDIO, "audio/wav"), stream=True

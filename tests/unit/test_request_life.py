@@ -704,7 +704,7 @@ async def test_both_transports_carry_the_same_request_error(error: BaseException
 
     # And the facade makes one answer of either.
     with pytest.raises(AgentFailure) as from_call:
-        async for _ in PerCallExchange(FakeFailedCall(context), "m").chunks():
+        async for _ in PerCallExchange(FakeFailedCall(context), "m", generic=False).chunks():
             pass
     exchange = MultiplexExchange(FakeAgentSession(), 1, "m")  # type: ignore[arg-type]
     exchange.frames.put(inference_pb2.MultiplexFrame(stream_id=1, end=True, error=multiplexed))

@@ -157,6 +157,7 @@ class FakeExchange:
         self.cancels = 0
         self.consumed_bytes: list[int] = []
         self.usage: inference_pb2.Usage | None = None
+        self.content_type = ""
 
     async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
         for step in self._script:

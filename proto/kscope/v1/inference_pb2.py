@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kscope/v1/inference.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\rMultiplexOpen\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.kscope.v1.InferenceKind\x12,\n\x08\x65nvelope\x18\x03 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x14\n\x0cwindow_bytes\x18\x05 \x01(\r\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\"3\n\x0fMultiplexCredit\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\r\"$\n\x0fMultiplexCancel\x12\x11\n\tstream_id\x18\x01 \x01(\x04\"\x95\x01\n\x10MultiplexRequest\x12\'\n\x05opens\x18\x01 \x03(\x0b\x32\x18.kscope.v1.MultiplexOpen\x12+\n\x07\x63\x61ncels\x18\x02 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCancel\x12+\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCredit\"\xed\x01\n\x0eMultiplexFrame\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\x0c\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.kscope.v1.Usage\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12\x16\n\nerror_code\x18\x05 \x01(\x05\x42\x02\x18\x01\x12\x19\n\rerror_message\x18\x06 \x01(\tB\x02\x18\x01\x12\x17\n\x0bhttp_status\x18\x07 \x01(\x05\x42\x02\x18\x01\x12\x16\n\nerror_body\x18\x08 \x01(\x0c\x42\x02\x18\x01\x12&\n\x05\x65rror\x18\t \x01(\x0b\x32\x17.kscope.v1.RequestError\"[\n\x0cRequestError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x12\n\nerror_body\x18\x04 \x01(\x0c\">\n\x11MultiplexResponse\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.kscope.v1.MultiplexFrame\"\x94\x01\n\x0fRequestEnvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\x08\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"S\n\x15\x43hatCompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"I\n\x16\x43hatCompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"O\n\x11\x43ompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"E\n\x12\x43ompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"N\n\x10\x45mbeddingRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"\x8c\x01\n\x10InferenceRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.kscope.v1.InferenceKind\x12,\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"D\n\x11InferenceResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"D\n\x11\x45mbeddingResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage*\xf2\x03\n\rInferenceKind\x12\x1e\n\x1aINFERENCE_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eINFERENCE_KIND_CHAT_COMPLETION\x10\x01\x12\x1d\n\x19INFERENCE_KIND_COMPLETION\x10\x02\x12\x1c\n\x18INFERENCE_KIND_EMBEDDING\x10\x03\x12\x1b\n\x17INFERENCE_KIND_RESPONSE\x10\x04\x12\x1b\n\x17INFERENCE_KIND_TOKENIZE\x10\x05\x12\x1d\n\x19INFERENCE_KIND_DETOKENIZE\x10\x06\x12\x18\n\x14INFERENCE_KIND_SCORE\x10\x07\x12\x1b\n\x17INFERENCE_KIND_SCORE_V1\x10\x08\x12\x19\n\x15INFERENCE_KIND_RERANK\x10\t\x12\x1c\n\x18INFERENCE_KIND_RERANK_V1\x10\n\x12\x1c\n\x18INFERENCE_KIND_RERANK_V2\x10\x0b\x12\x1a\n\x16INFERENCE_KIND_POOLING\x10\x0c\x12\x1b\n\x17INFERENCE_KIND_CLASSIFY\x10\r\x12 \n\x1cINFERENCE_KIND_TRANSCRIPTION\x10\x0e\x12\x1e\n\x1aINFERENCE_KIND_TRANSLATION\x10\x0f\x32\x98\x03\n\x10InferenceService\x12W\n\x0e\x43hatCompletion\x12 .kscope.v1.ChatCompletionRequest\x1a!.kscope.v1.ChatCompletionResponse0\x01\x12K\n\nCompletion\x12\x1c.kscope.v1.CompletionRequest\x1a\x1d.kscope.v1.CompletionResponse0\x01\x12H\n\tEmbedding\x12\x1b.kscope.v1.EmbeddingRequest\x1a\x1c.kscope.v1.EmbeddingResponse0\x01\x12H\n\tInference\x12\x1b.kscope.v1.InferenceRequest\x1a\x1c.kscope.v1.InferenceResponse0\x01\x12J\n\tMultiplex\x12\x1b.kscope.v1.MultiplexRequest\x1a\x1c.kscope.v1.MultiplexResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kscope/v1/inference.proto\x12\tkscope.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\rMultiplexOpen\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.kscope.v1.InferenceKind\x12,\n\x08\x65nvelope\x18\x03 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x14\n\x0cwindow_bytes\x18\x05 \x01(\r\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\"3\n\x0fMultiplexCredit\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\r\"$\n\x0fMultiplexCancel\x12\x11\n\tstream_id\x18\x01 \x01(\x04\"\x95\x01\n\x10MultiplexRequest\x12\'\n\x05opens\x18\x01 \x03(\x0b\x32\x18.kscope.v1.MultiplexOpen\x12+\n\x07\x63\x61ncels\x18\x02 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCancel\x12+\n\x07\x63redits\x18\x03 \x03(\x0b\x32\x1a.kscope.v1.MultiplexCredit\"\x83\x02\n\x0eMultiplexFrame\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\x0c\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.kscope.v1.Usage\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x08\x12\x16\n\nerror_code\x18\x05 \x01(\x05\x42\x02\x18\x01\x12\x19\n\rerror_message\x18\x06 \x01(\tB\x02\x18\x01\x12\x17\n\x0bhttp_status\x18\x07 \x01(\x05\x42\x02\x18\x01\x12\x16\n\nerror_body\x18\x08 \x01(\x0c\x42\x02\x18\x01\x12&\n\x05\x65rror\x18\t \x01(\x0b\x32\x17.kscope.v1.RequestError\x12\x14\n\x0c\x63ontent_type\x18\n \x01(\t\"[\n\x0cRequestError\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x12\n\nerror_body\x18\x04 \x01(\x0c\">\n\x11MultiplexResponse\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.kscope.v1.MultiplexFrame\"\x94\x01\n\x0fRequestEnvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\x08\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"S\n\x15\x43hatCompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"I\n\x16\x43hatCompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"O\n\x11\x43ompletionRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"E\n\x12\x43ompletionResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\"N\n\x10\x45mbeddingRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"\x8c\x01\n\x10InferenceRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.kscope.v1.InferenceKind\x12,\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1a.kscope.v1.RequestEnvelope\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"Z\n\x11InferenceResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\"D\n\x11\x45mbeddingResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\x0c\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kscope.v1.Usage*\xf2\x03\n\rInferenceKind\x12\x1e\n\x1aINFERENCE_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eINFERENCE_KIND_CHAT_COMPLETION\x10\x01\x12\x1d\n\x19INFERENCE_KIND_COMPLETION\x10\x02\x12\x1c\n\x18INFERENCE_KIND_EMBEDDING\x10\x03\x12\x1b\n\x17INFERENCE_KIND_RESPONSE\x10\x04\x12\x1b\n\x17INFERENCE_KIND_TOKENIZE\x10\x05\x12\x1d\n\x19INFERENCE_KIND_DETOKENIZE\x10\x06\x12\x18\n\x14INFERENCE_KIND_SCORE\x10\x07\x12\x1b\n\x17INFERENCE_KIND_SCORE_V1\x10\x08\x12\x19\n\x15INFERENCE_KIND_RERANK\x10\t\x12\x1c\n\x18INFERENCE_KIND_RERANK_V1\x10\n\x12\x1c\n\x18INFERENCE_KIND_RERANK_V2\x10\x0b\x12\x1a\n\x16INFERENCE_KIND_POOLING\x10\x0c\x12\x1b\n\x17INFERENCE_KIND_CLASSIFY\x10\r\x12 \n\x1cINFERENCE_KIND_TRANSCRIPTION\x10\x0e\x12\x1e\n\x1aINFERENCE_KIND_TRANSLATION\x10\x0f\x32\x98\x03\n\x10InferenceService\x12W\n\x0e\x43hatCompletion\x12 .kscope.v1.ChatCompletionRequest\x1a!.kscope.v1.ChatCompletionResponse0\x01\x12K\n\nCompletion\x12\x1c.kscope.v1.CompletionRequest\x1a\x1d.kscope.v1.CompletionResponse0\x01\x12H\n\tEmbedding\x12\x1b.kscope.v1.EmbeddingRequest\x1a\x1c.kscope.v1.EmbeddingResponse0\x01\x12H\n\tInference\x12\x1b.kscope.v1.InferenceRequest\x1a\x1c.kscope.v1.InferenceResponse0\x01\x12J\n\tMultiplex\x12\x1b.kscope.v1.MultiplexRequest\x1a\x1c.kscope.v1.MultiplexResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MULTIPLEXFRAME'].fields_by_name['http_status']._serialized_options = b'\030\001'
   _globals['_MULTIPLEXFRAME'].fields_by_name['error_body']._loaded_options = None
   _globals['_MULTIPLEXFRAME'].fields_by_name['error_body']._serialized_options = b'\030\001'
-  _globals['_INFERENCEKIND']._serialized_start=1802
-  _globals['_INFERENCEKIND']._serialized_end=2300
+  _globals['_INFERENCEKIND']._serialized_start=1846
+  _globals['_INFERENCEKIND']._serialized_end=2344
   _globals['_MULTIPLEXOPEN']._serialized_start=74
   _globals['_MULTIPLEXOPEN']._serialized_end=252
   _globals['_MULTIPLEXCREDIT']._serialized_start=254
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MULTIPLEXREQUEST']._serialized_start=346
   _globals['_MULTIPLEXREQUEST']._serialized_end=495
   _globals['_MULTIPLEXFRAME']._serialized_start=498
-  _globals['_MULTIPLEXFRAME']._serialized_end=735
-  _globals['_REQUESTERROR']._serialized_start=737
-  _globals['_REQUESTERROR']._serialized_end=828
-  _globals['_MULTIPLEXRESPONSE']._serialized_start=830
-  _globals['_MULTIPLEXRESPONSE']._serialized_end=892
-  _globals['_REQUESTENVELOPE']._serialized_start=895
-  _globals['_REQUESTENVELOPE']._serialized_end=1043
-  _globals['_USAGE']._serialized_start=1045
-  _globals['_USAGE']._serialized_end=1124
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_start=1126
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=1209
-  _globals['_CHATCOMPLETIONRESPONSE']._serialized_start=1211
-  _globals['_CHATCOMPLETIONRESPONSE']._serialized_end=1284
-  _globals['_COMPLETIONREQUEST']._serialized_start=1286
-  _globals['_COMPLETIONREQUEST']._serialized_end=1365
-  _globals['_COMPLETIONRESPONSE']._serialized_start=1367
-  _globals['_COMPLETIONRESPONSE']._serialized_end=1436
-  _globals['_EMBEDDINGREQUEST']._serialized_start=1438
-  _globals['_EMBEDDINGREQUEST']._serialized_end=1516
-  _globals['_INFERENCEREQUEST']._serialized_start=1519
-  _globals['_INFERENCEREQUEST']._serialized_end=1659
-  _globals['_INFERENCERESPONSE']._serialized_start=1661
-  _globals['_INFERENCERESPONSE']._serialized_end=1729
-  _globals['_EMBEDDINGRESPONSE']._serialized_start=1731
-  _globals['_EMBEDDINGRESPONSE']._serialized_end=1799
-  _globals['_INFERENCESERVICE']._serialized_start=2303
-  _globals['_INFERENCESERVICE']._serialized_end=2711
+  _globals['_MULTIPLEXFRAME']._serialized_end=757
+  _globals['_REQUESTERROR']._serialized_start=759
+  _globals['_REQUESTERROR']._serialized_end=850
+  _globals['_MULTIPLEXRESPONSE']._serialized_start=852
+  _globals['_MULTIPLEXRESPONSE']._serialized_end=914
+  _globals['_REQUESTENVELOPE']._serialized_start=917
+  _globals['_REQUESTENVELOPE']._serialized_end=1065
+  _globals['_USAGE']._serialized_start=1067
+  _globals['_USAGE']._serialized_end=1146
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_start=1148
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=1231
+  _globals['_CHATCOMPLETIONRESPONSE']._serialized_start=1233
+  _globals['_CHATCOMPLETIONRESPONSE']._serialized_end=1306
+  _globals['_COMPLETIONREQUEST']._serialized_start=1308
+  _globals['_COMPLETIONREQUEST']._serialized_end=1387
+  _globals['_COMPLETIONRESPONSE']._serialized_start=1389
+  _globals['_COMPLETIONRESPONSE']._serialized_end=1458
+  _globals['_EMBEDDINGREQUEST']._serialized_start=1460
+  _globals['_EMBEDDINGREQUEST']._serialized_end=1538
+  _globals['_INFERENCEREQUEST']._serialized_start=1541
+  _globals['_INFERENCEREQUEST']._serialized_end=1681
+  _globals['_INFERENCERESPONSE']._serialized_start=1683
+  _globals['_INFERENCERESPONSE']._serialized_end=1773
+  _globals['_EMBEDDINGRESPONSE']._serialized_start=1775
+  _globals['_EMBEDDINGRESPONSE']._serialized_end=1843
+  _globals['_INFERENCESERVICE']._serialized_start=2347
+  _globals['_INFERENCESERVICE']._serialized_end=2755
 # @@protoc_insertion_point(module_scope)

@@ -241,6 +241,7 @@ class MultiplexFrame(_message.Message):
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
     ERROR_BODY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.int
     end: _builtins.bool
     """The request's last frame."""
@@ -272,6 +273,8 @@ class MultiplexFrame(_message.Message):
     @error_body.setter
     @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def error_body(self, value: _builtins.bytes) -> None: ...
+    content_type: _builtins.str
+    """As in InferenceResponse.content_type."""
     @_builtins.property
     def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """As in ChatCompletionResponse.chunks."""
@@ -294,10 +297,11 @@ class MultiplexFrame(_message.Message):
         http_status: _builtins.int = ...,
         error_body: _builtins.bytes = ...,
         error: Global___RequestError | None = ...,
+        content_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "end", b"end", "error", b"error", "error_body", b"error_body", "error_code", b"error_code", "error_message", b"error_message", "http_status", b"http_status", "stream_id", b"stream_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "content_type", b"content_type", "end", b"end", "error", b"error", "error_body", b"error_body", "error_code", b"error_code", "error_message", b"error_message", "http_status", b"http_status", "stream_id", b"stream_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -602,6 +606,12 @@ class InferenceResponse(_message.Message):
 
     CHUNKS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    content_type: _builtins.str
+    """A one-piece answer's Content-Type as the engine sent it, when that is
+    not JSON (an audio transcription asked for as text, srt or vtt); empty
+    means application/json. Only ever on the answer's message.
+    """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """As in ChatCompletionResponse: the whole answer when not streaming,
@@ -618,10 +628,11 @@ class InferenceResponse(_message.Message):
         *,
         chunks: _abc.Iterable[_builtins.bytes] | None = ...,
         usage: Global___Usage | None = ...,
+        content_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "content_type", b"content_type", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
