@@ -60,10 +60,16 @@ class UsageLedger:
         today = day_start(now)
         if today == self._today:
             return
-        by_key, by_owner = await self._store.tokens_since(today)
-        self._tokens_today = {f"key:{k}": n for k, n in by_key.items()}
-        self._tokens_today.update({f"owner:{o}": n for o, n in by_owner.items()})
+        self._tokens_today = {}
+        for key_id, owner, model, tokens in await self._store.tokens_since(today):
+            self._count(key_id, owner, model, tokens)
         self._today = today
+
+    def _count(self, key_id: str, owner: str, model: str, tokens: int) -> None:
+        # Every daily budget a request counts against: its key's, its owner's and
+        # its key's on this model (the catalog's key_limits).
+        for subject in (f"key:{key_id}", f"owner:{owner}", f"key:{key_id}@{model}"):
+            self._tokens_today[subject] = self._tokens_today.get(subject, 0) + tokens
 
     async def report(
         self,
@@ -78,12 +84,7 @@ class UsageLedger:
         await self._store.add(entries)  # first: a failed write leaves the report to be resent
         for entry in entries:
             if entry.hour >= self._today:
-                subjects = (
-                    f"key:{entry.key_id}", f"owner:{entry.owner}",
-                    f"key:{entry.key_id}@{entry.model}",  # the catalog's key_limits
-                )  # fmt: skip
-                for subject in subjects:
-                    self._tokens_today[subject] = self._tokens_today.get(subject, 0) + entry.tokens
+                self._count(entry.key_id, entry.owner, entry.model, entry.tokens)
         mine = {load.subject: load for load in loads}
         # A facade that stopped reporting is gone (each process has its own
         # name, so restarts would otherwise pile up here).

@@ -113,19 +113,14 @@ class UsageStore(SqliteFile):
         if rows:
             await self._run(write)
 
-    async def tokens_since(self, hour: int) -> tuple[dict[str, int], dict[str, int]]:
-        """Tokens from `hour` on, per key id and per owner."""
+    async def tokens_since(self, hour: int) -> list[tuple[str, str, str, int]]:
+        """Tokens from `hour` on: (key id, owner, model, tokens) rows."""
         sql = (
-            "SELECT key_id, owner, SUM(prompt_tokens + completion_tokens) FROM usage_hourly "
-            "WHERE hour >= ? GROUP BY key_id, owner"
+            "SELECT key_id, owner, model, SUM(prompt_tokens + completion_tokens) "
+            "FROM usage_hourly WHERE hour >= ? GROUP BY key_id, owner, model"
         )
         rows = await self._run(lambda: self._db.execute(sql, (hour,)).fetchall())
-        by_key: dict[str, int] = {}
-        by_owner: dict[str, int] = {}
-        for key_id, owner, tokens in rows:
-            by_key[key_id] = by_key.get(key_id, 0) + int(tokens)
-            by_owner[owner] = by_owner.get(owner, 0) + int(tokens)
-        return by_key, by_owner
+        return [(key_id, owner, model, int(tokens)) for key_id, owner, model, tokens in rows]
 
     async def totals(self, where: UsageFilter, by: str) -> list[UsageTotal]:
         group, second = GROUP_COLUMNS[by]

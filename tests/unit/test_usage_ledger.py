@@ -50,3 +50,16 @@ async def test_yesterdays_tokens_are_not_todays(tmp_path: Path) -> None:
     (seen,) = await ledger.report("a", [entry("k1", "ann", 7)], [SubjectLoad("key:k1")], NOW)
     assert seen.tokens_today == 7
     ledger.close()
+
+
+async def test_a_restarted_controller_still_knows_every_daily_budgets_use(tmp_path: Path) -> None:
+    # A controller restart reloads today's tokens from the store: per key, per
+    # owner and per key on one model (the catalog's key_limits) alike.
+    first = UsageLedger(UsageStore(tmp_path / "u.db"), retention_days=30)
+    await first.report("a", [entry("k1", "ann", 40)], [], NOW)
+    first.close()
+    again = UsageLedger(UsageStore(tmp_path / "u.db"), retention_days=30)
+    subjects = [SubjectLoad(s) for s in ("key:k1", "owner:ann", "key:k1@m", "key:k1@other")]
+    seen = await again.report("b", [], subjects, NOW + 60)
+    assert [s.tokens_today for s in seen] == [40, 40, 40, 0]
+    again.close()
