@@ -1,8 +1,10 @@
 """What an instance can do, learned from its engine, off the token path.
 
 The agent asks once its engine first answers health (before it says READY)
-and again every `capabilities_refresh_s` (LoRA adapters loaded at run time),
-and tells the controller when the answer changed (controller_link.py).
+and again every `capabilities_refresh_s` (an upstream's models, vLLM's LoRA
+adapters), and tells the controller when the answer changed
+(controller_link.py). What cannot change while an engine runs is learned
+once: vLLM's version and paths, the model directory, all of an MLX model.
 
 - vllm: `/v1/models` (max_model_len; the LoRA adapters are the entries with a
   `parent`), `/version`, `/openapi.json` (the paths it registered, which
@@ -290,21 +292,30 @@ class VllmDiscovery:
         self._engine_args = list(engine_args)
         self._model_path = model_path
         self._directory: ModelDirectory | None = None
+        self._fixed: tuple[str, list[str] | None] | None = None
+        """vLLM's version and API paths: they do not change while it runs."""
         self._http = _Http({"Authorization": f"Bearer {api_key}"} if api_key else {})
 
     async def discover(self) -> Capabilities:
-        if self._directory is None:  # a real tokenizer.json is megabytes: read it once
+        # Only /v1/models is asked again on a refresh (its LoRA adapters); a
+        # real tokenizer.json is megabytes and openapi.json the whole API.
+        if self._directory is None:
             self._directory = await asyncio.to_thread(read_model_directory, self._model_path)
         models = await self._http.get_json(self._root + "/v1/models")
         if not isinstance(models, dict):
             raise DiscoveryError("vLLM's /v1/models is not a JSON object")
-        version = await self._http.get_json(self._root + "/version", missing_ok=True)
-        api = await self._http.get_json(self._root + "/openapi.json", missing_ok=True)
-        paths = api.get("paths") if isinstance(api, dict) else None
+        if self._fixed is None:
+            version = await self._http.get_json(self._root + "/version", missing_ok=True)
+            api = await self._http.get_json(self._root + "/openapi.json", missing_ok=True)
+            paths = api.get("paths") if isinstance(api, dict) else None
+            self._fixed = (
+                str(version.get("version", "")) if isinstance(version, dict) else "",
+                list(paths) if isinstance(paths, dict) else None,
+            )
+        version_text, api_paths = self._fixed
         return from_vllm(
             models, self._served_model, self._engine_args, self._directory,
-            version=str(version.get("version", "")) if isinstance(version, dict) else "",
-            paths=list(paths) if isinstance(paths, dict) else None,
+            version=version_text, paths=api_paths,
         )  # fmt: skip
 
     async def close(self) -> None:
@@ -316,10 +327,14 @@ class MlxDiscovery:
 
     def __init__(self, model_path: str):
         self._model_path = model_path
+        self._learned: Capabilities | None = None
 
     async def discover(self) -> Capabilities:
-        directory = await asyncio.to_thread(read_model_directory, self._model_path)
-        return for_mlx(directory, _installed_version("mlx-vlm"))
+        # Nothing here changes while the agent runs: read the directory once.
+        if self._learned is None:
+            directory = await asyncio.to_thread(read_model_directory, self._model_path)
+            self._learned = for_mlx(directory, _installed_version("mlx-vlm"))
+        return self._learned
 
     async def close(self) -> None:
         pass
