@@ -24,8 +24,7 @@ import orjson
 
 from facade.errors import ApiError
 from kscope.v1 import inference_pb2
-
-FORM_DATA = b"multipart/form-data"
+from kscope_common.multipart import NotMultipart, boundary_of, parts
 
 
 class EndpointKind:
@@ -177,7 +176,7 @@ def content_type_of(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def _parse_form(body: bytes, kind: EndpointKind, default_model: str, content_type: bytes) -> Parsed:
-    boundary = form_boundary(content_type)
+    boundary = boundary_of(content_type)
     if boundary is None:
         raise ApiError(
             400, f"{kind.path} takes a multipart/form-data body (with a boundary)",
@@ -196,60 +195,18 @@ def _parse_form(body: bytes, kind: EndpointKind, default_model: str, content_typ
     return Parsed(model, stream_field in (b"true", b"1"), None)
 
 
-def form_boundary(content_type: bytes) -> bytes | None:
-    """The boundary of a multipart/form-data Content-Type, or None."""
-    media, _, params = content_type.partition(b";")
-    if media.strip().lower() != FORM_DATA:
-        return None
-    for param in params.split(b";"):
-        name, _, value = param.strip().partition(b"=")
-        if name.strip().lower() == b"boundary":
-            value = value.strip().strip(b'"')
-            return value or None
-    return None
-
-
 def form_fields(body: bytes, boundary: bytes, names: tuple[bytes, ...]) -> dict[bytes, bytes]:
     """The values of the text fields called `names` in a multipart/form-data
     body (file parts are skipped, never copied). ApiError(400) for a body that
     is not multipart with this boundary."""
-    delimiter = b"\r\n--" + boundary
     found: dict[bytes, bytes] = {}
-    at = body.find(b"--" + boundary)
-    if at < 0 or body[:at].strip():
-        raise _not_form()
-    while True:
-        headers_at = at + 2 + len(boundary)
-        if body.startswith(b"--", headers_at):
-            return found  # the closing delimiter
-        headers_end = body.find(b"\r\n\r\n", headers_at)
-        if headers_end < 0:
-            raise _not_form()
-        end = body.find(delimiter, headers_end)
-        if end < 0:
-            raise _not_form()
-        name = _field_name(body[headers_at:headers_end])
-        if name in names and name not in found:
-            found[name] = body[headers_end + 4 : end]
-        at = end + 2
-
-
-def _field_name(headers: bytes) -> bytes | None:
-    """The `name` of a text part's Content-Disposition (None for a file part)."""
-    for line in headers.split(b"\r\n"):
-        header, _, value = line.partition(b":")
-        if header.strip().lower() != b"content-disposition":
-            continue
-        name = None
-        for param in value.split(b";")[1:]:
-            key, _, raw = param.strip().partition(b"=")
-            key = key.strip().lower()
-            if key.startswith(b"filename"):  # filename, filename*
-                return None
-            if key == b"name":
-                name = raw.strip().strip(b'"')
-        return name
-    return None
+    try:
+        for part in parts(body, boundary):
+            if part.name in names and part.name not in found:
+                found[part.name] = body[part.start : part.end]
+    except NotMultipart:
+        raise _not_form() from None
+    return found
 
 
 def _not_form() -> ApiError:

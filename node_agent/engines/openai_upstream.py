@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from kscope_common.multipart import NotMultipart, boundary_of, parts
 from node_agent.engines.base import (
     Endpoint,
     EngineError,
@@ -101,41 +102,18 @@ def split_whole_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     return [event for event in events if event], rest
 
 
-FORM_DATA = "multipart/form-data"
-
-
-def form_boundary(content_type: str) -> bytes | None:
-    """The boundary of a multipart/form-data Content-Type, or None."""
-    kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != FORM_DATA:
-        return None
-    for param in params.split(";"):
-        name, _, value = param.strip().partition("=")
-        if name.strip().lower() == "boundary" and value:
-            return value.strip().strip('"').encode()
-    return None
-
-
 def renamed_form(body: bytes, content_type: str, model: str) -> bytes:
     """A multipart/form-data body with the value of its `model` field
     replaced (the catalog's upstream_model); every other byte as it was."""
-    boundary = form_boundary(content_type)
+    boundary = boundary_of(content_type.encode("latin-1"))
     if boundary is None:
         return body
-    delimiter = b"\r\n--" + boundary
-    at = body.find(b"--" + boundary)
-    while at >= 0:
-        headers_at = at + 2 + len(boundary)
-        if body.startswith(b"--", headers_at):
-            break  # the closing delimiter
-        headers_end = body.find(b"\r\n\r\n", headers_at)
-        end = body.find(delimiter, headers_end) if headers_end >= 0 else -1
-        if end < 0:
-            break
-        headers = body[headers_at:headers_end].lower()
-        if b'name="model"' in headers and b"filename" not in headers:
-            return body[: headers_end + 4] + model.encode() + body[end:]
-        at = end + 2
+    try:
+        for part in parts(body, boundary):
+            if part.name == b"model":
+                return body[: part.start] + model.encode() + body[part.end :]
+    except NotMultipart:
+        pass  # the engine says what it makes of it
     return body
 
 
@@ -287,7 +265,7 @@ class OpenAIUpstream:
         body = request.body
         if not self._rename:
             return body
-        if request.content_type and form_boundary(request.content_type) is not None:
+        if request.content_type.lower().startswith("multipart/"):
             return renamed_form(body, request.content_type, self._rename)
         parsed = orjson.loads(body)
         parsed["model"] = self._rename

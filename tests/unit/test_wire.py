@@ -7,10 +7,11 @@ import grpc
 import orjson
 import pytest
 
-from facade.endpoints import form_boundary, form_fields
+from facade.endpoints import form_fields
 from facade.errors import ApiError
 from facade.proxy import KINDS, parse_request
 from kscope_common.errors import grpc_code_for_http, http_for_grpc
+from kscope_common.multipart import boundary_of
 from node_agent.engines.base import Usage
 from node_agent.engines.openai_upstream import (
     renamed_form,
@@ -206,7 +207,7 @@ def test_form_fields_reads_text_fields_and_skips_files() -> None:
     ],
 )
 def test_form_boundary(content_type: bytes, boundary: bytes | None) -> None:
-    assert form_boundary(content_type) == boundary
+    assert boundary_of(content_type) == boundary
 
 
 def test_parse_request_of_a_form_reads_model_and_stream() -> None:
@@ -228,6 +229,15 @@ def test_renamed_form_replaces_only_the_model_value() -> None:
     renamed = renamed_form(body, "multipart/form-data; boundary=XyZ", "engine-name")
     assert renamed == body.replace(b"\r\n\r\npublic-name\r\n", b"\r\n\r\nengine-name\r\n")
     assert renamed_form(body, "application/json", "x") == body
+
+
+def test_the_agent_renames_the_field_the_facade_routed_by() -> None:
+    # One reader for both: a field name the facade accepts (unquoted, any
+    # case of the header) is the one the agent renames.
+    body = _form(FILE_PART, (b"content-disposition: form-data; name=model", b"alias"))
+    assert form_fields(body, b"XyZ", (b"model",)) == {b"model": b"alias"}
+    renamed = renamed_form(body, "multipart/form-data; boundary=XyZ", "engine-name")
+    assert renamed == body.replace(b"\r\n\r\nalias\r\n", b"\r\n\r\nengine-name\r\n")
 
 
 async def test_the_upstream_gets_the_path_content_type_and_request_id() -> None:
