@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kscope_common.capabilities import Capabilities
+from kscope_common.limits import Limits
 
 
 class CatalogError(ValueError):
@@ -118,6 +119,9 @@ class KeyLimits(BaseModel):
     max_concurrent: int = Field(default=0, ge=0)
     daily_tokens: int = Field(default=0, ge=0)
 
+    def limits(self) -> Limits:
+        return Limits(**self.model_dump())
+
 
 class LoraModule(BaseModel):
     """One LoRA adapter of a vllm model (`lora_modules = [{name = "…", path = "…"}]`).
@@ -135,8 +139,6 @@ class LoraModule(BaseModel):
     def _absolute(self) -> LoraModule:
         if not Path(self.path).is_absolute():
             raise ValueError(f"lora module {self.name!r}: path must be absolute")
-        if "=" in self.name:
-            raise ValueError(f"lora module {self.name!r}: a name may not hold '='")
         return self
 
 

@@ -11,7 +11,7 @@ from controller.lifecycle import AgentPhase, InstanceState
 from controller.records import AgentRecord, HostedState, InstanceRecord
 from controller.routes import ModelRoute, ModelState, ModelSummary
 from controller.store.telemetry import Record
-from kscope.v1 import agent_pb2, control_pb2, keys_pb2
+from kscope.v1 import agent_pb2, control_pb2
 from kscope_common.capabilities import Capabilities
 from kscope_common.request_stats import RequestTotals
 
@@ -40,14 +40,6 @@ AGENT_PHASE_FROM_PROTO = {
 }
 
 
-def capabilities_from_proto(message: agent_pb2.Capabilities) -> Capabilities:
-    return Capabilities.from_proto(message)
-
-
-def capabilities_to_proto(caps: Capabilities) -> agent_pb2.Capabilities:
-    return caps.to_proto()
-
-
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     if seconds:
@@ -72,10 +64,11 @@ def model_to_proto(
         aliases=spec.aliases,
         lora_adapters=[m.name for m in spec.lora_modules],
     )
-    if any(spec.key_limits.model_dump().values()):  # unset: the facades' fast path
-        model.key_limits.CopyFrom(keys_pb2.Limits(**spec.key_limits.model_dump()))
+    key_limits = spec.key_limits.limits()
+    if key_limits.any:  # unset: the facades' fast path
+        model.key_limits.CopyFrom(key_limits.to_proto())
     if capabilities is not None:
-        model.capabilities.CopyFrom(capabilities_to_proto(capabilities))
+        model.capabilities.CopyFrom(capabilities.to_proto())
     return model
 
 
@@ -90,7 +83,7 @@ def route_to_proto(
         endpoint = control_pb2.Endpoint(instance_id=e.instance_id, address=e.address)
         caps = instance_capabilities(e.instance_id)
         if caps is not None:
-            endpoint.capabilities.CopyFrom(capabilities_to_proto(caps))
+            endpoint.capabilities.CopyFrom(caps.to_proto())
         endpoints.append(endpoint)
     return control_pb2.ModelRoute(
         model=model_to_proto(route.summary, model_capabilities),
@@ -121,7 +114,7 @@ def instance_to_proto(
         updated_at=timestamp(inst.updated_at),
     )
     if capabilities is not None:
-        message.capabilities.CopyFrom(capabilities_to_proto(capabilities))
+        message.capabilities.CopyFrom(capabilities.to_proto())
     return message
 
 

@@ -12,7 +12,6 @@ import grpc
 from controller.convert import (
     AGENT_PHASE_FROM_PROTO,
     agent_to_proto,
-    capabilities_from_proto,
     command_to_proto,
     hosted_from_proto,
     instance_to_proto,
@@ -38,6 +37,7 @@ from controller.records import AgentRecord
 from controller.store.telemetry import TelemetryStore
 from kscope.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from kscope_common.authz import current_principal
+from kscope_common.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     host_agent=request.host_agent,
                     memory_bytes=request.memory_bytes,
                     identity=principal.identity.uri if principal.identity else "",
-                    capabilities=capabilities_from_proto(request.capabilities)
+                    capabilities=Capabilities.from_proto(request.capabilities)
                     if request.HasField("capabilities")
                     else None,
                 )
@@ -145,7 +145,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     max_queue_size=report.max_queue_size,
                     hosted=hosted_from_proto(report.hosted) if report.hosted else None,
                     queued_by_caller=dict(report.queued_by_caller),
-                    capabilities=capabilities_from_proto(report.capabilities)
+                    capabilities=Capabilities.from_proto(report.capabilities)
                     if report.HasField("capabilities")
                     else None,
                 )

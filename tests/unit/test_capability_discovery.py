@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from controller.catalog import Catalog, CatalogError, parse_catalog
-from controller.convert import capabilities_from_proto, capabilities_to_proto, command_to_proto
+from controller.convert import command_to_proto
 from controller.fleet import AgentReport, Fleet, LoadModelCommand
 from controller.launchers.base import LaunchSpec, agent_invocation
 from controller.lifecycle import AgentPhase, InstanceState, LauncherPhase
@@ -258,15 +258,15 @@ def test_capabilities_cross_the_wire_unchanged() -> None:
         max_model_len=9, max_chars_per_token=3, lora_adapters=(LoraAdapter("a", "m"),),
         engine="vllm", engine_version="1", runner="generate",
     )  # fmt: skip
-    recorded = capabilities_from_proto(learned.to_proto())
+    recorded = Recorded.from_proto(learned.to_proto())
     assert recorded == Recorded(
         endpoints=learned.endpoints, input_modalities=learned.input_modalities, tools=True,
         structured_output=False, max_model_len=9, max_chars_per_token=3,
         lora_adapters=(LoraAdapter("a", "m"),), engine="vllm", engine_version="1",
         runner="generate",
     )  # fmt: skip
-    assert capabilities_to_proto(recorded) == learned.to_proto()
-    assert not capabilities_to_proto(Recorded()).HasField("tools")
+    assert recorded.to_proto() == learned.to_proto()
+    assert not Recorded().to_proto().HasField("tools")
 
 
 # --- the catalog -----------------------------------------------------------------------------
