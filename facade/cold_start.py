@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 
 from facade.asgi import Receive, Scope
+from facade.capabilities import Requirement
 from facade.errors import ApiError
 from facade.response import ResponseWriter
 from facade.routing import RouteTable, RouteWatcher, Target
@@ -49,15 +50,22 @@ class ColdStart:
         return dict(self._waiting)
 
     async def target(
-        self, scope: Scope, receive: Receive, writer: ResponseWriter, model: str, stream: bool
+        self,
+        scope: Scope,
+        receive: Receive,
+        writer: ResponseWriter,
+        model: str,
+        stream: bool,
+        requirement: Requirement | None = None,
     ) -> Target | None:
-        """A READY target for `model`, waiting if the client wants; None when the
-        request was answered (writer.fail) instead. ApiError for an at-once refusal."""
+        """A READY target for `model` that can meet `requirement`, waiting if the
+        client wants; None when the request was answered (writer.fail) instead.
+        ApiError for an at-once refusal."""
         if not self._table.received.is_set():
             # Just started: give the first route table a moment to arrive.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._table.received.wait(), 2.0)
-            target = self._table.pick(model)
+            target = self._table.pick(model, requirement=requirement)
             if target is not None:
                 return target
         wait_s = self._wait_seconds(scope)
@@ -76,7 +84,7 @@ class ColdStart:
         self._waiting[model] = waiting + 1
         outcome = "gone"
         try:
-            target = await self._wait(receive, writer, model, stream, wait_s)
+            target = await self._wait(receive, writer, model, stream, wait_s, requirement)
             outcome = "served" if target is not None else "timed_out"
             return target
         finally:
@@ -98,7 +106,13 @@ class ColdStart:
         return self._settings.cold_wait_s
 
     async def _wait(
-        self, receive: Receive, writer: ResponseWriter, model: str, stream: bool, wait_s: float
+        self,
+        receive: Receive,
+        writer: ResponseWriter,
+        model: str,
+        stream: bool,
+        wait_s: float,
+        requirement: Requirement | None,
     ) -> Target | None:
         loop = asyncio.get_running_loop()
         asked = asyncio.ensure_future(self._ensure(model))  # the controller learns of the demand
@@ -109,7 +123,7 @@ class ColdStart:
         said = ""
         try:
             while True:
-                target = self._table.pick(model)
+                target = self._table.pick(model, requirement=requirement)
                 now = loop.time()
                 if target is not None:
                     if writer.started:

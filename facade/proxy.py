@@ -170,7 +170,7 @@ class InferenceProxy:
                 if isinstance(per_model, ApiError):
                     raise per_model
                 admitted.append(per_model)
-                if len(admitted) == 1 or not admitted[0].headers:
+                if not admitted[0].headers:  # the key's own per-minute limits say it
                     writer.headers.extend(per_model.headers)
             # What the model cannot do is refused here, before any instance sees it.
             caps = self._table.capabilities(model)
@@ -180,7 +180,7 @@ class InferenceProxy:
                 raise refused
             target = self._table.pick(model, requirement=requirement)
             if target is None:
-                target = await self.cold.target(scope, receive, writer, model, stream)
+                target = await self.cold.target(scope, receive, writer, model, stream, requirement)
                 if target is None:
                     return model
         except ApiError as error:

@@ -183,6 +183,9 @@ class RouteTable:
             return target
         if target is not None:
             self._retire(target)
+        return self._connect(instance_id, address)
+
+    def _connect(self, instance_id: str, address: str) -> Target:
         channel = self.dial(address, instance_id)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         target = Target(instance_id, address, channel, stub, AgentSession(stub, address))
@@ -217,10 +220,8 @@ class RouteTable:
         if current is not old:
             return current or old
         self._retire(old)
-        channel = self.dial(old.address, old.instance_id)
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        fresh = Target(old.instance_id, old.address, channel, stub, AgentSession(stub, old.address))
-        self._targets[old.instance_id] = fresh
+        fresh = self._connect(old.instance_id, old.address)
+        fresh.capabilities = old.capabilities  # until the next routes, which set them anew
         return fresh
 
     def pick(
@@ -235,17 +236,11 @@ class RouteTable:
             return None
         now = time.monotonic()
         best: Target | None = None
-        if requirement is None or entry.uniform:
-            for target in entry.targets:
-                if target is avoid or target.suspect_until > now:
-                    continue
-                if best is None or target.outstanding < best.outstanding:
-                    best = target
-            return best
+        check = None if entry.uniform else requirement
         for target in entry.targets:
             if target is avoid or target.suspect_until > now:
                 continue
-            if not requirement.met_by(target.capabilities):
+            if check is not None and not check.met_by(target.capabilities):
                 continue
             if best is None or target.outstanding < best.outstanding:
                 best = target
