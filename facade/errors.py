@@ -11,9 +11,11 @@ from kscope.v1 import inference_pb2
 from kscope_common.errors import http_for_grpc
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Starlette's handlers clear a raised error's __traceback__
 class ApiError(Exception):
     """An error the client sees: HTTP status plus an OpenAI error object."""
+
+    __hash__ = Exception.__hash__  # by identity, as exceptions are (eq compares values)
 
     status: int
     message: str

@@ -74,13 +74,10 @@ def models_router(table: RouteTable) -> APIRouter:
     async def get_model(model_id: str, request: Request) -> Response:
         entry = table.names.get(model_id)
         if entry is None or not _grant(request).allows(model_id):
-            # Answered, not raised: Starlette clears a handled exception's
-            # __traceback__, which a frozen ApiError refuses.
-            error = ApiError(
+            raise ApiError(
                 404, f"The model '{model_id}' does not exist.", code="model_not_found",
                 param="model",
             )  # fmt: skip
-            return Response(error.body(), error.status, media_type="application/json")
         return _json(model_object(model_id, entry))
 
     return router

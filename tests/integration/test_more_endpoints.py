@@ -216,6 +216,19 @@ def test_an_upload_for_an_unknown_model_is_the_gateways_404(gateway: Gateway) ->
     assert (error["code"], error["param"]) == ("model_not_found", "model")
 
 
+def test_an_unknown_model_id_is_a_clean_404(gateway: Gateway) -> None:
+    # Raised through FastAPI's handlers like every other ApiError, and logged as
+    # nothing worse (Starlette clears a raised error's __traceback__).
+    facade = gateway.facades["multiplex"]
+    with pytest.raises(openai.NotFoundError) as info:
+        _client(facade).models.retrieve("no-such-model")
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert _client(facade).models.retrieve("whisper").id == "whisper"
+    assert "Traceback" not in facade.proc.log()
+
+
 def test_an_upload_that_is_not_multipart_is_400(gateway: Gateway) -> None:
     facade = gateway.facades["multiplex"]
     reply = httpx.post(
