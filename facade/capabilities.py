@@ -55,7 +55,6 @@ _PART_MODALITY = {
     "video": "video",
 }
 """Content part types (chat and Responses API) by the input they carry."""
-_MODALITY_WORDS = {"image": "image", "audio": "audio", "video": "video"}
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,7 @@ def requirement_of(path: str, request: Mapping[str, Any] | None) -> Requirement:
 # --- the judgement ---------------------------------------------------------------------------
 
 
-def _too_long(model: str, requirement: Requirement, caps: Capabilities) -> ApiError | None:
+def _too_long(requirement: Requirement, caps: Capabilities) -> ApiError | None:
     """vLLM's own 400 for a prompt no tokenization can fit, or None."""
     max_len = caps.max_model_len
     if max_len <= 0:
@@ -240,7 +239,7 @@ def _unmet(requirement: Requirement, caps: Capabilities, model: str) -> ApiError
     if caps.input_modalities:
         for modality in sorted(requirement.modalities - caps.input_modalities):
             return ApiError(
-                400, f"model '{model}' does not accept {_MODALITY_WORDS[modality]} input",
+                400, f"model '{model}' does not accept {modality} input",
                 param="messages", code="unsupported_input",
             )  # fmt: skip
     if requirement.tools and caps.tools is False:
@@ -255,7 +254,7 @@ def _unmet(requirement: Requirement, caps: Capabilities, model: str) -> ApiError
             f"(response_format {requirement.structured_output})",
             param="response_format", code="unsupported_parameter",
         )  # fmt: skip
-    return _too_long(model, requirement, caps)
+    return _too_long(requirement, caps)
 
 
 def refusal(

@@ -26,12 +26,12 @@ from facade.asgi import Receive, Scope, Send
 from facade.auth import GRANT_SCOPE_KEY, OPEN, Grant, model_forbidden
 from facade.capabilities import Requirement, refusal, requirement_for
 from facade.cold_start import ClientGone, ColdStart
-from facade.endpoints import KINDS, EndpointKind, content_type_of, parse_request
+from facade.endpoints import EndpointKind, content_type_of, parse_request
 from facade.errors import AgentFailure, ApiError
 from facade.exchange import Exchange, opener_for
 from facade.limits import Admission, Limiter, Subject
 from facade.request_log import access, request_id
-from facade.response import ResponseWriter, send_error
+from facade.response import ResponseWriter
 from facade.routing import RouteTable, RouteWatcher, Target
 from facade.settings import FacadeSettings
 from facade.usage import UsageRecorder
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 RESCHEDULE_EVERY_S = 1.0
 """The idle timer moves at most this often (a timer per chunk would cost more
 than the chunk); shorter idle timeouts move it every quarter of themselves."""
-__all__ = ["KINDS", "ClientGone", "InferenceProxy", "parse_request", "send_error"]
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

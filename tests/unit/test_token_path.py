@@ -21,8 +21,9 @@ from facade import exchange as exchange_module
 from facade import response as response_module
 from facade.app import FacadeApp
 from facade.auth import KeyChecker
+from facade.endpoints import KINDS
 from facade.errors import AgentFailure, ApiError, failure
-from facade.proxy import KINDS, InferenceProxy
+from facade.proxy import InferenceProxy
 from facade.response import ResponseWriter
 from facade.routing import RouteTable, Target
 from facade.settings import FacadeSettings

@@ -7,9 +7,8 @@ import grpc
 import orjson
 import pytest
 
-from facade.endpoints import form_fields
+from facade.endpoints import KINDS, form_fields, parse_request
 from facade.errors import ApiError
-from facade.proxy import KINDS, parse_request
 from kscope_common.errors import grpc_code_for_http, http_for_grpc
 from kscope_common.multipart import boundary_of
 from node_agent.engines.base import Usage
