@@ -46,6 +46,7 @@ from typing import Any
 
 import grpc
 import uvloop
+from control_fleet import FLEET_MODEL
 from control_probe import CALL_TIMEOUT_S, Facades, ProbeHost
 from run import (
     CLIENT_CPU,
@@ -64,7 +65,6 @@ from run import (
 from kscope.v1 import control_pb2, control_pb2_grpc
 
 BENCH_DIR = Path(__file__).resolve().parent
-FLEET_MODEL = "fleet"
 START_TIMEOUT_S = 30.0
 SETTLE_S = 3.0
 """After the burst, before anything is measured: late reports and retries land."""

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 import uvloop
+from run import free_port
 
 READY_TIMEOUT_S = 10.0
 MODELS_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
@@ -106,13 +107,6 @@ class ClientSide(asyncio.Protocol):
             self._upstream.transport.close()
         if self._transport is not None:
             self._transport.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_listening(port: int, timeout_s: float) -> None:
