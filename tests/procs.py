@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -449,6 +449,25 @@ def one_model_stack(
 def agent_metrics_env(port_file: Path) -> str:
     """A catalog entry's env (TOML inline-table items) giving its agents a metrics port."""
     return f'KSCOPE_AGENT_METRICS_PORT = "0", KSCOPE_AGENT_METRICS_PORT_FILE = "{port_file}"'
+
+
+def assert_agent_counts(port_file: Path, model: str, send: Callable[[], object]) -> None:
+    """The positive control beside an unchanged `agent_requests`: a request the
+    model accepts, sent now by `send`, is counted, so the count is this model's."""
+    before = agent_requests(port_file, model)
+    send()
+    wait_until(lambda: agent_requests(port_file, model) > before, 10,
+               what=f"{model}'s agent to count a request")  # fmt: skip
+
+
+def vllm_cpu_args(max_model_len: int) -> list[str]:
+    """vLLM engine arguments for the tests' tiny models on this CPU build."""
+    return [
+        "--max-model-len", str(max_model_len), "--enforce-eager",
+        "--kv-cache-memory-bytes", "64M",
+        # float32: bf16 on this CPU lets oneDNN pick AMX kernels, which the VM kills with SIGILL.
+        "--dtype", "float32",
+    ]  # fmt: skip
 
 
 def agent_requests(port_file: Path, model: str) -> float:

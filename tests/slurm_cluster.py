@@ -183,3 +183,19 @@ def processes_of(instance_id: str) -> list[int]:
         if needle in environ.split(b"\0"):
             found.append(int(entry.name))
     return found
+
+
+def vllm_api_key(instance_id: str) -> str:
+    """The API key only the instance's agent gave its vLLM. Tests run as the
+    same user, so they may read vLLM's environment; other users cannot."""
+    for pid in processes_of(instance_id):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints" in cmdline:
+            for entry in environ:
+                if entry.startswith(b"VLLM_API_KEY="):
+                    return entry.split(b"=", 1)[1].decode()
+    raise AssertionError(f"no vLLM process with an API key for {instance_id}")

@@ -30,23 +30,21 @@ from tests.procs import (
     Facade,
     agent_metrics_env,
     agent_requests,
+    assert_agent_counts,
     start_controller,
     start_facade,
     stop_instances_left_behind,
+    vllm_cpu_args,
     wait_until,
 )
-from tests.slurm_cluster import processes_of
+from tests.slurm_cluster import vllm_api_key
 
 pytestmark = pytest.mark.vllm
 
 API_KEY = "vllm-endpoints-key"
 CHAT_MODEL = "tiny"
 POOL_MODEL = "tiny-pool"
-# float32: bf16 on this CPU lets oneDNN pick AMX kernels, which the VM kills with SIGILL.
-ENGINE_ARGS = [
-    "--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", "64M",
-    "--dtype", "float32",
-]  # fmt: skip
+ENGINE_ARGS = vllm_cpu_args(512)
 READY_TIMEOUT_S = 300
 VOLATILE = frozenset({"id", "item_id", "created", "created_at"})
 """Fields that differ between any two answers (ids carry the request's id, which
@@ -82,19 +80,7 @@ class System:
         return self.instance(model).engine_url.removesuffix("/v1")
 
     def engine_key(self, model: str) -> str:
-        """The key only the instance's agent gave its vLLM (this test runs as the
-        same user, so it may read vLLM's environment)."""
-        for pid in processes_of(self.instance(model).id):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"vllm.entrypoints" in cmdline:
-                for entry in environ:
-                    if entry.startswith(b"VLLM_API_KEY="):
-                        return entry.split(b"=", 1)[1].decode()
-        raise AssertionError(f"no vLLM process with an API key for {model}")
+        return vllm_api_key(self.instance(model).id)
 
     def post(self, path: str, body: dict[str, Any], **headers: str) -> httpx.Response:
         """Through KScope."""
@@ -353,6 +339,8 @@ def test_a_chat_request_to_the_pooling_model_is_refused_before_routing(system: S
         f"model '{POOL_MODEL}' does not offer /v1/chat/completions"
     )
     assert agent_requests(port_file, POOL_MODEL) == before  # no agent saw it
+    assert_agent_counts(port_file, POOL_MODEL, lambda: system.post(
+        "/classify", {"model": POOL_MODEL, "input": DOCUMENTS}).raise_for_status())  # fmt: skip
 
 
 def test_an_endpoint_the_engine_lacks_is_an_openai_shaped_404(system: System) -> None:

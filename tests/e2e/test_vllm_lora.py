@@ -32,12 +32,14 @@ from tests.procs import (
     Facade,
     agent_metrics_env,
     agent_requests,
+    assert_agent_counts,
     start_controller,
     start_facade,
     stop_instances_left_behind,
+    vllm_cpu_args,
     wait_until,
 )
-from tests.slurm_cluster import processes_of
+from tests.slurm_cluster import vllm_api_key
 
 pytestmark = [pytest.mark.vllm, pytest.mark.mlx]
 
@@ -47,10 +49,7 @@ ALIAS = "gpt-4o-mini"
 ADAPTER = "tiny-sql"
 VLM = "tiny-vlm"
 MAX_MODEL_LEN = 512
-ENGINE_ARGS = [
-    "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--kv-cache-memory-bytes", "64M",
-    "--dtype", "float32",
-]  # fmt: skip
+ENGINE_ARGS = vllm_cpu_args(MAX_MODEL_LEN)
 READY_TIMEOUT_S = 300
 
 
@@ -91,19 +90,7 @@ class System:
         return self.instance().engine_url.removesuffix("/v1")
 
     def engine_key(self) -> str:
-        """The key only the instance's agent gave its vLLM (readable by the
-        same user through /proc, as in tests/e2e/test_vllm_path.py)."""
-        for pid in processes_of(self.instance().id):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"vllm.entrypoints" in cmdline:
-                for entry in environ:
-                    if entry.startswith(b"VLLM_API_KEY="):
-                        return entry.split(b"=", 1)[1].decode()
-        raise AssertionError("no vLLM process with an API key")
+        return vllm_api_key(self.instance().id)
 
     def direct(self) -> openai.OpenAI:
         """vLLM itself: the reference KScope must match."""
@@ -121,6 +108,16 @@ class System:
     def agent_requests(self, model: str) -> float:
         """Requests the model's agents counted (kscope_agent_requests_total)."""
         return agent_requests(self.tmp / f"{model}-metrics.port", model)
+
+    def assert_counted(self, model: str) -> None:
+        """The positive control beside an unchanged count: a plain chat the
+        model accepts is counted by its agent."""
+        hi = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+        def send() -> None:
+            self.post("/v1/chat/completions", hi).raise_for_status()
+
+        assert_agent_counts(self.tmp / f"{model}-metrics.port", model, send)
 
     def create_key(self, models: list[str]) -> str:
         with self.controller.channel() as channel:
@@ -245,6 +242,7 @@ def test_an_image_to_the_text_only_model_is_refused_before_routing(system: Syste
     assert refused.json()["error"]["message"] == f"model '{MODEL}' does not accept image input"
     # No agent saw it.
     assert system.agent_requests(MODEL) == before
+    system.assert_counted(MODEL)
     # The same image to the vision model is answered.
     answered = system.post("/v1/chat/completions", {"model": VLM, "temperature": 0, **body})
     assert answered.status_code == 200, answered.text
@@ -258,6 +256,7 @@ def test_an_endpoint_the_model_does_not_offer_is_404_before_routing(system: Syst
     assert reply.status_code == 404, reply.text
     assert reply.json()["error"]["message"] == f"model '{VLM}' does not offer /v1/completions"
     assert system.agent_requests(VLM) == before
+    system.assert_counted(VLM)
 
 
 def test_a_prompt_plainly_past_the_context_gets_vllms_own_error(system: System) -> None:
@@ -267,6 +266,7 @@ def test_a_prompt_plainly_past_the_context_gets_vllms_own_error(system: System) 
     before = system.agent_requests(MODEL)
     via_gateway = system.post("/v1/completions", body)
     assert system.agent_requests(MODEL) == before  # refused in the facade
+    system.assert_counted(MODEL)
     direct = system.direct_post("/v1/completions", body)
     assert direct.status_code == 400, direct.text
     assert via_gateway.status_code == 400, via_gateway.text

@@ -30,20 +30,17 @@ from tests.procs import (
     start_controller,
     start_facade,
     stop_instances_left_behind,
+    vllm_cpu_args,
     wait_until,
 )
-from tests.slurm_cluster import processes_of
+from tests.slurm_cluster import processes_of, vllm_api_key
 
 pytestmark = pytest.mark.vllm
 
 API_KEY = "vllm-test-key"
 MODEL = "tiny"
 EMBED_MODEL = "tiny-embed"
-# float32: bf16 on this CPU lets oneDNN pick AMX kernels, which the VM kills with SIGILL.
-ENGINE_ARGS = [
-    "--max-model-len", "2048", "--enforce-eager", "--kv-cache-memory-bytes", "64M",
-    "--dtype", "float32",
-]  # fmt: skip
+ENGINE_ARGS = vllm_cpu_args(2048)
 READY_TIMEOUT_S = 240
 
 
@@ -78,20 +75,7 @@ class System:
         return self.ready_instance(model).engine_url.removesuffix("/v1")
 
     def engine_key(self, model: str = MODEL) -> str:
-        """The API key only the instance's agent gave its vLLM. This test runs
-        as the same user, so it may read vLLM's environment; other users cannot."""
-        instance = self.ready_instance(model).id
-        for pid in processes_of(instance):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"vllm.entrypoints" in cmdline:
-                for entry in environ:
-                    if entry.startswith(b"VLLM_API_KEY="):
-                        return entry.split(b"=", 1)[1].decode()
-        raise AssertionError(f"no vLLM process with an API key for {instance}")
+        return vllm_api_key(self.ready_instance(model).id)
 
     def direct(self, model: str = MODEL) -> openai.OpenAI:
         """vLLM itself, with its key: the reference the gateway must match."""
