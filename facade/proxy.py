@@ -306,13 +306,12 @@ class InferenceProxy:
         # Before the first chunk only the cap counts: a request may wait in
         # the agent's queue (queue_timeout_s) for longer than idle_s.
         step = min(RESCHEDULE_EVERY_S, idle_s / 4)
-        write = writer.whole if writer.whole_events else writer.events
         events = 0
         moved_at = -step  # the first chunk moves the deadline
         try:
             async with asyncio.timeout_at(cap_at if total_s else None) as timer:
                 async for chunks in exchange.chunks():
-                    await write(chunks)
+                    await writer.events(chunks)
                     exchange.consumed(sum([len(c) for c in chunks]))
                     events += len(chunks)
                     now = loop.time()

@@ -93,21 +93,16 @@ class ResponseWriter:
             await self._send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def events(self, chunks: list[bytes] | Any) -> None:
-        """SSE `data:` events, one per chunk, in one write."""
+        """SSE events, one per chunk, in one write: `data:` events of the
+        chunks, or (whole_events) the engine's events as they are."""
         if not self.started:
             await self.begin_stream()
         if not self.first_token_at:
             self.first_token_at = time.monotonic()
-        payload = b"".join([b"data: " + c + b"\n\n" for c in chunks])
-        await self._send({"type": "http.response.body", "body": payload, "more_body": True})
-
-    async def whole(self, events: list[bytes] | Any) -> None:
-        """Whole SSE events (`event:` lines and all), each ended by a blank line, in one write."""
-        if not self.started:
-            await self.begin_stream()
-        if not self.first_token_at:
-            self.first_token_at = time.monotonic()
-        payload = b"".join([e + b"\n\n" for e in events])
+        if self.whole_events:
+            payload = b"".join([e + b"\n\n" for e in chunks])
+        else:
+            payload = b"".join([b"data: " + c + b"\n\n" for c in chunks])
         await self._send({"type": "http.response.body", "body": payload, "more_body": True})
 
     async def comment(self, text: str) -> None:

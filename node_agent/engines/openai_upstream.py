@@ -13,11 +13,10 @@ it starts, each request's error after), with the setting that fixes it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -333,14 +332,13 @@ class OpenAIUpstream:
                 raw = await conn.read_all(self._timeout_s)
                 yield EngineOutput([raw], usage_of(raw), _not_json(conn.content_type))
                 return
-            if request.endpoint.whole_events:
-                async with contextlib.aclosing(self._whole_events(conn)) as outputs:
-                    async for output in outputs:
-                        yield output
-                return
+            # A Responses stream's events pass whole (their `event:` lines and
+            # all); the others' as their `data:` payloads, less the [DONE].
+            whole = request.endpoint.whole_events
+            split = split_whole_events if whole else split_events
             rest = b""
             while (data := await conn.read(self._timeout_s)) is not None:
-                payloads, rest = split_events(rest + data if rest else data)
+                payloads, rest = split(rest + data if rest else data)
                 chunks: list[bytes] = []
                 usage = None
                 for payload in payloads:
@@ -351,26 +349,14 @@ class OpenAIUpstream:
                         usage = usage_of(payload) or usage
                 if chunks:
                     yield EngineOutput(chunks, usage)
+            if whole and rest.strip():  # a last event without the blank line that ends it
+                yield EngineOutput([rest.rstrip(b"\r\n")], usage_of(rest))
         except HttpError as exc:
             raise EngineUnavailable(f"engine connection failed mid-request: {exc}") from exc
         finally:
             # An unfinished response's connection is closed, not reused: that is
             # how an OpenAI server learns the client went away and aborts the request.
             self._pool.release(conn)
-
-    async def _whole_events(self, conn: Connection) -> AsyncGenerator[EngineOutput, None]:
-        """A stream whose events pass as the engine sent them, each whole."""
-        rest = b""
-        while (data := await conn.read(self._timeout_s)) is not None:
-            events, rest = split_whole_events(rest + data if rest else data)
-            if events:
-                usage = None
-                for event in events:
-                    if b'"usage"' in event:
-                        usage = usage_of(event) or usage
-                yield EngineOutput(events, usage)
-        if rest.strip():
-            yield EngineOutput([rest.rstrip(b"\r\n")], usage_of(rest))  # no blank line at the end
 
     async def stop(self) -> None:
         self._pool.close()

@@ -329,6 +329,16 @@ def test_the_pooling_endpoints_match_vllm_directly(
         assert ours.json()["usage"]["prompt_tokens"] > 0
 
 
+def test_the_pooling_model_says_what_its_engine_serves(system: System) -> None:
+    # Learned from the running vLLM (its /openapi.json): no --runner was given.
+    reply = httpx.get(f"{system.facade.base_url}/v1/models",
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)  # fmt: skip
+    caps = next(m for m in reply.json()["data"] if m["id"] == POOL_MODEL)["capabilities"]
+    assert (caps["engine"], caps["runner"]) == ("vllm", "pooling")
+    assert {"score", "rerank", "classify", "pooling"} <= set(caps["endpoints"])
+    assert "chat_completions" not in caps["endpoints"]
+
+
 def test_a_chat_request_to_the_pooling_model_is_refused_before_routing(system: System) -> None:
     port_file = system.tmp / "pool-metrics.port"
     before = agent_requests(port_file, POOL_MODEL)
