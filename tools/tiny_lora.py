@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
+from tiny_model import make_readable  # tools/ is first on sys.path
 
 __all__ = ["build_tiny_lora", "main"]
 
@@ -73,10 +74,7 @@ def build_tiny_lora(base_dir: Path, out_dir: Path, rank: int = 8, seed: int = 1)
         "inference_mode": True,
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    # Readers (an engine under another uid) need the usual modes.
-    out.chmod(0o755)
-    for f in out.iterdir():
-        f.chmod(0o644)
+    make_readable(out)
     return out
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-__all__ = ["MARKER", "build_tiny_model", "main"]
+__all__ = ["MARKER", "build_atomically", "build_tiny_model", "is_built", "main", "make_readable"]
 
 # Bump when the recipe changes so stale directories are rebuilt instead of reused.
 FORMAT_VERSION = 2
@@ -330,45 +331,53 @@ def _write_model(d: Path, seed: int) -> None:
             "split_special_tokens": False,
         },
     )
-    # mkdtemp and safetensors create owner-only files; readers (an engine under another
-    # uid, a container) need the usual 0755/0644.
+
+
+def make_readable(d: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; readers (an engine under
+    another uid, a container) need the usual 0755/0644."""
     d.chmod(0o755)
     for f in d.iterdir():
         f.chmod(0o644)
-    _write_json(d / MARKER, _recipe(seed))
 
 
 def _recipe(seed: int) -> dict[str, int]:
     return {"format": FORMAT_VERSION, "seed": seed}
 
 
-def _is_complete(d: Path, seed: int) -> bool:
+def is_built(d: Path, marker: str, recipe: dict[str, int]) -> bool:
     """True if d holds a finished model built from the same recipe."""
     try:
-        return bool(json.loads((d / MARKER).read_text(encoding="utf-8")) == _recipe(seed))
+        return bool(json.loads((d / marker).read_text(encoding="utf-8")) == recipe)
     except (OSError, ValueError):
         return False
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """Build the model in out_dir (reusing a complete one) and return its path.
+def build_atomically(
+    out_dir: Path, marker: str, recipe: dict[str, int], write: Callable[[Path], None]
+) -> Path:
+    """Build a model with `write` into out_dir (reusing a complete one built from
+    the same recipe) and return its path. Every tiny model is built this way.
 
-    Files are written to a temp dir beside out_dir and renamed into place, so a
+    Files are written to a temp dir beside out_dir, made readable, marked with
+    the recipe (last: the marker means complete) and renamed into place, so a
     concurrent or interrupted run never leaves a half-written model at out_dir.
     """
     out = Path(out_dir).absolute()
-    if _is_complete(out, seed):
+    if is_built(out, marker, recipe):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same parent => same filesystem, so the rename below is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_model(tmp, seed)
+        write(tmp)
+        make_readable(tmp)
+        _write_json(tmp / marker, recipe)
         try:
             os.rename(tmp, out)
         except OSError:
             # out exists: another builder won the race, or it is stale/partial/other seed.
-            if _is_complete(out, seed):
+            if is_built(out, marker, recipe):
                 return out
             # Move the old one aside first so out is never a mix of two builds.
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -378,12 +387,17 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
                 os.rename(tmp, out)
             except OSError:
                 # A concurrent builder slipped in between; accept its result if it is good.
-                if not _is_complete(out, seed):
+                if not is_built(out, marker, recipe):
                     raise
     finally:
         # No-op after a successful rename; cleans up after failures and lost races.
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Build the model in out_dir (reusing a complete one) and return its path."""
+    return build_atomically(out_dir, MARKER, _recipe(seed), lambda d: _write_model(d, seed))
 
 
 def main(argv: list[str] | None = None) -> int:

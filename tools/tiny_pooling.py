@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_model import HIDDEN, build_tiny_model
+from tiny_model import FORMAT_VERSION as BASE_FORMAT
+from tiny_model import HIDDEN, build_atomically, build_tiny_model
 
 __all__ = ["MARKER", "build_tiny_pooling_model", "main"]
 
@@ -37,14 +37,8 @@ SCORE_STD = 0.2
 
 
 def _recipe(seed: int) -> dict[str, int]:
-    return {"format": FORMAT_VERSION, "seed": seed}
-
-
-def _is_complete(d: Path, seed: int) -> bool:
-    try:
-        return bool(json.loads((d / MARKER).read_text(encoding="utf-8")) == _recipe(seed))
-    except (OSError, ValueError):
-        return False
+    # The base model's format too: a pooling model made from an older one is stale.
+    return {"format": FORMAT_VERSION, "base_format": BASE_FORMAT, "seed": seed}
 
 
 def _write_model(d: Path, seed: int) -> None:
@@ -66,31 +60,11 @@ def _write_model(d: Path, seed: int) -> None:
     config["label2id"] = {"LABEL_0": 0}
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (d / "generation_config.json").unlink(missing_ok=True)
-    d.chmod(0o755)
-    for f in d.iterdir():
-        f.chmod(0o644)
-    (d / MARKER).write_text(json.dumps(_recipe(seed)) + "\n", encoding="utf-8")
 
 
 def build_tiny_pooling_model(out_dir: Path, seed: int = 0) -> Path:
-    """Build the model in out_dir (reusing a complete one) and return its path.
-    Written beside out_dir and renamed into place, so a half-written model
-    never sits at out_dir."""
-    out = Path(out_dir).absolute()
-    if _is_complete(out, seed):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write_model(tmp, seed)
-        if out.exists():
-            if _is_complete(out, seed):
-                return out
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    """Build the model in out_dir (reusing a complete one) and return its path."""
+    return build_atomically(out_dir, MARKER, _recipe(seed), lambda d: _write_model(d, seed))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiny_model import CORPUS  # tools/ is the script's directory, so first on sys.path
+from tiny_model import CORPUS, build_atomically  # tools/ is first on sys.path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 __all__ = ["MARKER", "build_tiny_vlm", "main"]
@@ -295,39 +292,15 @@ def _write_model(d: Path, seed: int) -> None:
             "split_special_tokens": False,
         },
     )
-    d.chmod(0o755)
-    for f in d.iterdir():
-        f.chmod(0o644)
-    _write_json(d / MARKER, _recipe(seed))
 
 
 def _recipe(seed: int) -> dict[str, int]:
     return {"format": FORMAT_VERSION, "seed": seed}
 
 
-def _is_complete(d: Path, seed: int) -> bool:
-    try:
-        return bool(json.loads((d / MARKER).read_text(encoding="utf-8")) == _recipe(seed))
-    except (OSError, ValueError):
-        return False
-
-
 def build_tiny_vlm(out_dir: Path, seed: int = 0) -> Path:
-    """Build the model in out_dir (reusing a complete one) and return its path.
-    Written beside out_dir and renamed into place, so readers never see half a model."""
-    out = Path(out_dir).absolute()
-    if _is_complete(out, seed):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write_model(tmp, seed)
-        if out.exists():  # stale recipe or a partial directory: replace it
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    """Build the model in out_dir (reusing a complete one) and return its path."""
+    return build_atomically(out_dir, MARKER, _recipe(seed), lambda d: _write_model(d, seed))
 
 
 def main(argv: list[str] | None = None) -> int:
