@@ -28,7 +28,10 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-__all__ = ["MARKER", "build_atomically", "build_tiny_model", "is_built", "main", "make_readable"]
+__all__ = [
+    "MARKER", "build_atomically", "build_cli", "build_tiny_model", "is_built", "main",
+    "make_readable",
+]  # fmt: skip
 
 # Bump when the recipe changes so stale directories are rebuilt instead of reused.
 FORMAT_VERSION = 2
@@ -400,14 +403,18 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return build_atomically(out_dir, MARKER, _recipe(seed), lambda d: _write_model(d, seed))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: build (or reuse) the model and print its directory."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def build_cli(build: Callable[[Path, int], Path], doc: str | None, argv: list[str] | None) -> int:
+    """A tiny model's command line: build (or reuse) it and print its directory."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     ap.add_argument("out_dir", type=Path, help="directory to create the model in")
     ap.add_argument("--seed", type=int, default=0, help="weight RNG seed (default 0)")
     args = ap.parse_args(argv)
-    print(build_tiny_model(args.out_dir, seed=args.seed))
+    print(build(args.out_dir, args.seed))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return build_cli(build_tiny_model, __doc__, argv)
 
 
 if __name__ == "__main__":

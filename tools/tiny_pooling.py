@@ -12,7 +12,6 @@ Usage: ``python tools/tiny_pooling.py OUT_DIR [--seed N]``; prints the model dir
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -25,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_model import FORMAT_VERSION as BASE_FORMAT
-from tiny_model import HIDDEN, build_atomically, build_tiny_model
+from tiny_model import HIDDEN, build_atomically, build_cli, build_tiny_model
 
 __all__ = ["MARKER", "build_tiny_pooling_model", "main"]
 
@@ -68,12 +67,7 @@ def build_tiny_pooling_model(out_dir: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("out_dir", type=Path, help="directory to create the model in")
-    ap.add_argument("--seed", type=int, default=0, help="weight RNG seed (default 0)")
-    args = ap.parse_args(argv)
-    print(build_tiny_pooling_model(args.out_dir, seed=args.seed))
-    return 0
+    return build_cli(build_tiny_pooling_model, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ Needs mlx-vlm (the `mlx` extra).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiny_model import CORPUS, build_atomically  # tools/ is first on sys.path
+from tiny_model import CORPUS, build_atomically, build_cli  # tools/ is first on sys.path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 __all__ = ["MARKER", "build_tiny_vlm", "main"]
@@ -304,12 +303,7 @@ def build_tiny_vlm(out_dir: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("out_dir", type=Path, help="directory to create the model in")
-    ap.add_argument("--seed", type=int, default=0, help="weight RNG seed (default 0)")
-    args = ap.parse_args(argv)
-    print(build_tiny_vlm(args.out_dir, seed=args.seed))
-    return 0
+    return build_cli(build_tiny_vlm, __doc__, argv)
 
 
 if __name__ == "__main__":
