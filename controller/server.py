@@ -269,6 +269,7 @@ async def start_controller(
             settings.state_path / "logs",
             python=settings.agent_python,
             tie_to_us=settings.tie_local_agents,
+            in_process=settings.in_process_agents,
         ),
         "slurm": slurm,
         "host": HostLauncher(fleet),

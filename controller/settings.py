@@ -96,6 +96,10 @@ class ControllerSettings(BaseSettings):
     """Local agents die with this controller, even when it is killed with
     SIGKILL (what `kscope serve` wants). Off: they outlive a restart and
     re-attach, and exit after agent_orphan_timeout_s without a controller."""
+    in_process_agents: bool = False
+    """Local agents whose engine is an HTTP server of its own (vllm, openai) run
+    in this process, and a facade in this process calls them without gRPC
+    (`kscope serve`; docs/architecture.md "In-process agents")."""
     agent_python: str = sys.executable
     """Python interpreter that runs `node_agent` for the local launcher."""
     key_default_ttl_days: float = Field(default=180.0, gt=0)

@@ -2,7 +2,8 @@
 facade's shared Multiplex stream to that agent. The proxy sees only `Exchange`:
 an async iterator of chunk lists that raises AgentFailure, `consumed()` once
 the chunks reached the client, and `cancel()`. Which transport a facade uses
-is chosen once (`opener_for`), never per request.
+is chosen once (`opener_for`), never per request; an agent running in the
+facade's own process is called directly (facade/local_exchange.py).
 
 Flow control: on the Multiplex stream each request has a window (WINDOW_BYTES)
 of chunks the agent may send before this side grants more; it grants as its
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 
 from facade.errors import failure, request_error
+from facade.local_exchange import LocalExchange
 from kscope.v1 import inference_pb2, inference_pb2_grpc
 from kscope_common.mailbox import Mailbox
 
@@ -146,8 +148,19 @@ def open_multiplexed(
 
 
 def opener_for(multiplex: bool) -> Opener:
-    """How this facade reaches agents, decided once from its settings."""
-    return open_multiplexed if multiplex else open_per_call
+    """How this facade reaches agents: over gRPC the way its settings say
+    (decided once), except an agent in this same process (`kscope serve`'s),
+    whose request life it runs directly (facade/local_exchange.py)."""
+    remote = open_multiplexed if multiplex else open_per_call
+
+    def open_exchange(
+        target: Target, kind: int, request: Any, model: str, rpc: str, timeout_s: float | None
+    ) -> Exchange:
+        if target.local is not None:
+            return LocalExchange(target.local, kind, request, model)
+        return remote(target, kind, request, model, rpc, timeout_s)
+
+    return open_exchange
 
 
 _CANCELLED = inference_pb2.MultiplexFrame(

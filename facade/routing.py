@@ -28,6 +28,8 @@ from kscope_common.capabilities import Capabilities
 from kscope_common.grpc_server import CHANNEL_OPTIONS
 from kscope_common.retry import RECONNECT, Backoff
 from kscope_common.tls import ControllerConnection
+from node_agent import local_agents
+from node_agent.request_life import AgentCore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class Target:
     controller's next table says whether it is still READY."""
     capabilities: Capabilities | None = None
     """What this instance can do, as the latest table says; None: not known."""
+    local: AgentCore | None = None
+    """The agent runs in this process (`kscope serve`): its request life,
+    called directly instead of over `channel` (facade/local_exchange.py)."""
 
 
 @dataclass
@@ -189,6 +194,7 @@ class RouteTable:
         channel = self.dial(address, instance_id)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         target = Target(instance_id, address, channel, stub, AgentSession(stub, address))
+        target.local = local_agents.local_agent(instance_id, address)
         self._targets[instance_id] = target
         return target
 

@@ -81,6 +81,16 @@ def serve(
             help="debugging and benchmarks only: the gRPC plane without TLS",
         ),
     ] = False,
+    in_process_agents: Annotated[
+        bool,
+        typer.Option(
+            "--in-process-agents/--agent-processes",
+            envvar="KSCOPE_IN_PROCESS_AGENTS",
+            help="vllm and openai agents run in this process and the facade calls them "
+            "directly (one hop fewer); --agent-processes: each agent is a process reached "
+            "over gRPC, as on a cluster (mlx_vlm agents always are)",
+        ),
+    ] = True,
 ) -> None:
     """Run controller, facade and one agent for one model, on this machine."""
     from kscope_cli.serve import QueueOptions, build_catalog
@@ -110,6 +120,7 @@ def serve(
             state_dir.expanduser(),
             require_key,
             insecure_plaintext,
+            in_process_agents,
         )
     )
 

@@ -110,11 +110,13 @@ async def serve(
     state_dir: Path,
     require_key: bool = True,
     insecure_plaintext: bool = False,
+    in_process_agents: bool = True,
 ) -> None:
     controller = await start_controller(
         ControllerSettings(
             host="127.0.0.1", port=controller_port, state_dir=state_dir,
             insecure_plaintext=insecure_plaintext, tie_local_agents=True,
+            in_process_agents=in_process_agents,
         ),
         catalog,
     )  # fmt: skip

@@ -24,6 +24,7 @@ from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection,
 from kscope_common.metrics import counter, gauge, maybe_serve
 from kscope_common.request_stats import RequestStats
 from kscope_common.tls import EnrollmentError
+from node_agent import local_agents
 from node_agent.capabilities import Discovery, DiscoveryError
 from node_agent.controller_link import (
     AgentIdentity,
@@ -37,6 +38,7 @@ from node_agent.engines.base import Engine, EngineUnavailable
 from node_agent.engines.factory import make_discovery, make_engine
 from node_agent.load import Load
 from node_agent.queue import RequestQueue
+from node_agent.request_life import AgentCore
 from node_agent.servicer import InferenceServicer
 from node_agent.settings import AgentSettings
 
@@ -75,6 +77,8 @@ class Agent:
         self.requests = RequestStats()
         self.requests.models[settings.served_model] = self.load.stats
         self.queue = RequestQueue(settings.queue_limits(), self.load)
+        self.core = AgentCore(self.engine, self.load, self.queue)
+        """Every request's life (node_agent/request_life.py), whichever way it came."""
         self.phase: agent_pb2.AgentPhase.ValueType = agent_pb2.AGENT_PHASE_STARTING
         self.detail = "engine starting"
         self._drain_requested = asyncio.Event()
@@ -215,11 +219,15 @@ class Agent:
             if self.phase == agent_pb2.AGENT_PHASE_READY:
                 await self.learn_capabilities()
 
-    async def run(self) -> int:
-        """Serve until drained; return the process exit code."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_drain, f"received {sig.name}")
+    async def run(self, in_process: bool = False) -> int:
+        """Serve until drained; return the process exit code. `in_process`: this
+        agent shares its process (node_agent/in_process.py): the process's
+        signals are not its own, and the facade of the process may call it
+        directly (node_agent/local_agents.py)."""
+        if not in_process:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_drain, f"received {sig.name}")
         try:
             credentials = await obtain(self.settings, self.settings.enroll_token.get_secret_value())
         except EnrollmentError as exc:
@@ -248,6 +256,8 @@ class Agent:
             orphan_timeout_s=self.settings.agent_orphan_timeout_s,
         )
         log.info("serving InferenceService on %s", self.advertised_address())
+        if in_process:
+            local_agents.publish(self.settings.instance_id, self.advertised_address(), self.core)
         metrics = maybe_serve(
             self._metrics, self.settings.bind_host(), self.settings.metrics_port,
             self.settings.metrics_port_file,
@@ -268,6 +278,7 @@ class Agent:
                 exit_code = 4
             self._drain_reason = "lost the controller for good"
         await self._drain()
+        local_agents.withdraw(self.settings.instance_id, self.core)
         watch_task.cancel()
         refresh_task.cancel()
         drain_wait.cancel()

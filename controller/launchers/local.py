@@ -25,6 +25,7 @@ from controller.launchers.base import (
     LaunchSpec,
     agent_invocation,
 )
+from controller.launchers.in_process import InProcessAgents, is_in_process
 from controller.lifecycle import LauncherPhase
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,26 @@ class LocalLauncher:
         python: str = sys.executable,
         stop_grace_s: float = 15.0,
         tie_to_us: bool = False,
+        in_process: bool = False,
     ):
         """`tie_to_us`: the kernel stops the agents when this process dies, even
         by SIGKILL (`kscope serve`; a cluster's controller lets them outlive a
-        restart instead)."""
+        restart instead). `in_process`: agents whose engine allows it run in
+        this process (`kscope serve`, controller/launchers/in_process.py)."""
         self._log_dir = log_dir
         self._python = python
         self._tie_to_us = tie_to_us
         self._stop_grace_s = stop_grace_s
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._known: set[str] = set()
+        self._in_process = InProcessAgents(stop_grace_s) if in_process else None
 
     async def launch(self, spec: LaunchSpec) -> str:
         invocation = agent_invocation(spec, self._python)
+        if self._in_process is not None:
+            ref = self._in_process.launch(spec.instance_id, invocation)
+            if ref is not None:
+                return ref
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self._log_dir / f"{spec.instance_id}.log"
         env = {**os.environ, **invocation.env}
@@ -97,6 +105,10 @@ class LocalLauncher:
         return ref
 
     def _phase(self, ref: str) -> LauncherObservation:
+        if is_in_process(ref):
+            if self._in_process is None:
+                return LauncherObservation(LauncherPhase.ENDED, "agent process is gone")
+            return self._in_process.observe(ref)
         proc = self._children.get(ref)
         if proc is not None:
             code = proc.poll()
@@ -113,6 +125,10 @@ class LocalLauncher:
         return {ref: self._phase(ref) for ref in refs}
 
     async def stop(self, ref: str) -> None:
+        if is_in_process(ref):
+            if self._in_process is not None:
+                await self._in_process.stop(ref)
+            return
         pid_text, _, _ = ref.partition(":")
         if not pid_text.isdigit() or self._phase(ref).phase is LauncherPhase.ENDED:
             return
@@ -130,6 +146,8 @@ class LocalLauncher:
         self._phase(ref)
 
     async def close(self, stop_instances: bool) -> None:
+        if self._in_process is not None:
+            await self._in_process.close()
         if stop_instances:
             await asyncio.gather(*(self.stop(ref) for ref in list(self._known)))
 

@@ -46,7 +46,9 @@ def test_kill_9_of_kscope_serve_leaves_no_agent_behind(tmp_path: Path) -> None:
     serve = Proc(
         [PYTHON, "-m", "kscope_cli.main", "serve", "--engine", "openai",
          "--upstream-url", upstream.url, "--model", "echo", "--port", "0",
-         "--controller-port", "0", "--state-dir", str(tmp_path / "s")],
+         "--controller-port", "0", "--state-dir", str(tmp_path / "s"),
+         # Agents as processes, which could outlive it (in-process ones cannot).
+         "--agent-processes"],
         tmp_path / "serve.log",
     )  # fmt: skip
     try:

@@ -52,9 +52,11 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def test_kscope_serve_openai_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("agents", ["in-process", "processes"])
+def test_kscope_serve_openai_engine(tmp_path: Path, agents: str) -> None:
     upstream = start_upstream(tmp_path)
-    serve = _serve(tmp_path, upstream, "--api-key", "serve-key")
+    mode = ["--agent-processes"] if agents == "processes" else []
+    serve = _serve(tmp_path, upstream, "--api-key", "serve-key", *mode)
     started: list[int] = []
     try:
         base, controller_port = _announced(serve)
@@ -63,12 +65,20 @@ def test_kscope_serve_openai_engine(tmp_path: Path) -> None:
         # model (as `vllm serve` clients do), no 503 to retry.
         reply = client.chat.completions.create(model="attached", messages=HI, max_tokens=3)
         assert reply.usage is not None and reply.usage.completion_tokens == 3
+        stream = client.chat.completions.create(
+            model="attached", messages=HI, max_tokens=4, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == " tok" * 4
         assert httpx.get(f"{base}/v1/models", timeout=5).status_code == 401  # key enforced
-        # The agent the controller knows is a process serve started.
         controller = Controller(serve, controller_port, tmp_path / "s", tmp_path, tmp_path)
         (agent,) = controller.list_agents()
         started = descendants(serve.pid)
-        assert agent.pid in started
+        if agents == "processes":  # the agent the controller knows is a process serve started
+            assert agent.pid in started
+        else:  # the agent runs in serve's own process, and serve started no other
+            assert agent.pid == serve.pid
+            assert started == []
     finally:
         serve.stop()
         upstream.proc.stop()

@@ -29,6 +29,7 @@ from facade.routing import RouteTable, Target
 from facade.settings import FacadeSettings
 from kscope.v1 import control_pb2, inference_pb2
 from kscope_common.request_stats import CANCELLED
+from node_agent import local_agents
 from node_agent.engines.base import Endpoint, EngineError, EngineOutput, EngineRequest
 from node_agent.load import Load
 from node_agent.multiplex import MultiplexSession
@@ -882,7 +883,9 @@ class Agent:
         return InProcessMultiplexCall(MultiplexSession(self.servicer.core), requests, **options)
 
 
-TRANSPORTS = ["multiplex", "per-call"]
+TRANSPORTS = ["multiplex", "per-call", "local"]
+"""How the facade reaches the agent: gRPC (one Multiplex stream, one call per
+request), or directly when the agent runs in its process (`kscope serve`)."""
 
 
 @contextlib.asynccontextmanager
@@ -890,14 +893,19 @@ async def in_process(
     agent: Agent, transport: str, **settings: Any
 ) -> AsyncIterator[tuple[InferenceProxy, RouteTable]]:
     """A proxy whose one instance of 'm' is `agent`, reached over `transport`."""
+    core = agent.servicer.core
+    if transport == "local":  # as an agent of this process publishes itself
+        local_agents.publish("i-1", "10.0.0.1:7000", core)
     table = RouteTable(dial=lambda address, instance_id: FakeChannel(agent))  # type: ignore[arg-type,return-value]
     table.apply(route_update(1))
+    assert (table.models["m"].targets[0].local is core) == (transport == "local")
     config = FacadeSettings(
         controller="127.0.0.1:1", require_key=False, multiplex=transport == "multiplex", **settings
     )
     try:
         yield InferenceProxy(config, table, FakeRouteWatcher()), table  # type: ignore[arg-type]
     finally:
+        local_agents.withdraw("i-1", core)
         await table.close()
 
 
@@ -1016,6 +1024,26 @@ async def test_in_process_a_client_that_stops_reading_stops_the_engine(
     # What the engine gave beyond what the client read is held to the window
     # (a frame may overdraw it once), not the answer's 12 000 bytes.
     assert agent.engine.pulled * 60 - read <= window + 60
+    assert agent.engine.running == 0  # and the idle cut aborted its request
+    assert agent.load.stats.by_status == {CANCELLED: 1}
+    assert statuses(proxy) == {504: 1}
+
+
+async def test_in_process_a_client_that_stops_reading_stops_a_local_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Called directly, the engine is pulled only as the client takes chunks.
+    monkeypatch.setattr(response_module, "LAST_WORDS_TIMEOUT_S", 0.05)
+    agent = Agent(FakeEngine(chunks(*["x" * 60] * 200)))
+    async with in_process(agent, "local", stream_idle_timeout_s=0.2) as (proxy, _):
+        send = ClientSend()
+        send.stall(after=2)
+        async with asyncio.timeout(1.0):
+            await call(proxy, send=send)
+        await settle()
+    read = send.body.count(b"x" * 60) * 60
+    assert read >= 60
+    assert agent.engine.pulled * 60 - read <= 60  # the chunk being written, no more
     assert agent.engine.running == 0  # and the idle cut aborted its request
     assert agent.load.stats.by_status == {CANCELLED: 1}
     assert statuses(proxy) == {504: 1}
