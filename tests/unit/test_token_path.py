@@ -1005,6 +1005,31 @@ async def test_in_process_client_disconnect_cancels_the_engine_request(transport
         assert table.models["m"].targets[0].session.idle
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("cut", ["idle", "total"])
+async def test_in_process_a_silent_engine_is_cut_with_a_timeout_event(
+    transport: str, cut: str
+) -> None:
+    agent = Agent(FakeEngine(chunks('{"a":1}'), hang=True))
+    limit = {"stream_idle_timeout_s": 0.2} if cut == "idle" else {"request_timeout_s": 0.2}
+    async with in_process(agent, transport, **limit) as (proxy, _):
+        async with asyncio.timeout(2.0):
+            sent = await call(proxy)
+        await settle()
+    message, code = (
+        ("sent nothing for", "stream_idle_timeout") if cut == "idle"
+        else ("took longer than", "request_timeout")
+    )  # fmt: skip
+    assert sent.messages == [
+        start(200, SSE_HEADERS),
+        event(b'{"a":1}'),
+        sse_error(error_body(f"the request for 'm' {message} 0.2 s", "timeout_error", code)),
+    ]
+    assert agent.engine.running == 0  # the engine request was aborted
+    assert agent.load.stats.by_status == {CANCELLED: 1}
+    assert statuses(proxy) == {504: 1}
+
+
 async def test_in_process_a_client_that_stops_reading_stops_the_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
