@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -48,7 +48,7 @@ class Exchange(Protocol):
     content_type: str
     """A one-piece answer's Content-Type when the engine's was not JSON (else empty)."""
 
-    def chunks(self) -> AsyncIterator[Sequence[bytes]]:
+    def chunks(self) -> AsyncGenerator[Sequence[bytes], None]:
         """The engine's chunks as they arrive; AgentFailure when the request failed."""
         ...
 
@@ -85,7 +85,7 @@ class PerCallExchange:
         self.usage: inference_pb2.Usage | None = None
         self.content_type = ""
 
-    async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
+    async def chunks(self) -> AsyncGenerator[Sequence[bytes], None]:
         try:
             async for message in self._call:
                 if self._generic and message.content_type:
@@ -183,7 +183,7 @@ class MultiplexExchange:
         self.usage: inference_pb2.Usage | None = None
         self.content_type = ""
 
-    async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
+    async def chunks(self) -> AsyncGenerator[Sequence[bytes], None]:
         while True:
             frames = await self.frames.take()
             if len(frames) > 1 and not any(f.end for f in frames):

@@ -12,7 +12,7 @@ takes what was read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
@@ -38,7 +38,7 @@ class LocalExchange:
         self.usage: inference_pb2.Usage | None = None
         self.content_type = ""
 
-    async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
+    async def chunks(self) -> AsyncGenerator[Sequence[bytes], None]:
         task = asyncio.current_task()
         try:
             life = self._life = self._start()

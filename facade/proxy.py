@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -284,8 +285,8 @@ class InferenceProxy:
     async def _unary(self, exchange: Exchange, writer: ResponseWriter, model: str) -> None:
         parts: list[bytes] = []
         try:
-            async with asyncio.timeout(self._total_timeout_s()):
-                async for chunks in exchange.chunks():
+            async with asyncio.timeout(self._total_timeout_s()), aclosing(exchange.chunks()) as got:
+                async for chunks in got:
                     parts.extend(chunks)
                     exchange.consumed(sum([len(c) for c in chunks]))
         except TimeoutError:
@@ -309,8 +310,13 @@ class InferenceProxy:
         events = 0
         moved_at = -step  # the first chunk moves the deadline
         try:
-            async with asyncio.timeout_at(cap_at if total_s else None) as timer:
-                async for chunks in exchange.chunks():
+            # aclosing: an exchange left early (a timeout, a client gone) is
+            # closed now, not whenever the garbage collector gets to it.
+            async with (
+                asyncio.timeout_at(cap_at if total_s else None) as timer,
+                aclosing(exchange.chunks()) as got,
+            ):
+                async for chunks in got:
                     await writer.events(chunks)
                     exchange.consumed(sum([len(c) for c in chunks]))
                     events += len(chunks)

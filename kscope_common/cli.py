@@ -91,6 +91,22 @@ class CommandLine(Generic[S]):
         Bad flags exit with status 2; bad values raise pydantic's ValidationError."""
         return self.settings(**self.overrides(argv))
 
+    def parse_as_child(self, argv: Sequence[str], env: Mapping[str, str]) -> S:
+        """The settings a process started with `argv` and `env` added to this
+        process's environment would have: flags, then `env` (read by the names
+        pydantic-settings reads, aliases included), then this process's
+        environment, then defaults. A list in `env` is JSON, as there."""
+        given: dict[str, Any] = {}
+        upper = {name.upper(): value for name, value in env.items()}
+        for setting in self.settings_list():
+            name = next((n for n in setting.env if n in upper), None)
+            if name is not None:
+                value = upper[name]
+                given[".".join(setting.path)] = json.loads(value) if setting.kind is list else value
+        namespace = self.parser().parse_args(argv)
+        given.update({name: value for name, value in vars(namespace).items() if value is not None})
+        return self.settings(**_nest(self.settings, given))
+
 
 def settings_of(cls: type[BaseSettings], path: tuple[str, ...] = ()) -> list[Setting]:
     """The leaf fields of `cls`, nested settings classes flattened, in field order."""

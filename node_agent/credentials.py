@@ -66,9 +66,12 @@ def scrub_secrets() -> None:
         os.environ.pop(name, None)
 
 
-async def obtain(settings: AgentSettings, token: str) -> AgentCredentials:
-    """Enroll (or, in plaintext mode, just connect); EnrollmentError says why not."""
-    scrub_secrets()
+async def obtain(settings: AgentSettings, token: str, scrub: bool = True) -> AgentCredentials:
+    """Enroll (or, in plaintext mode, just connect); EnrollmentError says why not.
+    `scrub`: take the secrets out of this process's environment first (not for
+    an agent that shares its process: they are not its own)."""
+    if scrub:
+        scrub_secrets()
     if settings.insecure_plaintext:
         log.warning(
             "KSCOPE_INSECURE_PLAINTEXT: this agent serves WITHOUT TLS; any process that "

@@ -21,7 +21,7 @@ from prometheus_client.core import Metric
 from kscope.v1 import agent_pb2, inference_pb2, inference_pb2_grpc
 from kscope_common.capabilities import Capabilities
 from kscope_common.grpc_server import SERVER_OPTIONS, add_health_and_reflection, bind, mark_serving
-from kscope_common.metrics import counter, gauge, maybe_serve
+from kscope_common.metrics import MetricsServer, counter, gauge, maybe_serve
 from kscope_common.request_stats import RequestStats
 from kscope_common.tls import EnrollmentError
 from node_agent import local_agents
@@ -87,6 +87,7 @@ class Agent:
         self.port = 0
         self.link: ControllerLink | None = None
         self.credentials: AgentCredentials | None = None
+        self.metrics_server: MetricsServer | None = None
 
     def _report(self) -> Report:
         limits = self.queue.limits
@@ -222,26 +223,32 @@ class Agent:
     async def run(self, in_process: bool = False) -> int:
         """Serve until drained; return the process exit code. `in_process`: this
         agent shares its process (node_agent/in_process.py): the process's
-        signals are not its own, and the facade of the process may call it
-        directly (node_agent/local_agents.py)."""
+        signals and environment are not its own, and the facade of the process
+        may call it directly (node_agent/local_agents.py). However it ends —
+        drained, failed, or cancelled — its engine, server and link end too."""
         if not in_process:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_drain, f"received {sig.name}")
+        credentials: AgentCredentials | None = None
         try:
-            credentials = await obtain(self.settings, self.settings.enroll_token.get_secret_value())
+            token = self.settings.enroll_token.get_secret_value()
+            credentials = await obtain(self.settings, token, scrub=not in_process)
+            return await self._serve(credentials, in_process)
         except EnrollmentError as exc:
             log.error("%s", exc)
             return 3
+        finally:
+            local_agents.withdraw(self.settings.instance_id, self.core)
+            await self._close(credentials)
+
+    async def _serve(self, credentials: AgentCredentials, in_process: bool) -> int:
         try:
             await self.start(credentials)
         except EngineUnavailable as exc:
             log.error("%s", exc.message)
-            if self.server is not None:
-                await self.server.stop(0)
-            await credentials.close()
             return 1
-        self.link = ControllerLink(
+        self.link = link = ControllerLink(
             credentials.controller,
             AgentIdentity(
                 instance_id=self.settings.instance_id,
@@ -258,43 +265,49 @@ class Agent:
         log.info("serving InferenceService on %s", self.advertised_address())
         if in_process:
             local_agents.publish(self.settings.instance_id, self.advertised_address(), self.core)
-        metrics = maybe_serve(
+        self.metrics_server = maybe_serve(
             self._metrics, self.settings.bind_host(), self.settings.metrics_port,
             self.settings.metrics_port_file,
         )  # fmt: skip
-        link_task = asyncio.create_task(self.link.run(), name="controller-link")
-        watch_task = asyncio.create_task(self._watch_engine(), name="engine-watch")
-        refresh_task = asyncio.create_task(self._refresh_capabilities(), name="capabilities")
+        link_task = asyncio.create_task(link.run(), name="controller-link")
+        helpers = (
+            asyncio.create_task(self._watch_engine(), name="engine-watch"),
+            asyncio.create_task(self._refresh_capabilities(), name="capabilities"),
+        )
         drain_wait = asyncio.create_task(self._drain_requested.wait())
-        await asyncio.wait({link_task, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
-        exit_code = 0
-        if link_task.done() and not drain_wait.done():
-            failure = link_task.exception()
-            if isinstance(failure, RegistrationRefused):
-                log.error("the controller refused this agent: %s", failure)
-                exit_code = 3
-            elif isinstance(failure, Orphaned):
-                log.error("orphaned: %s; draining and exiting with the engine", failure)
-                exit_code = 4
-            self._drain_reason = "lost the controller for good"
-        await self._drain()
-        local_agents.withdraw(self.settings.instance_id, self.core)
-        watch_task.cancel()
-        refresh_task.cancel()
-        drain_wait.cancel()
-        self.link.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(link_task, 5)
+        try:
+            await asyncio.wait({link_task, drain_wait}, return_when=asyncio.FIRST_COMPLETED)
+            exit_code = 0
+            if link_task.done() and not drain_wait.done():
+                failure = link_task.exception()
+                if isinstance(failure, RegistrationRefused):
+                    log.error("the controller refused this agent: %s", failure)
+                    exit_code = 3
+                elif isinstance(failure, Orphaned):
+                    log.error("orphaned: %s; draining and exiting with the engine", failure)
+                    exit_code = 4
+                self._drain_reason = "lost the controller for good"
+            await self._drain()
+            return exit_code
+        finally:
+            for task in (*helpers, drain_wait):
+                task.cancel()
+            link.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(link_task, 5)
+
+    async def _close(self, credentials: AgentCredentials | None) -> None:
+        """Stop what run() started (each part only if it was)."""
         await self.engine.stop()
         if self.discovery is not None:
             await self.discovery.close()
         if self.server is not None:
             await self.server.stop(1)
-        await credentials.close()
-        if metrics is not None:
-            metrics.close()
+        if credentials is not None:
+            await credentials.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("agent stopped")
-        return exit_code
 
     async def _drain(self) -> None:
         log.info("draining: %s", self._drain_reason or "requested")

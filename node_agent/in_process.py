@@ -13,7 +13,6 @@ it over gRPC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -43,17 +42,10 @@ def settings_for(flags: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
     NotInProcess when it cannot run here: an engine that computes in its
     agent's process, or an environment meant for the engine (it would have to
     change this whole process's)."""
-    foreign = sorted(name for name in env if not name.startswith(ENV_PREFIX))
+    foreign = sorted(name for name in env if not name.upper().startswith(ENV_PREFIX))
     if foreign:
         raise NotInProcess(f"the model sets engine environment variables ({', '.join(foreign)})")
-    fields = AgentSettings.model_fields
-    given: dict[str, object] = {}
-    for name, value in env.items():
-        field = name[len(ENV_PREFIX) :].lower()
-        if field in fields:
-            given[field] = value
-    given.update(COMMAND_LINE.overrides(list(flags)))
-    settings = AgentSettings(**given)  # type: ignore[arg-type]
+    settings = COMMAND_LINE.parse_as_child(flags, env)
     if settings.host_agent or settings.engine not in IN_PROCESS_ENGINES:
         raise NotInProcess(f"engine {settings.engine} runs in its agent's process")
     return settings
@@ -64,15 +56,10 @@ class InProcessAgent:
 
     def __init__(self, settings: AgentSettings):
         self.agent = Agent(settings)
-        self.task = asyncio.create_task(self._run(), name=f"agent-{settings.instance_id}")
-
-    async def _run(self) -> int:
-        try:
-            return await self.agent.run(in_process=True)
-        finally:
-            # run() stops the engine itself; not when it was cancelled or failed.
-            with contextlib.suppress(Exception):
-                await self.agent.engine.stop()
+        # run() stops everything it started however it ends, cancelled included.
+        self.task = asyncio.create_task(
+            self.agent.run(in_process=True), name=f"agent-{settings.instance_id}"
+        )
 
     def ended(self) -> str | None:
         """Why the agent ended; None while it runs."""

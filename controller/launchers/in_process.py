@@ -49,7 +49,7 @@ class InProcessAgents:
         except NotInProcess as why:
             log.info("instance %s runs as a process: %s", instance_id, why)
             return None
-        except (ValidationError, SystemExit) as exc:  # argparse exits on a bad flag
+        except (ValidationError, ValueError, SystemExit) as exc:  # argparse exits on a bad flag
             raise LaunchError(f"bad agent settings for {instance_id}: {exc}") from exc
         try:
             agent = InProcessAgent(settings)
@@ -67,12 +67,15 @@ class InProcessAgents:
         ended = agent.ended()
         if ended is None:
             return LauncherObservation(LauncherPhase.RUNNING)
+        del self._agents[ref]  # told once; nothing of it is left to hold
         return LauncherObservation(LauncherPhase.ENDED, ended)
 
     async def stop(self, ref: str) -> None:
-        agent = self._agents.pop(ref, None)
+        agent = self._agents.get(ref)
         if agent is not None:
+            # RUNNING while it drains, as a process is until its group exits.
             await agent.stop(self._stop_grace_s)
+            self._agents.pop(ref, None)
 
     async def close(self) -> None:
         """Stop them all: none can outlive this process."""

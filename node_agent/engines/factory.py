@@ -54,6 +54,7 @@ def make_engine(settings: AgentSettings) -> Engine:
             timeout_s=settings.upstream_timeout_s,
             aliases=settings.aliases,
             lora_modules=settings.lora_modules,
+            instance_id=settings.instance_id,
         )
     if settings.engine == "mlx_vlm":
         if not settings.model_path:

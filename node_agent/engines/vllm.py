@@ -45,14 +45,18 @@ KEPT_FOR_OPERATORS = "KSCOPE_INSTANCE_ID"
 """Not a secret: it lets operators (and `ps e`) tell which instance a process serves."""
 
 
-def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The agent's environment less every KScope setting and secret."""
-    return {
+def engine_environment(environ: Mapping[str, str], instance_id: str = "") -> dict[str, str]:
+    """The agent's environment less every KScope setting and secret, plus the
+    instance it serves (KSCOPE_INSTANCE_ID, when known)."""
+    env = {
         name: value
         for name, value in environ.items()
         if name == KEPT_FOR_OPERATORS
         or (not name.upper().startswith(("KSCOPE_", "PROXY_")) and name != "VLLM_API_KEY")
     }
+    if instance_id:
+        env[KEPT_FOR_OPERATORS] = instance_id
+    return env
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -101,7 +105,11 @@ class VllmEngine:
         stop_grace_s: float = 15.0,
         aliases: Sequence[str] = (),
         lora_modules: Sequence[str] = (),
+        instance_id: str = "",
     ):
+        """`instance_id`: shown in vLLM's environment (KSCOPE_INSTANCE_ID) for
+        operators; given, not inherited, since an agent may share its process."""
+        self._instance_id = instance_id
         self._python = python
         self._model_path = model_path
         self._served_model = served_model
@@ -153,7 +161,7 @@ class VllmEngine:
 
     async def start(self) -> None:
         self._cache_dir = tempfile.mkdtemp(prefix="kscope-vllm-")
-        env = engine_environment(os.environ)
+        env = engine_environment(os.environ, self._instance_id)
         env["VLLM_API_KEY"] = self._api_key
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")

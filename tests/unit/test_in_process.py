@@ -3,12 +3,18 @@ process would have, and only engines that do no compute in the agent run there."
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 
 from controller.launchers.base import AgentInvocation
 from controller.launchers.in_process import InProcessAgents
+from kscope_common.capabilities import Capabilities
 from kscope_common.cli import AgentCommand, agent_argv
 from node_agent import local_agents
+from node_agent.capabilities import DiscoveryError
+from node_agent.daemon import Agent
 from node_agent.in_process import NotInProcess, settings_for
 from node_agent.load import Load
 from node_agent.queue import QueueLimits, RequestQueue
@@ -51,6 +57,9 @@ def test_settings_are_the_flags_then_the_environment_given(
     assert settings.enroll_token.get_secret_value() == "secret"
     assert settings.tls_ca == "-----BEGIN CERTIFICATE-----"
     assert settings.drain_timeout_s == 7
+    # A variable behind an alias is read by that name, as the child reads it.
+    aliased = settings_for(flags(OPENAI), {**ENV, "KSCOPE_AGENT_ORPHAN_TIMEOUT_S": "60"})
+    assert aliased.agent_orphan_timeout_s == 60
 
 
 def test_an_mlx_agent_stays_a_process() -> None:
@@ -85,3 +94,49 @@ def test_a_facade_finds_only_an_agent_published_at_the_address_it_was_told() -> 
     finally:
         local_agents.withdraw("m-1", core)
     assert local_agents.local_agent("m-1", "127.0.0.1:7000") is None
+
+
+class StoppedEngine(FakeEngine):
+    """A FakeEngine that records its stop."""
+
+    stopped = 0
+
+    async def stop(self) -> None:
+        self.stopped += 1
+
+
+class NoDiscovery:
+    async def discover(self) -> Capabilities:
+        raise DiscoveryError("not asked in this test")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_agent_cancelled_in_its_process_leaves_nothing_running() -> None:
+    # An in-process agent cancelled after the stop grace (it would not drain)
+    # must end as a killed process would: engine, server, link, registry.
+    settings = settings_for(
+        flags(OPENAI),
+        {"KSCOPE_CONTROLLER": "127.0.0.1:9", "KSCOPE_INSTANCE_ID": "m-1",
+         "KSCOPE_INSECURE_PLAINTEXT": "1", "KSCOPE_HOST": "127.0.0.1"},
+    )  # fmt: skip
+    engine = StoppedEngine()
+    agent = Agent(settings, engine=engine, discovery=NoDiscovery())
+    task = asyncio.create_task(agent.run(in_process=True))
+    async with asyncio.timeout(10):
+        while local_agents.local_agent("m-1", agent.advertised_address()) is None:
+            await asyncio.sleep(0.01)  # serving, published, its link retrying a dead controller
+    assert agent.server is not None and agent.link is not None
+    tasks_before = {t.get_name() for t in asyncio.all_tasks()}
+    assert {"controller-link", "engine-watch", "capabilities"} <= tasks_before
+    task.cancel()
+    await asyncio.wait({task}, timeout=10)
+    assert task.done()
+    assert engine.stopped == 1
+    assert local_agents.local_agent("m-1", agent.advertised_address()) is None
+    await asyncio.sleep(0)
+    left = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    assert not left & {"controller-link", "engine-watch", "capabilities"}
+    with socket.socket() as probe:  # its gRPC port is closed
+        assert probe.connect_ex(("127.0.0.1", agent.port)) != 0

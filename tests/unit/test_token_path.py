@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -161,7 +161,7 @@ class FakeExchange:
         self.usage: inference_pb2.Usage | None = None
         self.content_type = ""
 
-    async def chunks(self) -> AsyncIterator[Sequence[bytes]]:
+    async def chunks(self) -> AsyncGenerator[Sequence[bytes], None]:
         for step in self._script:
             if isinstance(step, AgentFailure):
                 raise step
