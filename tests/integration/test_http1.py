@@ -117,6 +117,20 @@ async def test_abandoned_response_closes_the_connection(server: tuple[Server, in
     pool.close()
 
 
+async def test_the_read_timeout_is_per_wait_not_per_response(server: tuple[Server, int]) -> None:
+    # Five pieces 0.1 s apart: each wait is well within 0.3 s, the whole is not.
+    script, port = server
+    script.chunks = [b"p"] * 5
+    script.delay_s = 0.1
+    pool = Http1Pool("127.0.0.1", port)
+    conn = await pool.acquire()
+    conn.send(REQUEST)
+    await conn.headers(0.3)
+    assert await conn.read_all(0.3) == b"p" * 5
+    pool.release(conn)
+    pool.close()
+
+
 async def test_read_timeout_and_refused_connection(server: tuple[Server, int]) -> None:
     script, port = server
     script.chunks = [b"slow"]
