@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from node_agent.engines.http1 import Http1Pool, HttpError
+from node_agent.engines.http1 import Connection, Http1Pool, HttpError
 
 REQUEST = b"POST /v1/x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -101,14 +101,24 @@ async def test_server_closed_idle_connection_is_noticed(server: tuple[Server, in
     pool.close()
 
 
-async def test_abandoned_response_closes_the_connection(server: tuple[Server, int]) -> None:
+async def _answering(
+    server: tuple[Server, int], chunks: list[bytes], delay_s: float, timeout_s: float = 5.0
+) -> tuple[Http1Pool, Connection]:
+    """A pool, and one of its connections whose response (`chunks`, each after
+    `delay_s`) has begun: its headers are read."""
     script, port = server
-    script.chunks = [b"a"] * 50
-    script.delay_s = 0.02
+    script.chunks = chunks
+    script.delay_s = delay_s
     pool = Http1Pool("127.0.0.1", port)
     conn = await pool.acquire()
     conn.send(REQUEST)
-    await conn.headers(5)
+    await conn.headers(timeout_s)
+    return pool, conn
+
+
+async def test_abandoned_response_closes_the_connection(server: tuple[Server, int]) -> None:
+    script, _ = server
+    pool, conn = await _answering(server, [b"a"] * 50, 0.02)
     await conn.read(5)
     pool.release(conn)  # not read to the end: must not be reused
     assert not conn.open
@@ -119,26 +129,14 @@ async def test_abandoned_response_closes_the_connection(server: tuple[Server, in
 
 async def test_the_read_timeout_is_per_wait_not_per_response(server: tuple[Server, int]) -> None:
     # Five pieces 0.1 s apart: each wait is well within 0.3 s, the whole is not.
-    script, port = server
-    script.chunks = [b"p"] * 5
-    script.delay_s = 0.1
-    pool = Http1Pool("127.0.0.1", port)
-    conn = await pool.acquire()
-    conn.send(REQUEST)
-    await conn.headers(0.3)
+    pool, conn = await _answering(server, [b"p"] * 5, 0.1, timeout_s=0.3)
     assert await conn.read_all(0.3) == b"p" * 5
     pool.release(conn)
     pool.close()
 
 
 async def test_read_timeout_and_refused_connection(server: tuple[Server, int]) -> None:
-    script, port = server
-    script.chunks = [b"slow"]
-    script.delay_s = 1.0
-    pool = Http1Pool("127.0.0.1", port)
-    conn = await pool.acquire()
-    conn.send(REQUEST)
-    await conn.headers(5)
+    pool, conn = await _answering(server, [b"slow"], 1.0)
     with pytest.raises(HttpError, match="no answer"):
         await conn.read(0.1)
     pool.close()
