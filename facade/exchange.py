@@ -1,7 +1,7 @@
 """One request's exchange with an agent, over its own gRPC call or over the
 facade's shared Multiplex stream to that agent. The proxy sees only `Exchange`:
-an async iterator of chunk lists that raises AgentFailure, `consumed()` once
-the chunks reached the client, and `cancel()`. Which transport a facade uses
+an async iterator of chunk lists that raises AgentFailure, `consumed(chunks)`
+once they reached the client, and `cancel()`. Which transport a facade uses
 is chosen once (`opener_for`), never per request; an agent running in the
 facade's own process is called directly (facade/local_exchange.py).
 
@@ -52,8 +52,9 @@ class Exchange(Protocol):
         """The engine's chunks as they arrive; AgentFailure when the request failed."""
         ...
 
-    def consumed(self, nbytes: int) -> None:
-        """`nbytes` of chunks reached the client (flow control)."""
+    def consumed(self, chunks: Sequence[bytes]) -> None:
+        """These chunks reached the client (flow control; only a transport
+        that grants credit counts their bytes)."""
         ...
 
     def cancel(self) -> None:
@@ -106,7 +107,7 @@ class PerCallExchange:
                 raise failure(cancelled, self._model) from None
             raise
 
-    def consumed(self, nbytes: int) -> None:
+    def consumed(self, chunks: Sequence[bytes]) -> None:
         """HTTP/2 flow control does it: the call is read as the client reads."""
 
     def cancel(self) -> None:
@@ -210,9 +211,9 @@ class MultiplexExchange:
                 if frame.chunks:
                     yield frame.chunks
 
-    def consumed(self, nbytes: int) -> None:
+    def consumed(self, chunks: Sequence[bytes]) -> None:
         # Granted in halves of the window: one small message per 128 KiB read.
-        self._ungranted += nbytes
+        self._ungranted += sum([len(c) for c in chunks])
         if self._ungranted >= WINDOW_BYTES // 2 and not self.ended:
             self._session.grant(self._id, self._ungranted)
             self._ungranted = 0

@@ -84,7 +84,7 @@ class LocalExchange:
             request.content_type if generic else "",
         )
 
-    def consumed(self, nbytes: int) -> None:
+    def consumed(self, chunks: Sequence[bytes]) -> None:
         """Nothing to grant: the engine is read only as the client takes chunks."""
 
     def cancel(self) -> None:

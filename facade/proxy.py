@@ -288,7 +288,7 @@ class InferenceProxy:
             async with asyncio.timeout(self._total_timeout_s()), aclosing(exchange.chunks()) as got:
                 async for chunks in got:
                     parts.extend(chunks)
-                    exchange.consumed(sum([len(c) for c in chunks]))
+                    exchange.consumed(chunks)
         except TimeoutError:
             raise StreamTimeout(_timed_out(model, self._total_timeout_s(), total=True)) from None
         writer.usage = exchange.usage
@@ -318,7 +318,7 @@ class InferenceProxy:
             ):
                 async for chunks in got:
                     await writer.events(chunks)
-                    exchange.consumed(sum([len(c) for c in chunks]))
+                    exchange.consumed(chunks)
                     events += len(chunks)
                     now = loop.time()
                     if now - moved_at >= step:

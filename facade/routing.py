@@ -193,8 +193,10 @@ class RouteTable:
     def _connect(self, instance_id: str, address: str) -> Target:
         channel = self.dial(address, instance_id)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        target = Target(instance_id, address, channel, stub, AgentSession(stub, address))
-        target.local = local_agents.local_agent(instance_id, address)
+        target = Target(
+            instance_id, address, channel, stub, AgentSession(stub, address),
+            local=local_agents.local_agent(instance_id, address),
+        )  # fmt: skip
         self._targets[instance_id] = target
         return target
 

@@ -82,9 +82,12 @@ class CommandLine(Generic[S]):
     def overrides(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
         """The settings given as flags, as keyword arguments for the settings
         class (a nested class is built here, so its environment still counts)."""
+        return _nest(self.settings, self._flags(argv))
+
+    def _flags(self, argv: Sequence[str] | None) -> dict[str, Any]:
+        """The flags given, by dotted field path ("portal.ldap_url")."""
         namespace = self.parser().parse_args(argv)
-        given = {name: value for name, value in vars(namespace).items() if value is not None}
-        return _nest(self.settings, given)
+        return {name: value for name, value in vars(namespace).items() if value is not None}
 
     def parse(self, argv: Sequence[str] | None = None) -> S:
         """The settings: flags, then environment variables, then defaults.
@@ -103,8 +106,7 @@ class CommandLine(Generic[S]):
             if name is not None:
                 value = upper[name]
                 given[".".join(setting.path)] = json.loads(value) if setting.kind is list else value
-        namespace = self.parser().parse_args(argv)
-        given.update({name: value for name, value in vars(namespace).items() if value is not None})
+        given.update(self._flags(argv))
         return self.settings(**_nest(self.settings, given))
 
 
@@ -376,7 +378,12 @@ class AgentCommand:
 def agent_argv(command: AgentCommand, python: str = sys.executable) -> list[str]:
     """The `kscope-agent` command line (as `python -m node_agent.main`) of one
     instance: the launchers' and the host agent's alike. It holds no secret."""
-    argv = [python, "-m", "node_agent.main", "--engine", command.engine, "--model", command.model]
+    return [python, "-m", "node_agent.main", *agent_flags(command)]
+
+
+def agent_flags(command: AgentCommand) -> list[str]:
+    """The flags of agent_argv alone (what an agent run in-process parses)."""
+    argv = ["--engine", command.engine, "--model", command.model]
     if command.model_path:
         argv += ["--model-path", command.model_path]
     if command.upstream_url:

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from controller.catalog import ModelSpec
 from controller.lifecycle import LauncherPhase
-from kscope_common.cli import AgentCommand, agent_argv
+from kscope_common.cli import AgentCommand, agent_argv, agent_flags
 
 
 class LaunchError(RuntimeError):
@@ -48,6 +48,8 @@ class AgentInvocation:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    """argv's flags alone (what an agent run in this process parses)."""
 
 
 class Launcher(Protocol):
@@ -76,23 +78,20 @@ def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInv
     """The `kscope-agent` command for an instance. Secrets travel in env only,
     never on the command line, where `ps` shows them."""
     model = spec.model
-    argv = agent_argv(
-        AgentCommand(
-            engine=model.engine.value,
-            model=model.name,
-            model_path=model.model_path,
-            upstream_url=model.upstream_url,
-            upstream_model=model.upstream_model,
-            upstream_ca_bundle=model.upstream_ca_bundle,
-            upstream_insecure_skip_verify=model.upstream_insecure_skip_verify,
-            engine_args=model.engine_args,
-            max_concurrency=model.max_concurrency,
-            queue_size=model.queue_size,
-            queue_timeout_s=model.queue_timeout_s,
-            aliases=model.aliases,
-            lora_modules=tuple(f"{m.name}={m.path}" for m in model.lora_modules),
-        ),
-        python,
+    command = AgentCommand(
+        engine=model.engine.value,
+        model=model.name,
+        model_path=model.model_path,
+        upstream_url=model.upstream_url,
+        upstream_model=model.upstream_model,
+        upstream_ca_bundle=model.upstream_ca_bundle,
+        upstream_insecure_skip_verify=model.upstream_insecure_skip_verify,
+        engine_args=model.engine_args,
+        max_concurrency=model.max_concurrency,
+        queue_size=model.queue_size,
+        queue_timeout_s=model.queue_timeout_s,
+        aliases=model.aliases,
+        lora_modules=tuple(f"{m.name}={m.path}" for m in model.lora_modules),
     )
     env = {
         "KSCOPE_CONTROLLER": spec.controller_address,
@@ -104,4 +103,4 @@ def agent_invocation(spec: LaunchSpec, python: str = sys.executable) -> AgentInv
         env["KSCOPE_TLS_CA"] = spec.ca_pem
     else:
         env["KSCOPE_INSECURE_PLAINTEXT"] = "1"
-    return AgentInvocation(argv=argv, env=env)
+    return AgentInvocation(agent_argv(command, python), env, agent_flags(command))

@@ -43,9 +43,8 @@ class InProcessAgents:
         from node_agent.engines.factory import UnknownEngine
         from node_agent.in_process import InProcessAgent, NotInProcess, settings_for
 
-        flags = invocation.argv[invocation.argv.index("node_agent.main") + 1 :]
         try:
-            settings = settings_for(flags, invocation.env)
+            settings = settings_for(invocation.flags, invocation.env)
         except NotInProcess as why:
             log.info("instance %s runs as a process: %s", instance_id, why)
             return None

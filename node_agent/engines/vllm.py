@@ -47,12 +47,12 @@ KEPT_FOR_OPERATORS = "KSCOPE_INSTANCE_ID"
 
 def engine_environment(environ: Mapping[str, str], instance_id: str = "") -> dict[str, str]:
     """The agent's environment less every KScope setting and secret, plus the
-    instance it serves (KSCOPE_INSTANCE_ID, when known)."""
+    instance it serves (KSCOPE_INSTANCE_ID, when known: given by the agent, as
+    one that shares its process has no such variable of its own)."""
     env = {
         name: value
         for name, value in environ.items()
-        if name == KEPT_FOR_OPERATORS
-        or (not name.upper().startswith(("KSCOPE_", "PROXY_")) and name != "VLLM_API_KEY")
+        if not name.upper().startswith(("KSCOPE_", "PROXY_")) and name != "VLLM_API_KEY"
     }
     if instance_id:
         env[KEPT_FOR_OPERATORS] = instance_id

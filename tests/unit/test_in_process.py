@@ -11,7 +11,7 @@ import pytest
 from controller.launchers.base import AgentInvocation
 from controller.launchers.in_process import InProcessAgents
 from kscope_common.capabilities import Capabilities
-from kscope_common.cli import AgentCommand, agent_argv
+from kscope_common.cli import AgentCommand, agent_argv, agent_flags
 from node_agent import local_agents
 from node_agent.capabilities import DiscoveryError
 from node_agent.daemon import Agent
@@ -20,12 +20,6 @@ from node_agent.load import Load
 from node_agent.queue import QueueLimits, RequestQueue
 from node_agent.request_life import AgentCore
 from tests.unit.test_request_life import FakeEngine
-
-
-def flags(command: AgentCommand) -> list[str]:
-    argv = agent_argv(command, "python")
-    return argv[argv.index("node_agent.main") + 1 :]
-
 
 OPENAI = AgentCommand(
     engine="openai", model="m", upstream_url="http://127.0.0.1:9/v1", max_concurrency=3,
@@ -46,7 +40,7 @@ def test_settings_are_the_flags_then_the_environment_given(
     # child's inherited environment would.
     monkeypatch.setenv("KSCOPE_INSTANCE_ID", "not-this-one")
     monkeypatch.setenv("KSCOPE_DRAIN_TIMEOUT_S", "7")
-    settings = settings_for(flags(OPENAI), ENV)
+    settings = settings_for(agent_flags(OPENAI), ENV)
     assert (settings.engine, settings.model, settings.upstream_url) == (
         "openai", "m", "http://127.0.0.1:9/v1",
     )  # fmt: skip
@@ -58,25 +52,26 @@ def test_settings_are_the_flags_then_the_environment_given(
     assert settings.tls_ca == "-----BEGIN CERTIFICATE-----"
     assert settings.drain_timeout_s == 7
     # A variable behind an alias is read by that name, as the child reads it.
-    aliased = settings_for(flags(OPENAI), {**ENV, "KSCOPE_AGENT_ORPHAN_TIMEOUT_S": "60"})
+    aliased = settings_for(agent_flags(OPENAI), {**ENV, "KSCOPE_AGENT_ORPHAN_TIMEOUT_S": "60"})
     assert aliased.agent_orphan_timeout_s == 60
 
 
 def test_an_mlx_agent_stays_a_process() -> None:
     command = AgentCommand(engine="mlx_vlm", model="m", model_path="/w")
     with pytest.raises(NotInProcess, match="mlx_vlm"):
-        settings_for(flags(command), ENV)
+        settings_for(agent_flags(command), ENV)
 
 
 def test_an_engine_environment_keeps_the_agent_a_process() -> None:
     with pytest.raises(NotInProcess, match="CUDA_VISIBLE_DEVICES"):
-        settings_for(flags(OPENAI), {**ENV, "CUDA_VISIBLE_DEVICES": "1"})
+        settings_for(agent_flags(OPENAI), {**ENV, "CUDA_VISIBLE_DEVICES": "1"})
 
 
 def test_the_launcher_falls_back_to_a_process_for_what_cannot_run_here() -> None:
     agents = InProcessAgents(stop_grace_s=1)
-    argv = agent_argv(AgentCommand(engine="mlx_vlm", model="m", model_path="/w"), "python")
-    assert agents.launch("m-1", AgentInvocation(argv, ENV)) is None
+    command = AgentCommand(engine="mlx_vlm", model="m", model_path="/w")
+    invocation = AgentInvocation(agent_argv(command, "python"), ENV, agent_flags(command))
+    assert agents.launch("m-1", invocation) is None
     # A reference it does not hold (from before a restart) is an ended agent.
     assert agents.observe("in-process:m-0").reason == "agent process is gone"
 
@@ -117,7 +112,7 @@ async def test_an_agent_cancelled_in_its_process_leaves_nothing_running() -> Non
     # An in-process agent cancelled after the stop grace (it would not drain)
     # must end as a killed process would: engine, server, link, registry.
     settings = settings_for(
-        flags(OPENAI),
+        agent_flags(OPENAI),
         {"KSCOPE_CONTROLLER": "127.0.0.1:9", "KSCOPE_INSTANCE_ID": "m-1",
          "KSCOPE_INSECURE_PLAINTEXT": "1", "KSCOPE_HOST": "127.0.0.1"},
     )  # fmt: skip

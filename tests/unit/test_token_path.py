@@ -176,8 +176,8 @@ class FakeExchange:
                 raise cancelled("m")
             yield step  # type: ignore[misc]
 
-    def consumed(self, nbytes: int) -> None:
-        self.consumed_bytes.append(nbytes)
+    def consumed(self, chunks: Sequence[bytes]) -> None:
+        self.consumed_bytes.append(sum(len(c) for c in chunks))
 
     def cancel(self) -> None:
         self.cancels += 1
