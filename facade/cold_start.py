@@ -56,7 +56,7 @@ class ColdStart:
         writer: ResponseWriter,
         model: str,
         stream: bool,
-        requirement: Requirement | None = None,
+        requirement: Requirement,
     ) -> Target | None:
         """A READY target for `model` that can meet `requirement`, waiting if the
         client wants; None when the request was answered (writer.fail) instead.
@@ -112,7 +112,7 @@ class ColdStart:
         model: str,
         stream: bool,
         wait_s: float,
-        requirement: Requirement | None,
+        requirement: Requirement,
     ) -> Target | None:
         loop = asyncio.get_running_loop()
         asked = asyncio.ensure_future(self._ensure(model))  # the controller learns of the demand

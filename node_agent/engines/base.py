@@ -39,6 +39,16 @@ class Endpoint(StrEnum):
         all), not as `data:` payloads: the Responses API names every event."""
         return self is Endpoint.RESPONSES
 
+    @property
+    def json_only(self) -> bool:
+        """OpenAI's JSON endpoints (chat, completions, embeddings): a one-piece
+        answer is JSON whatever an engine labels it, on every transport (their
+        per-call RPCs carry no content type)."""
+        return self in _JSON_ONLY
+
+
+_JSON_ONLY = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+
 
 @dataclass(slots=True)
 class EngineRequest:

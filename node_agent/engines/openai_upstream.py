@@ -330,7 +330,8 @@ class OpenAIUpstream:
                 raise _error_from(conn.status, await conn.read_all(self._timeout_s))
             if not request.stream or not conn.content_type.startswith(b"text/event-stream"):
                 raw = await conn.read_all(self._timeout_s)
-                yield EngineOutput([raw], usage_of(raw), _not_json(conn.content_type))
+                labelled = "" if request.endpoint.json_only else _not_json(conn.content_type)
+                yield EngineOutput([raw], usage_of(raw), labelled)
                 return
             # A Responses stream's events pass whole (their `event:` lines and
             # all); the others' as their `data:` payloads, less the [DONE].

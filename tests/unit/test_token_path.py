@@ -1173,6 +1173,15 @@ async def test_a_multipart_upload_routes_by_its_model_field(path: str, kind: int
     assert (request.envelope.model, request.envelope.stream) == ("m", False)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_transcription_as_text_keeps_the_engines_content_type(transport: str) -> None:
+    # response_format vtt: the engine's label reaches the client on every transport.
+    agent = Agent(FakeEngine([EngineOutput([b"WEBVTT\n"], content_type="text/vtt")]))
+    async with in_process(agent, transport) as (proxy, _):
+        sent = await call(proxy, form(), path="/v1/audio/transcriptions", content_type=FORM_TYPE)
+    assert sent.messages == [start(200, [(b"content-type", b"text/vtt")]), last(b"WEBVTT\n")]
+
+
 async def test_a_multipart_stream_field_makes_a_stream() -> None:
     proxy, opener, _ = gateway(FakeExchange([b'{"delta":"hi"}']))
     sent = await call(

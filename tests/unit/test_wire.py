@@ -294,6 +294,41 @@ async def test_the_upstream_gets_the_path_content_type_and_request_id() -> None:
     ]
 
 
+async def test_only_an_answer_that_may_be_text_keeps_the_engines_label() -> None:
+    """A chat answer is JSON whatever the engine calls it (its per-call RPC has
+    no content type, so every transport must say the same); a transcription
+    asked for as text keeps the engine's label."""
+    import asyncio
+
+    from node_agent.engines.base import Endpoint, EngineRequest
+    from node_agent.engines.openai_upstream import OpenAIUpstream
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Length: 2\r\n\r\nhi")  # fmt: skip
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = OpenAIUpstream(f"http://127.0.0.1:{port}/v1", "m")
+    try:
+        labels = {
+            endpoint: [o.content_type async for o in upstream.generate(
+                EngineRequest(endpoint, b"{}", False, "", "application/json"))]
+            for endpoint in (Endpoint.CHAT, Endpoint.EMBEDDINGS, Endpoint.TRANSCRIPTIONS)
+        }  # fmt: skip
+    finally:
+        await upstream.stop()
+        server.close()
+    assert labels == {
+        Endpoint.CHAT: [""],
+        Endpoint.EMBEDDINGS: [""],
+        Endpoint.TRANSCRIPTIONS: ["text/plain; charset=utf-8"],
+    }
+
+
 @pytest.mark.parametrize(
     ("url", "endpoint", "path"),
     [
